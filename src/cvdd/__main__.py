@@ -1,0 +1,6 @@
+"""``python -m cvdd`` entry point."""
+
+from cvdd.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""Typed, versioned files between stages: safetensors tensors plus JSON metadata, written atomically.
+
+Every file is first written under a temporary name in the same folder and then renamed, so a killed run
+never leaves a half-written file that a later run would read as finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cvdd import __version__
+from cvdd.data.specs import DatasetSpec
+from cvdd.errors import ArtifactError
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Text version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` through a temporary file and an atomic rename (checkpoints)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def safe_torch_load(path: str | os.PathLike[str]) -> Any:
+    """``torch.load`` with ``weights_only=True`` (never unpickles code); errors become one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ArtifactError(f"checkpoint not found: {path}") from None
+    except Exception as exc:
+        raise ArtifactError(f"unreadable checkpoint {path}: {str(exc).splitlines()[0]}") from None
+
+
+def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Save tensors as safetensors and ``meta`` as JSON beside them (``.json``), both atomically.
+
+    The JSON is written last, so its presence marks a complete artifact.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1, sort_keys=False))
+
+
+def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a safetensors file and its JSON metadata.
+
+    Raises:
+        ArtifactError: either file is missing or unreadable.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise ArtifactError(f"artifact not found or incomplete: {path} (needs {path.name} and {meta_path.name})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"unreadable metadata {meta_path}: {exc}") from None
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise ArtifactError(f"unreadable tensors {path}: {str(exc).splitlines()[0]}") from None
+    return tensors, meta
+
+
+def base_metadata(kind: str, spec: DatasetSpec) -> dict[str, Any]:
+    """Fields every artifact carries: kind, format version, package version, dataset spec, creation time."""
+    return {
+        "kind": kind,
+        "format": 1,
+        "cvdd_version": __version__,
+        "torch_version": torch.__version__,
+        "dataset": spec.to_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def check_kind(meta: dict[str, Any], kind: str, path: str | os.PathLike[str]) -> DatasetSpec:
+    """Validate an artifact's kind and return its dataset spec.
+
+    Raises:
+        ArtifactError: the file is another kind of artifact or lacks a dataset spec.
+    """
+    if meta.get("kind") != kind:
+        raise ArtifactError(f"{path} is not a cvdd {kind} (kind: {meta.get('kind')!r})")
+    try:
+        return DatasetSpec.from_dict(meta["dataset"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path} has no valid dataset description ({exc})") from None

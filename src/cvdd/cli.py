@@ -1,0 +1,177 @@
+"""Command line: ``cvdd <subcommand>``. Parsing only; the work is done by :mod:`cvdd.api`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from cvdd import __version__
+from cvdd.errors import CvddError
+
+log = logging.getLogger("cvdd")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CVDD_DEVICE or CUDA if available)")
+    g.add_argument("--seed", type=int, default=0, help="run seed; the same seed gives the same result (default 0)")
+    g.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors, no progress bars")
+    g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits (embedded), cifar10, cifar100, tiny-imagenet, imagenette, imagenet1k, or a PATH "
+        "to an ImageFolder folder or .tar/.tar.gz with train/ and test/ (or val/) (default: digits)",
+    )
+    g.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="where a named dataset lives (ImageFolder folder or tarball; torchvision root for CIFAR)",
+    )
+    g.add_argument("--download", action="store_true", help="let torchvision download CIFAR-10/100 if missing")
+    g.add_argument("--cache-dir", default=None, help="decoded-dataset cache (default: CVDD_CACHE or ~/.cache/cvdd)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cvdd",
+        description="Dataset distillation by committee voting (CV-DD): squeeze experts on real data, recover "
+        "synthetic images with a voting committee, relabel with batch-specific soft labels, and "
+        "evaluate honestly.",
+    )
+    parser.add_argument("--version", action="version", version=f"cvdd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "squeeze",
+        help="train expert classifiers (the committee) on a real dataset",
+        description="Train one expert per architecture and store safetensors weights plus JSON "
+        "metadata (architecture, dataset classes, test top-1, recipe, seed, wall time). "
+        "Finished experts are reused; a killed run resumes from its last epoch.",
+    )
+    _add_data(p)
+    p.add_argument(
+        "--arch",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="architectures to train (default: the preset's); see `cvdd models`",
+    )
+    p.add_argument("--out", default="runs/experts", help="output folder (default: runs/experts)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="recipe preset (default: the dataset's own; cifar10-cpu for a CPU); see `cvdd presets`",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set lr=0.1 --set batch_size=256 (repeatable)",
+    )
+    p.add_argument("--force", action="store_true", help="retrain experts that are already finished")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "models",
+        help="list the registered architectures",
+        description="Print every architecture with its input sizes, parameter count and MFLOPs of one forward pass.",
+    )
+    p.add_argument("--num-classes", type=int, default=10, help="classes for the parameter count (default 10)")
+    p.add_argument("--image-size", type=int, default=None, help="only this input size")
+    _add_common(p)
+
+    p = sub.add_parser("presets", help="list the shipped presets", description="List the squeeze presets.")
+    _add_common(p)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> bool:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    return not args.quiet
+
+
+def _cmd_squeeze(args: argparse.Namespace, progress: bool) -> int:
+    from cvdd.api import squeeze
+    from cvdd.config import parse_override
+
+    overrides = dict(parse_override(s) for s in args.set)
+    results = squeeze(
+        args.dataset,
+        archs=args.arch,
+        out=args.out,
+        data=args.data,
+        preset=args.preset,
+        epochs=args.epochs,
+        overrides=overrides,
+        seed=args.seed,
+        device=args.device,
+        force=args.force,
+        cache_dir=args.cache_dir,
+        download=args.download,
+        progress=progress,
+    )
+    print(f"{'expert':<18} {'test top-1':>10} {'seconds':>9} {'img/s':>8}  file")
+    for r in results:
+        note = " (reused)" if r.skipped else ""
+        print(f"{r.name:<18} {100 * r.test_acc:>9.2f}% {r.seconds:>9.1f} {r.images_per_s:>8.0f}  {r.path}{note}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from cvdd.api import models
+
+    rows = models(num_classes=args.num_classes, image_size=args.image_size)
+    print(f"{'name':<16} {'family':<11} {'size':>5} {'params':>11} {'MFLOPs':>10}  description")
+    for r in rows:
+        print(
+            f"{r['name']:<16} {r['family']:<11} {r['image_size']:>5} {r['params']:>11,} {r['mflops']:>10.1f}  "
+            f"{r['description']}"
+        )
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from cvdd.config import squeeze_presets
+
+    print(f"{'squeeze preset':<16} {'epochs':>6} {'batch':>5} {'optim':>6} {'lr':>7}  experts / description")
+    for name, p in squeeze_presets().items():
+        r = p.recipe
+        print(f"{name:<16} {r.epochs:>6} {r.batch_size:>5} {r.optimizer:>6} {r.lr:>7g}  {', '.join(p.archs)}")
+        print(f"{'':<16} {'':>6} {'':>5} {'':>6} {'':>7}  {p.description}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cvdd`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    progress = _setup_logging(args)
+    try:
+        if args.command == "squeeze":
+            return _cmd_squeeze(args, progress)
+        if args.command == "models":
+            return _cmd_models(args)
+        if args.command == "presets":
+            return _cmd_presets(args)
+    except CvddError as exc:
+        print(f"cvdd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cvdd: interrupted; finished work is kept and the next run resumes", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2

@@ -1,0 +1,225 @@
+"""Typed configuration: dataclasses with defaults, YAML presets, and strict validation.
+
+Unknown keys and wrong types are errors that name the key, never silently ignored, so a typo in a preset
+cannot quietly change a recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, TypeVar
+
+import yaml
+
+from cvdd.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Validate (and lightly coerce: int -> float, list -> tuple) ``value`` against annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} has the wrong type (expected {tp})")
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+            return tuple(_check_type(v, a, where) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        items = [_check_type(v, inner, where) for v in value]
+        return tuple(items) if origin is tuple else items
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)  # type: ignore[arg-type]
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types.
+
+    Args:
+        cls: a dataclass type.
+        data: the mapping (from YAML or the CLI); None gives the defaults.
+        where: a label for error messages (e.g. ``preset 'cifar10' recipe``).
+
+    Raises:
+        ConfigError: an unknown key or a value of the wrong type, naming both.
+    """
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (valid keys: {', '.join(sorted(names))})")
+    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as a plain JSON-ready dict (tuples become lists)."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return {k: conv(v) for k, v in dataclasses.asdict(obj).items()}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` from ``--set``; the value is read as YAML (``lr=0.1``, ``archs=[a, b]``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse {raw!r} ({exc})") from None
+    return key.strip(), value
+
+
+@dataclass
+class Recipe:
+    """A supervised training recipe (squeeze now, student training later).
+
+    Attributes:
+        epochs: passes over the training set.
+        batch_size: images per optimiser step.
+        optimizer: ``sgd``, ``adam`` or ``adamw``.
+        lr: peak learning rate.
+        momentum: SGD momentum.
+        nesterov: SGD Nesterov momentum.
+        weight_decay: L2 / decoupled weight decay.
+        no_decay_bn_bias: exempt biases and normalisation parameters from weight decay.
+        warmup_epochs: linear warm-up length (fractions allowed).
+        schedule: ``cosine`` (to 0 at the end, smoothed by ``cosine_eta``), ``periodic`` (cosine restarted
+            every ``period_epochs``, the official ImageNette recipe) or ``constant``.
+        cosine_eta: smoothed cosine factor ½(1 + cos(π t / (T η))); 1 is plain cosine, 2 ends at half the LR.
+        period_epochs: period of the ``periodic`` schedule.
+        label_smoothing: cross-entropy label smoothing.
+        augment: ``crop_flip``, ``rrc_flip``, ``flip`` or ``none``.
+        padding: zero padding of ``crop_flip``.
+        precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+        channels_last: memory format; None means channels_last on CUDA only.
+        eval_every: evaluate on the test split every N epochs (0: only after the last epoch).
+        workers: DataLoader workers for streamed (large) datasets.
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    no_decay_bn_bias: bool = False
+    warmup_epochs: float = 0.0
+    schedule: str = "cosine"
+    cosine_eta: float = 1.0
+    period_epochs: int = 100
+    label_smoothing: float = 0.0
+    augment: str = "crop_flip"
+    padding: int = 4
+    precision: str = "auto"
+    channels_last: bool | None = None
+    eval_every: int = 0
+    workers: int = 4
+
+    def validate(self) -> Recipe:
+        """Check value ranges; return self."""
+        if self.epochs <= 0 or self.batch_size <= 0:
+            raise ConfigError(f"epochs and batch_size must be positive (got {self.epochs}, {self.batch_size})")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose sgd, adam or adamw")
+        if self.schedule not in ("cosine", "periodic", "constant"):
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose cosine, periodic or constant")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive (got {self.lr})")
+        return self
+
+
+@dataclass
+class SqueezePreset:
+    """A named squeeze configuration: which experts to train and how.
+
+    Attributes:
+        description: one line shown by ``cvdd presets``.
+        archs: default expert architectures.
+        recipe: the training recipe.
+    """
+
+    description: str = ""
+    archs: list[str] = field(default_factory=list)
+    recipe: Recipe = field(default_factory=Recipe)
+
+
+def _load_yaml(name: str) -> dict[str, Any]:
+    text = resources.files("cvdd.presets").joinpath(name).read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset file {name} must be a mapping")
+    return data
+
+
+def squeeze_presets() -> dict[str, SqueezePreset]:
+    """All squeeze presets shipped with cvdd (``presets/squeeze.yaml``), validated."""
+    raw = _load_yaml("squeeze.yaml")
+    out = {}
+    for name, body in raw.items():
+        preset = from_dict(SqueezePreset, body, f"squeeze preset '{name}'")
+        preset.recipe.validate()
+        out[name] = preset
+    return out
+
+
+def get_squeeze_preset(name: str) -> SqueezePreset:
+    """One squeeze preset by name; an unknown name is a :class:`ConfigError` listing the valid ones."""
+    presets = squeeze_presets()
+    if name not in presets:
+        raise ConfigError(f"unknown squeeze preset '{name}'; choose one of {', '.join(sorted(presets))}")
+    return presets[name]
+
+
+def apply_overrides(obj: T, overrides: dict[str, Any], where: str) -> T:
+    """Return a copy of dataclass ``obj`` with ``overrides`` applied (validated like a preset)."""
+    merged = {**to_dict(obj), **overrides}
+    return from_dict(type(obj), merged, where)

@@ -1,0 +1,174 @@
+"""Batched on-device augmentation with parameters drawn from an explicit generator.
+
+No per-sample PIL work in a hot loop: crops, flips and random-resized crops are tensor operations on a
+whole batch, on whatever device the batch lives on. Every random draw comes from the ``torch.Generator``
+passed in, so a seeded run is reproducible and a resumed run can restore the generator's state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision.ops import roi_align
+
+from cvdd.data.specs import DatasetSpec
+
+
+class Normalize:
+    """uint8 (or [0, 1] float) images to normalised float32; the mean/std tensors are built once per device."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self._mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(spec.std).view(1, 3, 1, 1)
+        self._cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std), each of shape (1, 3, 1, 1), on ``device``."""
+        if device not in self._cache:
+            self._cache[device] = (self._mean.to(device), self._std.to(device))
+        return self._cache[device]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise a batch.
+
+        Args:
+            x: (B, 3, H, W) uint8 in 0..255, or float in [0, 1].
+
+        Returns:
+            (B, 3, H, W) float32, ``(x - mean) / std``.
+        """
+        mean, std = self.stats(x.device)
+        xf = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        return (xf - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of the normalisation: (B, 3, H, W) normalised float -> [0, 1] float (not clamped)."""
+        mean, std = self.stats(x.device)
+        return x * std + mean
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Flip each image of a (B, C, H, W) batch horizontally with probability ``p``, independently."""
+    mask = torch.rand(x.shape[0], device=x.device, generator=generator) < p
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random crop of the original size from the zero-padded batch (torchvision RandomCrop(pad)).
+
+    Args:
+        x: (B, C, H, W) batch, any dtype.
+        padding: zero padding on every side, in pixels.
+        generator: source of the per-image offsets.
+
+    Returns:
+        (B, C, H, W) batch of crops.
+    """
+    if padding <= 0:
+        return x
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    oy = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
+    ox = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
+    wp = w + 2 * padding
+    rows = (oy.view(b, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, wp)
+    cols = (ox.view(b, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
+    # Two gathers (rows, then columns) select each image's window without a Python loop.
+    return padded.gather(2, rows).gather(3, cols)
+
+
+def random_resized_crop_boxes(
+    n: int,
+    generator: torch.Generator,
+    device: torch.device,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """Draw ``n`` RandomResizedCrop boxes, as fractions of the image (torchvision's sampling rule, vectorised).
+
+    For each box, up to 10 candidate (area, aspect) draws are tried; the first that fits is taken, and a
+    box that never fits falls back to the whole image (torchvision falls back to a centre crop of clamped
+    aspect; the difference only matters for extreme ratios).
+
+    Returns:
+        (n, 4) float32 tensor of (top, left, height, width) in [0, 1].
+    """
+    tries = 10
+    area = torch.empty(n, tries, device=device).uniform_(scale[0], scale[1], generator=generator)
+    log_r = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(area * aspect)
+    h = torch.sqrt(area / aspect)
+    ok = (w <= 1) & (h <= 1)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, device=device))
+    idx = first.clamp(min=0).view(n, 1)
+    hh = torch.where(first >= 0, h.gather(1, idx).squeeze(1), torch.ones(n, device=device))
+    ww = torch.where(first >= 0, w.gather(1, idx).squeeze(1), torch.ones(n, device=device))
+    top = torch.rand(n, device=device, generator=generator) * (1 - hh)
+    left = torch.rand(n, device=device, generator=generator) * (1 - ww)
+    return torch.stack([top, left, hh, ww], dim=1)
+
+
+def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each image of a batch to its box and resize to ``size`` x ``size`` (bilinear, batched, differentiable).
+
+    Uses ``roi_align``, which averages bilinear samples inside each output cell (``sampling_ratio=2``), so a
+    strong downscale is antialiased a little rather than aliased.
+
+    Args:
+        x: (B, C, H, W) float batch.
+        boxes: (B, 4) (top, left, height, width) as fractions of the image.
+        size: output side in pixels.
+
+    Returns:
+        (B, C, size, size) float batch.
+    """
+    b, _, h, w = x.shape
+    y0 = boxes[:, 0] * h
+    x0 = boxes[:, 1] * w
+    rois = torch.stack(
+        [
+            torch.arange(b, device=x.device, dtype=x.dtype),
+            x0.to(x.dtype),
+            y0.to(x.dtype),
+            (x0 + boxes[:, 3] * w).to(x.dtype),
+            (y0 + boxes[:, 2] * h).to(x.dtype),
+        ],
+        dim=1,
+    )
+    return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+
+class TrainAugment:
+    """The training augmentation of the supervised engine, built once per run.
+
+    Modes: ``crop_flip`` (random crop with zero padding + horizontal flip: CIFAR/Tiny recipes), ``rrc_flip``
+    (random-resized crop + flip), ``flip``, ``none``. Output is normalised float32.
+    """
+
+    MODES = ("crop_flip", "rrc_flip", "flip", "none")
+
+    def __init__(
+        self, spec: DatasetSpec, mode: str = "crop_flip", padding: int = 4, rrc_scale: tuple[float, float] = (0.08, 1.0)
+    ) -> None:
+        if mode not in self.MODES:
+            from cvdd.errors import ConfigError
+
+            raise ConfigError(f"unknown augmentation {mode!r}; choose one of {', '.join(self.MODES)}")
+        self.mode = mode
+        self.padding = padding
+        self.rrc_scale = rrc_scale
+        self.size = spec.image_size
+        self.normalize = Normalize(spec)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augment and normalise a (B, 3, H, W) uint8 batch into (B, 3, S, S) float32."""
+        if self.mode == "crop_flip":
+            x = random_crop(x, self.padding, generator)
+        elif self.mode == "rrc_flip":
+            boxes = random_resized_crop_boxes(x.shape[0], generator, x.device, self.rrc_scale)
+            x = crop_resize(x.float(), boxes, self.size)
+        if self.mode != "none":
+            x = random_flip(x, generator)
+        return self.normalize(x)

@@ -1,0 +1,134 @@
+"""Batch iteration: whole tensors on the device for small datasets, a DataLoader for large ones.
+
+Both yield ``(images, labels)`` with images as uint8 (B, 3, H, W) on the target device; augmentation and
+normalisation then run batched on that device (:mod:`cvdd.data.augment`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from cvdd.data.sources import FileSplit, TensorSplit
+from cvdd.data.specs import DatasetSpec
+
+
+class TensorBatches:
+    """Shuffled mini-batches of a split that lives whole on the device (no per-sample work, no workers)."""
+
+    def __init__(
+        self, split: TensorSplit, batch_size: int, device: torch.device, shuffle: bool = True, drop_last: bool = False
+    ) -> None:
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last and len(split) > batch_size
+        self.device = device
+
+    def __len__(self) -> int:
+        n = int(self.labels.shape[0])
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.labels.shape[0])
+
+    def epoch(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass; the order comes from ``generator`` (on the split's device)."""
+        n = self.num_samples
+        if self.shuffle:
+            order = torch.randperm(n, device=self.device, generator=generator)
+        else:
+            order = torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    """Decode one image file into a uint8 (3, S, S) tensor (used only for large, streamed datasets)."""
+
+    def __init__(self, split: FileSplit, size: int, train: bool) -> None:
+        from torchvision import transforms
+
+        self.files = split.files
+        self.labels = split.labels
+        if train:
+            self.tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.PILToTensor()])
+        else:
+            self.tf = transforms.Compose(
+                [transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size), transforms.PILToTensor()]
+            )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        from cvdd.errors import DataError
+
+        try:
+            with Image.open(self.files[i]) as img:
+                x = self.tf(img.convert("RGB"))
+        except OSError as exc:
+            raise DataError(f"corrupt or unreadable image {self.files[i]}: {exc}") from None
+        return x, self.labels[i]
+
+
+class StreamBatches:
+    """Mini-batches of a large split through a DataLoader with workers and pinned memory.
+
+    Training batches get RandomResizedCrop in the workers (images differ in size on disk); the flip and
+    normalisation are then applied on the device like for in-memory data.
+    """
+
+    def __init__(
+        self, split: FileSplit, spec: DatasetSpec, batch_size: int, device: torch.device, train: bool, workers: int = 4
+    ) -> None:
+        self.dataset = _FileDataset(split, spec.image_size, train)
+        self.batch_size = batch_size
+        self.device = device
+        self.train = train
+        self.workers = workers
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def epoch(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        seed = (
+            int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+            if generator is not None
+            else 0
+        )
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=self.train,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed),
+            persistent_workers=False,
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def make_batches(
+    split: TensorSplit | FileSplit,
+    spec: DatasetSpec,
+    batch_size: int,
+    device: torch.device,
+    train: bool,
+    workers: int = 4,
+) -> TensorBatches | StreamBatches:
+    """The right batch iterator for a split: in memory on the device, or streamed from files."""
+    if isinstance(split, TensorSplit):
+        return TensorBatches(split, batch_size, device, shuffle=train)
+    return StreamBatches(split, spec, batch_size, device, train, workers)

@@ -1,0 +1,617 @@
+"""Where real data comes from: the embedded digits, torchvision's CIFAR files, ImageFolder folders and tarballs.
+
+Small datasets (images of at most 64 px) are decoded once into a uint8 tensor cache on disk, keyed by the
+content of the source, and then handed to training whole (they live on the device). Large ones (224 px)
+stream from disk through a DataLoader with workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from cvdd.data.specs import CIFAR10_CLASSES, DatasetSpec, canonical_name, make_spec
+from cvdd.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+CACHE_FORMAT = 1  # bump when the cache layout or the decoding changes, so stale caches are not reused
+TEST_SPLIT_NAMES = ("test", "val")
+
+
+@dataclass
+class TensorSplit:
+    """One split held as tensors.
+
+    Attributes:
+        images: uint8 tensor of shape (N, 3, H, W), values 0..255.
+        labels: int64 tensor of shape (N,), values in [0, num_classes).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str) -> TensorSplit:
+        return TensorSplit(self.images.to(device), self.labels.to(device))
+
+    def subset(self, per_class: int, num_classes: int, seed: int = 0) -> TensorSplit:
+        """A class-balanced random subset with ``per_class`` images of each class (seeded)."""
+        gen = torch.Generator().manual_seed(seed)
+        keep = []
+        labels = self.labels.cpu()
+        for c in range(num_classes):
+            idx = torch.nonzero(labels == c).flatten()
+            if len(idx) < per_class:
+                raise DataError(f"class {c} has only {len(idx)} images, fewer than the {per_class} asked for")
+            keep.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
+        order = torch.cat(keep)
+        return TensorSplit(self.images[order.to(self.images.device)], self.labels[order.to(self.labels.device)])
+
+
+@dataclass
+class FileSplit:
+    """One split of a large dataset, streamed from image files.
+
+    Attributes:
+        files: image paths, one per sample.
+        labels: int64 tensor of shape (N,).
+    """
+
+    files: list[str]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+@dataclass
+class RealDataset:
+    """A real dataset ready for training: its spec and both splits.
+
+    Attributes:
+        spec: classes, size and normalisation.
+        train: the training split (tensors for small datasets, files for large ones).
+        test: the test (or validation) split.
+        source: where it came from (a name or a path), for metadata.
+        fingerprint: hash of the source's content, stored with every artifact made from it.
+    """
+
+    spec: DatasetSpec
+    train: TensorSplit | FileSplit
+    test: TensorSplit | FileSplit
+    source: str
+    fingerprint: str
+    from_cache: bool = field(default=False, compare=False)
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train, FileSplit)
+
+
+def default_cache_dir() -> Path:
+    """``$CVDD_CACHE`` or ``~/.cache/cvdd``."""
+    return Path(os.environ.get("CVDD_CACHE") or Path.home() / ".cache" / "cvdd")
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
+    """Decode image bytes into a (size, size, 3) uint8 array.
+
+    Grey, palette and RGBA images are converted to RGB; an image of another size is resized (shorter side to
+    ``size``, bilinear with antialiasing) and centre-cropped, so odd sizes are handled rather than fatal.
+
+    Raises:
+        DataError: the bytes are not a readable image (corrupt or truncated file); names the file.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"corrupt or unreadable image {name}: {reason}") from None
+    if rgb.size != (size, size):
+        w, h = rgb.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        rgb = rgb.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        rgb = rgb.crop((left, top, left + size, top + size))
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _is_image(name: str) -> bool:
+    base = os.path.basename(name)
+    return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+
+
+@dataclass
+class _Listing:
+    """Image entries of an ImageFolder source: split -> class -> sorted entry names."""
+
+    splits: dict[str, dict[str, list[str]]]
+    test_split: str
+
+
+def _check_classes(listing: _Listing, where: str, class_order: list[str] | None) -> tuple[str, ...]:
+    train = listing.splits["train"]
+    test = listing.splits[listing.test_split]
+    for split, classes in (("train", train), (listing.test_split, test)):
+        if not classes:
+            raise DataError(f"{where}/{split} has no class folders with images")
+        for cls, files in classes.items():
+            if not files:
+                raise DataError(f"class folder {where}/{split}/{cls} has no images")
+    if set(train) != set(test):
+        only_train = sorted(set(train) - set(test))[:5]
+        only_test = sorted(set(test) - set(train))[:5]
+        raise DataError(
+            f"train/ and {listing.test_split}/ of {where} have different classes "
+            f"(only in train: {only_train or '-'}; only in {listing.test_split}: {only_test or '-'})"
+        )
+    if class_order is not None:
+        if sorted(class_order) != sorted(train) or len(set(class_order)) != len(class_order):
+            raise DataError(f"the given class order does not list exactly the {len(train)} class folders of {where}")
+        return tuple(class_order)
+    return tuple(sorted(train))
+
+
+def _list_directory(root: Path) -> _Listing:
+    if not (root / "train").is_dir():
+        raise DataError(
+            f"{root} has no train/ folder (expected ImageFolder layout: train/<class>/<image> and test/ or val/)"
+        )
+    test_split = next((s for s in TEST_SPLIT_NAMES if (root / s).is_dir()), None)
+    if test_split is None:
+        raise DataError(f"{root} has train/ but neither test/ nor val/")
+    splits: dict[str, dict[str, list[str]]] = {}
+    for split in ("train", test_split):
+        classes: dict[str, list[str]] = {}
+        split_dir = root / split
+        ann = split_dir / "val_annotations.txt"
+        if ann.is_file() and (split_dir / "images").is_dir():
+            # Tiny-ImageNet's val/ is a flat images/ folder with a label file, not an ImageFolder.
+            for line in ann.read_text().splitlines():
+                parts = line.split("\t")
+                if len(parts) >= 2:
+                    classes.setdefault(parts[1], []).append(f"{split}/images/{parts[0]}")
+        else:
+            for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+                if entry.is_dir() and not entry.name.startswith("."):
+                    files = []
+                    for dirpath, _, names in os.walk(entry.path):
+                        rel = os.path.relpath(dirpath, root)
+                        files.extend(f"{rel}/{n}" for n in names if _is_image(n))
+                    classes[entry.name] = sorted(files)
+        splits[split] = {c: sorted(f) for c, f in classes.items()}
+    return _Listing(splits, test_split)
+
+
+def _list_tar(members: Iterable[str]) -> tuple[_Listing, str]:
+    """Find ``[prefix/]train/<class>/<file>`` entries in a tarball's member names."""
+    entries: dict[str, dict[str, dict[str, list[str]]]] = {}
+    for name in members:
+        if not _is_image(name):
+            continue
+        parts = name.split("/")
+        for i, part in enumerate(parts[:-2]):
+            if part in ("train", *TEST_SPLIT_NAMES):
+                prefix = "/".join(parts[:i])
+                cls = parts[i + 1]
+                entries.setdefault(prefix, {}).setdefault(part, {}).setdefault(cls, []).append(name)
+                break
+    for prefix, splits in entries.items():
+        test_split = next((s for s in TEST_SPLIT_NAMES if s in splits), None)
+        if "train" in splits and test_split:
+            return _Listing(
+                {s: {c: sorted(f) for c, f in splits[s].items()} for s in ("train", test_split)}, test_split
+            ), prefix
+    raise DataError("tarball has no train/<class>/<image> and test/ or val/ folders (ImageFolder layout)")
+
+
+# ----------------------------------------------------------------------------------------------- fingerprints
+
+
+def _hash_file(path: Path, limit: int = 4 << 30) -> str:
+    """sha256 of a file's bytes (size and mtime instead for files over ``limit``, to stay cheap)."""
+    st = path.stat()
+    h = hashlib.sha256()
+    if st.st_size > limit:
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_listing(root: Path, listing: _Listing) -> str:
+    """Hash of every image's relative path, size and mtime (cheap, changes when any file changes)."""
+    h = hashlib.sha256()
+    for split in sorted(listing.splits):
+        for cls in sorted(listing.splits[split]):
+            for rel in listing.splits[split][cls]:
+                st = os.stat(root / rel)
+                h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+def _cache_paths(cache_dir: Path, key: str) -> tuple[Path, Path]:
+    base = cache_dir / "datasets"
+    return base / f"{key}.safetensors", base / f"{key}.json"
+
+
+def _load_cache(cache_dir: Path, key: str) -> tuple[TensorSplit, TensorSplit, dict] | None:
+    from safetensors.torch import load_file
+
+    tensors_path, meta_path = _cache_paths(cache_dir, key)
+    if not (tensors_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        t = load_file(str(tensors_path))
+        return (
+            TensorSplit(t["train_images"], t["train_labels"]),
+            TensorSplit(t["test_images"], t["test_labels"]),
+            meta,
+        )
+    except Exception as exc:  # a damaged cache is rebuilt, never trusted
+        log.warning("ignoring unreadable dataset cache %s (%s)", tensors_path, exc)
+        return None
+
+
+def _save_cache(cache_dir: Path, key: str, train: TensorSplit, test: TensorSplit, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    from cvdd.artifacts import atomic_write_text
+
+    tensors_path, meta_path = _cache_paths(cache_dir, key)
+    tensors_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tensors_path.with_suffix(f".tmp{os.getpid()}")
+    save_file(
+        {
+            "train_images": train.images.contiguous(),
+            "train_labels": train.labels.contiguous(),
+            "test_images": test.images.contiguous(),
+            "test_labels": test.labels.contiguous(),
+        },
+        str(tmp),
+    )
+    os.replace(tmp, tensors_path)
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
+
+
+def _decode_split(
+    classes: tuple[str, ...],
+    entries: dict[str, list[str]],
+    read: Callable[[str], bytes],
+    size: int,
+    desc: str,
+    progress: bool,
+) -> TensorSplit:
+    from tqdm import tqdm
+
+    total = sum(len(entries[c]) for c in classes)
+    images = np.empty((total, size, size, 3), dtype=np.uint8)
+    labels = np.empty(total, dtype=np.int64)
+    i = 0
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for label, cls in enumerate(classes):
+            for name in entries[cls]:
+                images[i] = decode_image(read(name), size, name)
+                labels[i] = label
+                i += 1
+                bar.update()
+    return TensorSplit(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels))
+
+
+def _probe_size(first: bytes) -> int:
+    with Image.open(io.BytesIO(first)) as img:
+        w, h = img.size
+    # Small images keep their size (CIFAR 32, Tiny-ImageNet 64); anything larger is treated as ImageNet-like.
+    return max(w, h) if max(w, h) <= 64 else 224
+
+
+def _spec_for_folder(
+    name_hint: str | None, classes: tuple[str, ...], size: int, source: Path, image_size: int | None
+) -> DatasetSpec:
+    if name_hint is not None:
+        return make_spec(name_hint, classes, image_size=image_size)
+    if classes == CIFAR10_CLASSES and size == 32:
+        return make_spec("cifar10", classes, image_size=image_size)
+    from cvdd.data.specs import IMAGENET_MEAN, IMAGENET_STD
+
+    name = source.name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    size = image_size or size
+    return DatasetSpec(
+        name=name or "folder",
+        classes=classes,
+        image_size=size,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        jitter=4 if size <= 64 else 32,
+        default_preset="cifar10" if size <= 64 else "imagenette",
+    )
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def _load_digits() -> tuple[TensorSplit, TensorSplit, tuple[str, ...]]:
+    """scikit-learn's bundled 8x8 digits (1797 real scans), resized to 32 px, grey replicated to RGB.
+
+    The split is fixed and stratified: within each class, every fifth image (in the file's order) is a
+    test image, so about 1437 train and 360 test images.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
+    x = torch.nn.functional.interpolate(x, size=32, mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    is_test = torch.zeros(len(y), dtype=torch.bool)
+    for c in range(10):
+        idx = torch.nonzero(y == c).flatten()
+        is_test[idx[::5]] = True
+    classes = tuple(str(c) for c in range(10))
+    return TensorSplit(x[~is_test], y[~is_test]), TensorSplit(x[is_test], y[is_test]), classes
+
+
+def _load_torchvision_cifar(name: str, root: Path, download: bool) -> tuple[TensorSplit, TensorSplit, tuple]:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        train = cls(str(root), train=True, download=download)
+        test = cls(str(root), train=False, download=download)
+    except RuntimeError as exc:
+        raise DataError(
+            f"{name} files not found under {root} ({str(exc).splitlines()[0]}); pass --download to fetch them, "
+            f"or --data PATH to an ImageFolder folder or tarball"
+        ) from None
+
+    def split(ds: object) -> TensorSplit:
+        data = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # type: ignore[attr-defined]
+        return TensorSplit(data, torch.tensor(ds.targets, dtype=torch.int64))  # type: ignore[attr-defined]
+
+    return split(train), split(test), tuple(train.classes)
+
+
+def load_dataset(
+    dataset: str | os.PathLike[str],
+    *,
+    data: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    image_size: int | None = None,
+    class_order: list[str] | None = None,
+    progress: bool = True,
+) -> RealDataset:
+    """Load a real dataset by name or path.
+
+    Args:
+        dataset: ``digits`` (embedded), ``cifar10``, ``cifar100``, another known name used with ``data``,
+            or a path to an ImageFolder directory or ``.tar``/``.tar.gz`` with ``train/`` and ``test/`` or
+            ``val/``.
+        data: where a named dataset lives (a folder or tarball in ImageFolder layout, or torchvision's CIFAR
+            root). For cifar10/cifar100 without it, torchvision's files under the cache directory.
+        cache_dir: where decoded uint8 caches (and torchvision downloads) go; default :func:`default_cache_dir`.
+        download: allow torchvision to download CIFAR files (never done unless asked).
+        image_size: override the image size (images are resized and centre-cropped to it).
+        class_order: explicit class-folder names in label order (default: sorted folder names).
+        progress: show a progress bar while decoding.
+
+    Returns:
+        The dataset with uint8 tensors (small) or file lists (large, > 64 px).
+
+    Raises:
+        DataError: missing path, wrong layout, empty class, corrupt image, train/test class mismatch.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    name_hint: str | None = None
+    source: Path | None = None
+    ds_str = os.fspath(dataset)
+    if canonical_name(ds_str) is not None and not os.path.exists(ds_str):
+        name_hint = canonical_name(ds_str)
+        if data is not None:
+            source = Path(data)
+    else:
+        source = Path(ds_str)
+        if data is not None:
+            raise DataError("give the dataset either as a path or as a name with --data, not both")
+        if not source.exists():
+            known = ", ".join(sorted({"digits", "cifar10", "cifar100"}))
+            looks_like_path = os.sep in ds_str or "." in os.path.basename(ds_str)
+            if looks_like_path:
+                raise DataError(f"dataset path does not exist: {ds_str}")
+            raise DataError(f"unknown dataset '{ds_str}' (not a known name like {known}, nor an existing path)")
+
+    if name_hint == "digits":
+        train, test, classes = _load_digits()
+        spec = make_spec("digits", classes, image_size=None)
+        mean = tuple(float(v) for v in (train.images.float() / 255).mean(dim=(0, 2, 3)))
+        std = tuple(float(v) for v in (train.images.float() / 255).std(dim=(0, 2, 3)))
+        spec = DatasetSpec(
+            spec.name,
+            spec.classes,
+            spec.image_size,
+            mean,
+            std,
+            spec.jitter,  # type: ignore[arg-type]
+            spec.default_preset,
+        )
+        if image_size:
+            spec = DatasetSpec(
+                spec.name, spec.classes, image_size, spec.mean, spec.std, spec.jitter, spec.default_preset
+            )
+            train, test = _resize(train, image_size), _resize(test, image_size)
+        fp = hashlib.sha256(train.images.numpy().tobytes()).hexdigest()[:16]
+        return RealDataset(spec, train, test, "digits", fp)
+
+    if name_hint in ("cifar10", "cifar100") and (
+        source is None or (source.is_dir() and not (source / "train").is_dir())
+    ):
+        root = source if source is not None else cache / "torchvision"
+        train, test, classes = _load_torchvision_cifar(name_hint, root, download)
+        spec = make_spec(name_hint, classes)
+        if image_size and image_size != spec.image_size:
+            spec = make_spec(name_hint, classes, image_size=image_size)
+            train, test = _resize(train, image_size), _resize(test, image_size)
+        fp = hashlib.sha256(f"torchvision:{name_hint}:{len(train)}:{len(test)}".encode()).hexdigest()[:16]
+        return RealDataset(spec, train, test, f"torchvision:{name_hint}", fp)
+
+    if source is None:
+        raise DataError(
+            f"dataset '{name_hint}' needs --data PATH (an ImageFolder folder or tarball with train/ and val/)"
+        )
+    if not source.exists():
+        raise DataError(f"dataset path does not exist: {source}")
+    return _load_imagefolder(source, name_hint, cache, image_size, class_order, progress)
+
+
+def _resize(split: TensorSplit, size: int) -> TensorSplit:
+    x = torch.nn.functional.interpolate(
+        split.images.float(), size=size, mode="bilinear", antialias=True, align_corners=False
+    )
+    return TensorSplit(x.round().clamp(0, 255).to(torch.uint8), split.labels)
+
+
+def _load_imagefolder(
+    source: Path,
+    name_hint: str | None,
+    cache: Path,
+    image_size: int | None,
+    class_order: list[str] | None,
+    progress: bool,
+) -> RealDataset:
+    is_tar = source.is_file()
+    if is_tar:
+        try:
+            tar = tarfile.open(source, "r:*")  # noqa: SIM115 (closed in the finally below)
+        except (tarfile.TarError, OSError) as exc:
+            raise DataError(f"cannot open {source} as a tarball: {exc}") from None
+        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+        listing, _prefix = _list_tar(members)
+
+        def read(name: str) -> bytes:
+            f = tar.extractfile(members[name])
+            assert f is not None
+            return f.read()
+
+        fingerprint = _hash_file(source)
+    else:
+        if not source.is_dir():
+            raise DataError(f"dataset path is neither a folder nor a tarball: {source}")
+        tar = None
+        listing = _list_directory(source)
+
+        def read(name: str) -> bytes:
+            return (source / name).read_bytes()
+
+        fingerprint = _hash_listing(source, listing)
+    try:
+        classes = _check_classes(listing, str(source), class_order)
+        first_name = listing.splits["train"][classes[0]][0]
+        try:
+            probed = _probe_size(read(first_name))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"corrupt or unreadable image {first_name}: {exc}") from None
+        spec = _spec_for_folder(name_hint, classes, probed, source, image_size)
+        fingerprint = hashlib.sha256(f"{fingerprint}:{classes}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            f"v{CACHE_FORMAT}:{fingerprint}:{spec.image_size}:{','.join(classes)}".encode()
+        ).hexdigest()[:24]
+
+        if spec.large:
+            return _streamed(source, tar, listing, classes, spec, cache, key, fingerprint)
+
+        cached = _load_cache(cache, key)
+        if cached is not None:
+            train, test, _ = cached
+            log.info("using decoded cache of %s (%d train, %d test images)", source, len(train), len(test))
+            return RealDataset(spec, train, test, str(source), fingerprint, from_cache=True)
+        train = _decode_split(classes, listing.splits["train"], read, spec.image_size, "decode train", progress)
+        test = _decode_split(
+            classes, listing.splits[listing.test_split], read, spec.image_size, f"decode {listing.test_split}", progress
+        )
+        _save_cache(
+            cache,
+            key,
+            train,
+            test,
+            {"source": str(source), "classes": list(classes), "image_size": spec.image_size, "format": CACHE_FORMAT},
+        )
+        return RealDataset(spec, train, test, str(source), fingerprint)
+    finally:
+        if tar is not None:
+            tar.close()
+
+
+def _streamed(
+    source: Path,
+    tar: tarfile.TarFile | None,
+    listing: _Listing,
+    classes: tuple[str, ...],
+    spec: DatasetSpec,
+    cache: Path,
+    key: str,
+    fingerprint: str,
+) -> RealDataset:
+    """A large dataset: file lists (a tarball is extracted once into the cache, since random access into a
+    compressed tar from DataLoader workers would be slow)."""
+    root = source
+    if tar is not None:
+        root = cache / "extracted" / key
+        done = root / ".complete"
+        if not done.exists():
+            log.info("extracting %s to %s (once)", source, root)
+            tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+            tar.extractall(tmp, filter="data")
+            os.replace(tmp, root) if not root.exists() else None
+            done.touch()
+        _, prefix = _list_tar(m.name for m in tar.getmembers() if m.isfile())
+        root = root / prefix if prefix else root
+
+    def split(name: str) -> FileSplit:
+        files, labels = [], []
+        for label, cls in enumerate(classes):
+            for rel in listing.splits[name][cls]:
+                rel = rel[len(_strip_prefix(rel, name)) :] if tar is not None else rel
+                files.append(str(root / rel))
+                labels.append(label)
+        return FileSplit(files, torch.tensor(labels, dtype=torch.int64))
+
+    return RealDataset(spec, split("train"), split(listing.test_split), str(source), fingerprint)
+
+
+def _strip_prefix(rel: str, split: str) -> str:
+    """The part of a tar member name before ``<split>/`` (the tarball's top folder, if any)."""
+    i = rel.find(f"{split}/")
+    return rel[:i] if i > 0 else ""

@@ -1,0 +1,106 @@
+"""Device, precision and seeding: the one place that knows about CUDA.
+
+Nothing else in cvdd calls ``.cuda()``: code asks :func:`resolve_device` for a device and moves tensors
+there. The device can come from the ``CVDD_DEVICE`` environment variable so the same test suite re-runs on
+a GPU machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from cvdd.errors import ConfigError
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """Return the device to run on.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` or None. None and ``"auto"`` read
+            ``CVDD_DEVICE`` and otherwise pick CUDA when available, else the CPU.
+
+    Returns:
+        The resolved :class:`torch.device`.
+
+    Raises:
+        ConfigError: the device string is invalid or CUDA was asked for but is unavailable.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device is None or device == "auto":
+        device = os.environ.get("CVDD_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"invalid device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn ``"auto"`` into ``"bf16"`` where the device runs bf16 natively (CUDA), else ``"fp32"``.
+
+    On CPUs bf16 autocast is usually slower than fp32 (no native bf16 matmul on most), so ``auto``
+    keeps fp32 there; ``"bf16"`` can still be forced.
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:
+    """Autocast context for the forward pass; a null context for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch global generators (for code paths that use them)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh explicit generator on ``device``: every random draw in cvdd's hot loops comes from one."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def derive_seed(seed: int, *keys: int | str) -> int:
+    """Derive a stable 63-bit seed from a run seed and a path of keys (unit ids, arch names, ...).
+
+    The derivation is independent of the process and of the order in which units run, so a sharded or
+    resumed run gives each unit the seed it would have had in one uninterrupted process.
+    """
+    import hashlib
+
+    text = ":".join([str(seed), *map(str, keys)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (None leaves it unchanged)."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -1,0 +1,297 @@
+"""One readable supervised training loop.
+
+``fit`` takes built objects (a model, data splits, a recipe, a device) and returns results. It checkpoints
+at the end of every epoch (atomically) and resumes from that checkpoint after an interruption; every
+random draw (shuffling, augmentation) comes from a generator derived from the run seed and the epoch, so
+a resumed run replays exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cvdd.artifacts import atomic_torch_save, safe_torch_load
+from cvdd.config import Recipe, to_dict
+from cvdd.data.augment import Normalize, TrainAugment
+from cvdd.data.loader import make_batches
+from cvdd.data.sources import FileSplit, TensorSplit
+from cvdd.data.specs import DatasetSpec
+from cvdd.device import autocast, derive_seed, make_generator, resolve_precision
+
+log = logging.getLogger(__name__)
+
+# objective(logits (B, C), labels (B,), inputs (B, 3, H, W)) -> scalar loss. The inputs are passed so a
+# teacher can label exactly the augmented batch the student sees (online soft labels).
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class FitResult:
+    """What a training run produced.
+
+    Attributes:
+        test_acc: top-1 on the test split after the final epoch (fraction in [0, 1]).
+        history: one dict per epoch (epoch, train_loss, train_acc, lr, seconds, images_per_s, test_acc?).
+        seconds: wall time of the epochs run in this process (excludes resumed ones).
+        images_per_s: training throughput over those epochs.
+        resumed_from: the epoch the run resumed from (0 for a fresh run).
+    """
+
+    test_acc: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    resumed_from: int = 0
+
+
+def lr_factor(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
+    """Learning-rate multiplier at optimiser step ``step`` (0-based), updated every step.
+
+    Linear warm-up over ``warmup_epochs``, then the schedule over the remaining steps.
+    """
+    total = recipe.epochs * steps_per_epoch
+    warm = int(recipe.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return (step + 1) / warm
+    if recipe.schedule == "constant":
+        return 1.0
+    if recipe.schedule == "periodic":
+        period = recipe.period_epochs * steps_per_epoch
+        return 0.5 * (1 + math.cos(math.pi * ((step - warm) % period) / period))
+    t = (step - warm) / max(1, total - warm)
+    return 0.5 * (1 + math.cos(math.pi * t / recipe.cosine_eta))
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW over the model's trainable parameters (optionally no decay on BN and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.no_decay_bn_bias:
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups: list[dict[str, Any]] = [
+            {"params": decay, "weight_decay": recipe.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+    else:
+        groups = [{"params": params, "weight_decay": recipe.weight_decay}]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov)
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=recipe.lr)
+    return torch.optim.AdamW(groups, lr=recipe.lr)
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module,
+    split: TensorSplit | FileSplit,
+    spec: DatasetSpec,
+    device: torch.device,
+    batch_size: int = 500,
+    precision: str = "auto",
+    channels_last: bool = False,
+    workers: int = 4,
+) -> float:
+    """Top-1 accuracy (fraction) of ``model`` on a split, in eval mode; the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    precision = resolve_precision(precision, device)
+    normalize = Normalize(spec)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    total = 0
+    batches = make_batches(split, spec, batch_size, device, train=False, workers=workers)
+    for x, y in batches.epoch():
+        xn = normalize(x)
+        if channels_last:
+            xn = xn.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(xn)
+        correct += (logits.argmax(1) == y).sum()
+        total += int(y.shape[0])
+    model.train(was_training)
+    return float(correct.item()) / max(1, total)
+
+
+def _recipe_hash(recipe: Recipe, extra: dict[str, Any]) -> str:
+    text = json.dumps({"recipe": to_dict(recipe), **extra}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fit(
+    model: nn.Module,
+    train: TensorSplit | FileSplit,
+    test: TensorSplit | FileSplit | None,
+    recipe: Recipe,
+    *,
+    spec: DatasetSpec,
+    device: torch.device,
+    seed: int = 0,
+    checkpoint: str | os.PathLike[str] | None = None,
+    objective: Objective | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    identity: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``train`` with ``recipe`` and report top-1 on ``test``.
+
+    Args:
+        model: an ``nn.Module`` (moved to ``device``; trained in place).
+        train: training split (uint8 tensors, or files for streamed datasets).
+        test: test split evaluated after the last epoch (and every ``recipe.eval_every`` epochs); None skips it.
+        recipe: optimiser, schedule, augmentation, precision, epochs.
+        spec: dataset spec (normalisation, image size).
+        device: where to train.
+        seed: run seed; epoch ``e`` draws its shuffling and augmentation from ``derive_seed(seed, e)``.
+        checkpoint: path of the per-epoch checkpoint; if it exists and matches this run it is resumed, and it
+            is kept after the last epoch (the caller removes it once the final artifact is written).
+        objective: loss function (logits, labels, inputs) -> scalar; default cross-entropy with the recipe's
+            label smoothing.
+        progress: show a progress bar with loss, accuracy and throughput.
+        desc: progress-bar label.
+        identity: extra fields that must match for a checkpoint to be resumed (architecture, dataset...).
+
+    Returns:
+        A :class:`FitResult`.
+    """
+    from tqdm import tqdm
+
+    recipe.validate()
+    precision = resolve_precision(recipe.precision, device)
+    channels_last = recipe.channels_last if recipe.channels_last is not None else device.type == "cuda"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    augment = TrainAugment(spec, recipe.augment, recipe.padding)
+    batches = make_batches(train, spec, recipe.batch_size, device, train=True, workers=recipe.workers)
+    steps_per_epoch = len(batches)
+    optimizer = build_optimizer(model, recipe)
+    if objective is None:
+        ce = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+
+        def objective(logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+            return ce(logits, labels)
+
+    run_hash = _recipe_hash(recipe, {"seed": seed, **(identity or {})})
+    start_epoch, history = 0, []
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    if ckpt_path is not None and ckpt_path.is_file():
+        state = safe_torch_load(ckpt_path)
+        if state.get("run_hash") == run_hash:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch = int(state["epoch"])
+            history = list(state["history"])
+            log.info("%s: resuming from epoch %d of %d (%s)", desc, start_epoch, recipe.epochs, ckpt_path)
+        else:
+            log.warning("%s: ignoring checkpoint %s made with another recipe or seed", desc, ckpt_path)
+
+    t_start = time.perf_counter()
+    seen = 0
+    for epoch in range(start_epoch, recipe.epochs):
+        model.train()
+        gen = make_generator(derive_seed(seed, "epoch", epoch), device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        n_epoch = 0
+        t_epoch = time.perf_counter()
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"{desc} {epoch + 1}/{recipe.epochs}",
+            leave=False,
+            disable=not progress,
+            unit="step",
+        )
+        for i, (x, y) in enumerate(batches.epoch(gen)):
+            step = epoch * steps_per_epoch + i
+            lr = recipe.lr * lr_factor(recipe, step, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inputs = augment(x, gen)
+            if channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                logits = model(inputs)
+            loss = objective(logits.float(), y, inputs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Accumulate on the device; the host only synchronises when the progress bar is refreshed.
+            loss_sum += loss.detach() * y.shape[0]
+            correct += (logits.detach().argmax(1) == y).sum()
+            n_epoch += int(y.shape[0])
+            bar.update()
+            if progress and (i % 20 == 0 or i == steps_per_epoch - 1):
+                el = time.perf_counter() - t_epoch
+                bar.set_postfix(
+                    loss=f"{loss_sum.item() / n_epoch:.3f}",
+                    acc=f"{correct.item() / n_epoch:.3f}",
+                    img_s=f"{n_epoch / max(el, 1e-9):.0f}",
+                )
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t_epoch
+        seen += n_epoch
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum.item() / max(1, n_epoch),
+            "train_acc": correct.item() / max(1, n_epoch),
+            "lr": lr,
+            "seconds": seconds,
+            "images_per_s": n_epoch / max(seconds, 1e-9),
+        }
+        last = epoch + 1 == recipe.epochs
+        if test is not None and (last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0)):
+            record["test_acc"] = evaluate_accuracy(
+                model,
+                test,
+                spec,
+                device,
+                precision=recipe.precision,
+                channels_last=channels_last,
+                workers=recipe.workers,
+            )
+        history.append(record)
+        log.info(
+            "%s epoch %d/%d: %s",
+            desc,
+            epoch + 1,
+            recipe.epochs,
+            ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"),
+        )
+        if ckpt_path is not None:
+            atomic_torch_save(
+                {
+                    "run_hash": run_hash,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                },
+                ckpt_path,
+            )
+    elapsed = time.perf_counter() - t_start
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    test_acc = history[-1].get("test_acc") if history else None
+    if test_acc is None and test is not None:
+        test_acc = evaluate_accuracy(model, test, spec, device, precision=recipe.precision, workers=recipe.workers)
+    return FitResult(
+        test_acc=float(test_acc) if test_acc is not None else float("nan"),
+        history=history,
+        seconds=elapsed,
+        images_per_s=seen / max(elapsed, 1e-9) if seen else 0.0,
+        resumed_from=start_epoch,
+    )

@@ -1,0 +1,1 @@
+"""YAML presets shipped with cvdd (read through :mod:`cvdd.config`)."""

@@ -1,0 +1,175 @@
+"""``cvdd squeeze``: train the committee of expert classifiers on the real data."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cvdd.artifacts import base_metadata
+from cvdd.config import Recipe, SqueezePreset, apply_overrides, get_squeeze_preset, to_dict
+from cvdd.data.sources import RealDataset
+from cvdd.device import derive_seed, resolve_device
+from cvdd.engine import fit
+from cvdd.errors import ArtifactError, ConfigError
+from cvdd.experts import EXPERT_KIND, expert_paths, read_expert_meta, save_expert
+from cvdd.models import count_parameters, create_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SqueezeResult:
+    """One expert produced (or found already finished) by squeeze.
+
+    Attributes:
+        name: expert name (file stem).
+        arch: architecture.
+        path: path of the ``.safetensors`` weights.
+        test_acc: top-1 on the real test split (fraction).
+        seconds: training wall time (of the run that produced it).
+        images_per_s: training throughput.
+        skipped: True when a finished expert with the same recipe was found and reused.
+    """
+
+    name: str
+    arch: str
+    path: Path
+    test_acc: float
+    seconds: float
+    images_per_s: float
+    skipped: bool = False
+
+
+def resolve_squeeze_config(
+    data: RealDataset,
+    archs: list[str] | None,
+    preset: str | None,
+    epochs: int | None,
+    overrides: dict[str, Any] | None,
+) -> tuple[SqueezePreset, list[str], Recipe]:
+    """Merge preset, explicit architectures and recipe overrides; validate everything up front."""
+    preset_name = preset or data.spec.default_preset
+    chosen = get_squeeze_preset(preset_name)
+    recipe_over = dict(overrides or {})
+    if epochs is not None:
+        recipe_over["epochs"] = epochs
+    recipe = apply_overrides(chosen.recipe, recipe_over, f"squeeze preset '{preset_name}' recipe").validate()
+    arch_list = list(archs) if archs else list(chosen.archs)
+    if not arch_list:
+        raise ConfigError("no architectures given (use --arch NAME [NAME ...])")
+    if len(set(arch_list)) != len(arch_list):
+        raise ConfigError(f"an architecture is listed twice: {arch_list}")
+    for arch in arch_list:  # fail on an unknown name before any training starts
+        create_model(arch, data.spec.num_classes, data.spec.image_size)
+    return chosen, arch_list, recipe
+
+
+def squeeze_experts(
+    data: RealDataset,
+    archs: list[str],
+    recipe: Recipe,
+    out: str | os.PathLike[str],
+    *,
+    preset_name: str,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> list[SqueezeResult]:
+    """Train one expert per architecture on ``data`` and store it in ``out``.
+
+    A finished expert with the same dataset, recipe and seed is reused unless ``force``; an expert file made
+    differently is never overwritten without ``force``. A killed run resumes each expert from its last
+    epoch checkpoint (``out/.checkpoints/<arch>.pt``).
+    """
+    dev = resolve_device(device)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    recipe_dict = to_dict(recipe)
+    for arch in archs:
+        weights, meta_path = expert_paths(out_dir, arch)
+        if meta_path.is_file() and weights.is_file() and not force:
+            meta = read_expert_meta(meta_path)
+            same = (
+                meta.get("dataset_fingerprint") == data.fingerprint
+                and meta.get("recipe") == recipe_dict
+                and meta.get("seed") == seed
+                and meta.get("arch") == arch
+            )
+            if same:
+                log.info(
+                    "%s: already trained (test top-1 %.2f%%), skipping; use --force to retrain",
+                    arch,
+                    100 * meta["test_acc"],
+                )
+                results.append(
+                    SqueezeResult(
+                        arch,
+                        arch,
+                        weights,
+                        float(meta["test_acc"]),
+                        float(meta.get("wall_seconds", 0.0)),
+                        float(meta.get("images_per_s", 0.0)),
+                        skipped=True,
+                    )
+                )
+                continue
+            raise ArtifactError(
+                f"{meta_path} holds an expert made with another dataset, recipe or seed; "
+                f"pass --force to replace it or choose another --out"
+            )
+        arch_seed = derive_seed(seed, "squeeze", arch)
+        torch.manual_seed(arch_seed)  # the model's initial weights
+        model = create_model(arch, data.spec.num_classes, data.spec.image_size)
+        ckpt = out_dir / ".checkpoints" / f"{arch}.pt"
+        t0 = time.perf_counter()
+        result = fit(
+            model,
+            data.train,
+            data.test,
+            recipe,
+            spec=data.spec,
+            device=dev,
+            seed=arch_seed,
+            checkpoint=ckpt,
+            progress=progress,
+            desc=f"squeeze {arch}",
+            identity={"arch": arch, "dataset": data.fingerprint},
+        )
+        wall = time.perf_counter() - t0
+        meta = base_metadata(EXPERT_KIND, data.spec)
+        meta.update(
+            {
+                "name": arch,
+                "arch": arch,
+                "test_acc": result.test_acc,
+                "train_acc": result.history[-1]["train_acc"] if result.history else None,
+                "epochs": recipe.epochs,
+                "recipe": recipe_dict,
+                "preset": preset_name,
+                "seed": seed,
+                "dataset_source": data.source,
+                "dataset_fingerprint": data.fingerprint,
+                "params": count_parameters(model),
+                "wall_seconds": wall,
+                "train_seconds": sum(h["seconds"] for h in result.history),
+                "images_per_s": result.images_per_s,
+                "device": str(dev),
+                "resumed_from_epoch": result.resumed_from,
+                "history": result.history,
+                "prior": None,
+            }
+        )
+        model.cpu()
+        path = save_expert(out_dir, arch, model, meta)
+        ckpt.unlink(missing_ok=True)
+        log.info("%s: test top-1 %.2f%% in %.1f s -> %s", arch, 100 * result.test_acc, wall, path)
+        results.append(SqueezeResult(arch, arch, path, result.test_acc, wall, result.images_per_s))
+    return results

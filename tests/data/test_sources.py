@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cvdd.data.sources import FileSplit, TensorSplit, load_dataset
+from cvdd.data.specs import CIFAR10_CLASSES, DatasetSpec
+from cvdd.errors import DataError
+
+
+def test_digits_is_real_balanced_and_split(digits) -> None:
+    assert digits.spec.name == "digits" and digits.spec.num_classes == 10 and digits.spec.image_size == 32
+    assert isinstance(digits.train, TensorSplit)
+    assert digits.train.images.dtype == torch.uint8 and digits.train.images.shape[1:] == (3, 32, 32)
+    assert len(digits.train) + len(digits.test) == 1797
+    assert 340 <= len(digits.test) <= 380
+    counts = torch.bincount(digits.test.labels, minlength=10)
+    assert counts.min() >= 30
+    # The grey scans are replicated to RGB: the three channels are identical.
+    assert torch.equal(digits.train.images[:, 0], digits.train.images[:, 2])
+    assert 0.0 < digits.spec.std[0] < 1.0
+
+
+def test_imagefolder_slice_loads_with_cifar_constants(cifar_slice: Path) -> None:
+    ds = load_dataset(cifar_slice, progress=False)
+    assert ds.spec.classes == CIFAR10_CLASSES
+    assert ds.spec.name == "cifar10" and ds.spec.mean[0] == pytest.approx(0.4914)
+    assert ds.train.images.shape == (1000, 3, 32, 32)
+    assert ds.test.images.shape == (200, 3, 32, 32)
+    assert torch.equal(torch.bincount(ds.train.labels), torch.full((10,), 100))
+
+
+def test_uint8_cache_is_reused_and_invalidated(cifar_slice: Path, tmp_path: Path) -> None:
+    first = load_dataset(cifar_slice, cache_dir=tmp_path, progress=False)
+    second = load_dataset(cifar_slice, cache_dir=tmp_path, progress=False)
+    assert not first.from_cache and second.from_cache
+    assert torch.equal(first.train.images, second.train.images)
+    assert first.fingerprint == second.fingerprint
+    assert len(list((tmp_path / "datasets").glob("*.safetensors"))) == 1
+
+
+def test_cache_key_follows_content(tiny_folder: Path, tmp_path: Path) -> None:
+    a = load_dataset(tiny_folder, cache_dir=tmp_path, progress=False)
+    victim = sorted((tiny_folder / "train" / "cat").iterdir())[0]
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(victim, format="JPEG")
+    b = load_dataset(tiny_folder, cache_dir=tmp_path, progress=False)
+    assert not b.from_cache and a.fingerprint != b.fingerprint
+
+
+def test_tarball_equals_folder(tiny_folder: Path, tmp_path: Path) -> None:
+    tar_path = tmp_path / "mini.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(tiny_folder, arcname="mini")
+    from_dir = load_dataset(tiny_folder, progress=False)
+    from_tar = load_dataset(tar_path, progress=False)
+    assert from_tar.spec.classes == ("airplane", "cat", "ship")
+    assert torch.equal(from_dir.train.images, from_tar.train.images)
+    assert torch.equal(from_dir.test.labels, from_tar.test.labels)
+
+
+def test_explicit_class_order(tiny_folder: Path) -> None:
+    ds = load_dataset(tiny_folder, class_order=["ship", "airplane", "cat"], progress=False)
+    assert ds.spec.classes == ("ship", "airplane", "cat")
+    with pytest.raises(DataError, match="class order"):
+        load_dataset(tiny_folder, class_order=["ship", "airplane"], progress=False)
+
+
+def test_grey_rgba_and_odd_sized_images_are_handled(tiny_folder: Path) -> None:
+    Image.new("L", (40, 36), 128).save(tiny_folder / "train" / "cat" / "grey.png")
+    Image.new("RGBA", (31, 33), (10, 20, 30, 128)).save(tiny_folder / "train" / "cat" / "rgba.png")
+    ds = load_dataset(tiny_folder, progress=False)
+    assert ds.train.images.shape == (17, 3, 32, 32)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_image_names_the_file(tiny_folder: Path, damage: str) -> None:
+    victim = sorted((tiny_folder / "train" / "ship").iterdir())[1]
+    data = victim.read_bytes()
+    victim.write_bytes(b"not an image at all" if damage == "garbage" else data[: len(data) // 3])
+    with pytest.raises(DataError, match=rf"corrupt or unreadable image .*{victim.name}"):
+        load_dataset(tiny_folder, progress=False)
+
+
+def test_train_test_class_mismatch(tiny_folder: Path) -> None:
+    (tiny_folder / "test" / "ship").rename(tiny_folder / "test" / "boat")
+    with pytest.raises(DataError, match=r"different classes .*only in train: \['ship'\].*\['boat'\]"):
+        load_dataset(tiny_folder, progress=False)
+
+
+def test_empty_class_folder(tiny_folder: Path) -> None:
+    (tiny_folder / "train" / "dog").mkdir()
+    with pytest.raises(DataError, match=r"class folder .*train/dog has no images"):
+        load_dataset(tiny_folder, progress=False)
+
+
+def test_missing_path_and_unknown_name(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="dataset path does not exist"):
+        load_dataset(tmp_path / "nowhere" / "data.tar.gz", progress=False)
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist", progress=False)
+    with pytest.raises(DataError, match="no train/ folder"):
+        load_dataset(tmp_path, progress=False)
+
+
+def test_named_dataset_without_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="--download"):
+        load_dataset("cifar10", cache_dir=tmp_path, progress=False)
+    with pytest.raises(DataError, match="needs --data"):
+        load_dataset("imagenette", progress=False)
+
+
+def test_tiny_imagenet_val_layout(tmp_path: Path) -> None:
+    root = tmp_path / "tiny"
+    rng = np.random.default_rng(0)
+    lines = []
+    for cls in ("n01", "n02"):
+        (root / "train" / cls / "images").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+                root / "train" / cls / "images" / f"{cls}_{i}.JPEG"
+            )
+    (root / "val" / "images").mkdir(parents=True)
+    for i, cls in enumerate(("n01", "n02", "n01")):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "val" / "images" / f"v{i}.JPEG")
+        lines.append(f"v{i}.JPEG\t{cls}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines))
+    ds = load_dataset(root, progress=False)
+    assert ds.spec.image_size == 64 and ds.spec.classes == ("n01", "n02")
+    assert ds.test.labels.tolist() == [0, 0, 1]
+
+
+def test_large_images_stream_from_files(tiny_folder: Path) -> None:
+    from cvdd.data.loader import make_batches
+
+    ds = load_dataset(tiny_folder, image_size=224, progress=False)
+    assert isinstance(ds.train, FileSplit) and ds.spec.large
+    batches = make_batches(ds.train, ds.spec, 4, torch.device("cpu"), train=True, workers=0)
+    x, y = next(iter(batches.epoch(torch.Generator().manual_seed(0))))
+    assert x.dtype == torch.uint8 and x.shape == (4, 3, 224, 224) and y.shape == (4,)
+
+
+def test_spec_round_trip_and_compatibility() -> None:
+    spec = DatasetSpec("a", ("x", "y"), 32, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+    assert DatasetSpec.from_dict(spec.to_dict()) == spec
+    other = DatasetSpec("b", ("x", "y", "z"), 32, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+    with pytest.raises(DataError, match="3 classes"):
+        spec.check_compatible(other, "expert e")
+    swapped = DatasetSpec("c", ("y", "x"), 32, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+    with pytest.raises(DataError, match="class order differs"):
+        spec.check_compatible(swapped, "expert e")
+
+
+def test_subset_is_balanced_and_seeded(digits) -> None:
+    a = digits.train.subset(3, 10, seed=1)
+    b = digits.train.subset(3, 10, seed=1)
+    assert torch.equal(a.images, b.images)
+    assert torch.equal(torch.bincount(a.labels), torch.full((10,), 3))
+    with pytest.raises(DataError, match="fewer than"):
+        digits.train.subset(10_000, 10)

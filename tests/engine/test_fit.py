@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvdd.config import Recipe
+from cvdd.engine import evaluate_accuracy, fit, lr_factor
+from cvdd.models import create_model
+
+CPU = torch.device("cpu")
+
+
+def test_lr_factor_golden() -> None:
+    r = Recipe(epochs=10, warmup_epochs=1, schedule="cosine")
+    assert lr_factor(r, 0, 10) == pytest.approx(0.1)
+    assert lr_factor(r, 9, 10) == pytest.approx(1.0)
+    assert lr_factor(r, 10, 10) == pytest.approx(1.0)
+    assert lr_factor(r, 55, 10) == pytest.approx(0.5)  # half-way through the 90 cosine steps
+    assert lr_factor(r, 99, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    smooth = Recipe(epochs=10, schedule="cosine", cosine_eta=2)
+    assert lr_factor(smooth, 100, 10) == pytest.approx(0.5)  # eta 2 ends at half the LR
+    periodic = Recipe(epochs=300, schedule="periodic", period_epochs=100)
+    assert lr_factor(periodic, 100, 1) == pytest.approx(1.0) and lr_factor(periodic, 50, 1) == pytest.approx(0.5)
+    assert lr_factor(Recipe(schedule="constant"), 123, 10) == 1.0
+
+
+def _recipe(epochs: int = 3) -> Recipe:
+    return Recipe(
+        epochs=epochs, batch_size=64, lr=0.05, warmup_epochs=0.5, augment="crop_flip", padding=2, label_smoothing=0.1
+    )
+
+
+def test_fit_learns_digits(digits) -> None:
+    torch.manual_seed(0)
+    model = create_model("convnet_d3_w32", 10, 32)
+    before = evaluate_accuracy(model, digits.test, digits.spec, CPU)
+    result = fit(model, digits.train, digits.test, _recipe(), spec=digits.spec, device=CPU, progress=False)
+    assert before < 0.4 and result.test_acc > 0.85
+    assert len(result.history) == 3 and result.images_per_s > 0
+    assert result.history[-1]["test_acc"] == result.test_acc
+    assert result.history[0]["train_loss"] > result.history[-1]["train_loss"]
+
+
+class _StopError(Exception):
+    pass
+
+
+def test_interrupted_fit_resumes_to_identical_weights(digits, tmp_path: Path) -> None:
+    recipe = _recipe(3)
+    torch.manual_seed(1)
+    straight = create_model("convnet_d3_w32", 10, 32)
+    fit(straight, digits.train, None, recipe, spec=digits.spec, device=CPU, seed=7, progress=False)
+
+    calls = {"n": 0}
+    ce = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def crash_in_epoch_two(logits, labels, inputs):
+        calls["n"] += 1
+        if calls["n"] == 30:  # 23 steps per epoch: this is inside epoch 2
+            raise _StopError
+        return ce(logits, labels)
+
+    ckpt = tmp_path / "run.pt"
+    torch.manual_seed(1)
+    first = create_model("convnet_d3_w32", 10, 32)
+    with pytest.raises(_StopError):
+        fit(
+            first,
+            digits.train,
+            None,
+            recipe,
+            spec=digits.spec,
+            device=CPU,
+            seed=7,
+            checkpoint=ckpt,
+            objective=crash_in_epoch_two,
+            progress=False,
+        )
+    assert ckpt.is_file()
+    torch.manual_seed(1)
+    resumed_model = create_model("convnet_d3_w32", 10, 32)
+    resumed = fit(
+        resumed_model, digits.train, None, recipe, spec=digits.spec, device=CPU, seed=7, checkpoint=ckpt, progress=False
+    )
+    assert resumed.resumed_from == 1
+    for a, b in zip(straight.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_of_another_recipe_is_not_resumed(digits, tmp_path: Path) -> None:
+    ckpt = tmp_path / "run.pt"
+    fit(
+        create_model("convnet_d3_w32", 10, 32),
+        digits.train,
+        None,
+        _recipe(1),
+        spec=digits.spec,
+        device=CPU,
+        checkpoint=ckpt,
+        progress=False,
+    )
+    other = fit(
+        create_model("convnet_d3_w32", 10, 32),
+        digits.train,
+        None,
+        _recipe(2),
+        spec=digits.spec,
+        device=CPU,
+        checkpoint=ckpt,
+        progress=False,
+    )
+    assert other.resumed_from == 0 and len(other.history) == 2
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_other_optimizers_and_bf16_run(digits, optimizer: str) -> None:
+    recipe = Recipe(
+        epochs=1,
+        batch_size=128,
+        optimizer=optimizer,
+        lr=1e-3,
+        precision="bf16",
+        augment="rrc_flip",
+        no_decay_bn_bias=True,
+        channels_last=True,
+    )
+    result = fit(
+        create_model("resnet8", 10, 32), digits.train, digits.test, recipe, spec=digits.spec, device=CPU, progress=False
+    )
+    assert 0.0 <= result.test_acc <= 1.0 and math.isfinite(result.history[0]["train_loss"])

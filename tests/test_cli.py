@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cvdd.cli import build_parser, main
+from cvdd.models import list_models
+
+SUBCOMMANDS = ["squeeze", "models", "presets"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_of_every_subcommand(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: cvdd" in capsys.readouterr().out
+
+
+def test_parser_knows_every_subcommand() -> None:
+    text = build_parser().format_help()
+    assert all(c in text for c in SUBCOMMANDS)
+
+
+def test_python_m_cvdd_version() -> None:
+    out = subprocess.run([sys.executable, "-m", "cvdd", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("cvdd ")
+
+
+def test_models_lists_every_architecture(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--image-size", "32"]) == 0
+    out = capsys.readouterr().out
+    for name in list_models():
+        assert name in out
+    assert "MFLOPs" in out
+
+
+def test_presets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "cifar10-cpu" in out and "digits" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["squeeze", "--dataset", "/no/such/folder", "--out", "{tmp}"], "dataset path does not exist: /no/such/folder"),
+        (["squeeze", "--dataset", "mnist", "--out", "{tmp}"], "unknown dataset 'mnist'"),
+        (["squeeze", "--arch", "resnet9000", "--out", "{tmp}"], "unknown architecture 'resnet9000'"),
+        (["squeeze", "--preset", "nope", "--out", "{tmp}"], "unknown squeeze preset 'nope'"),
+        (["squeeze", "--set", "epochs=many", "--out", "{tmp}"], "expected an integer"),
+        (["squeeze", "--device", "cuda:7", "--out", "{tmp}", "--epochs", "1"], "cuda"),
+    ],
+)
+def test_bad_input_is_one_line_error(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--device" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device exists here")
+    assert main([*args, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cvdd: error: ") and message in err and "\n" not in err
+
+
+def test_squeeze_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["squeeze", "--arch", "convnet_d3_w32", "--epochs", "2", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "convnet_d3_w32" in out and "%" in out
+    assert (tmp_path / "convnet_d3_w32.safetensors").is_file()

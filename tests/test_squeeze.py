@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cvdd
+from cvdd.data.specs import DatasetSpec
+from cvdd.errors import ArtifactError, ConfigError, ModelError
+from cvdd.experts import list_experts, load_expert, read_expert_meta
+
+
+def test_squeeze_digits_reaches_90_percent_and_writes_metadata(digits, tmp_path: Path) -> None:
+    results = cvdd.squeeze(digits, archs=["convnet_d3_w32"], out=tmp_path, progress=False)
+    (r,) = results
+    assert r.test_acc >= 0.90 and not r.skipped
+    meta = read_expert_meta(r.path)
+    assert meta["kind"] == "expert" and meta["arch"] == "convnet_d3_w32"
+    assert meta["dataset"]["classes"] == list(digits.spec.classes)
+    assert meta["test_acc"] == pytest.approx(r.test_acc)
+    assert meta["epochs"] == 12 and meta["seed"] == 0 and meta["preset"] == "digits"
+    assert meta["recipe"]["optimizer"] == "sgd" and meta["cvdd_version"] == cvdd.__version__
+    assert meta["wall_seconds"] > 0 and len(meta["history"]) == 12
+    assert not (tmp_path / ".checkpoints" / "convnet_d3_w32.pt").exists()
+
+    expert = load_expert(r.path, digits.spec)
+    assert not any(p.requires_grad for p in expert.model.parameters()) and not expert.model.training
+    from cvdd.engine import evaluate_accuracy
+
+    acc = evaluate_accuracy(expert.model, digits.test, digits.spec, torch.device("cpu"))
+    assert acc == pytest.approx(r.test_acc)
+    assert list_experts(tmp_path) == [r.path]
+
+    again = cvdd.squeeze(digits, archs=["convnet_d3_w32"], out=tmp_path, progress=False)
+    assert again[0].skipped and again[0].test_acc == r.test_acc
+
+    with pytest.raises(ArtifactError, match="another dataset, recipe or seed"):
+        cvdd.squeeze(digits, archs=["convnet_d3_w32"], out=tmp_path, epochs=1, progress=False)
+    before = (tmp_path / "convnet_d3_w32.safetensors").read_bytes()
+    assert before == (tmp_path / "convnet_d3_w32.safetensors").read_bytes()  # finished work untouched
+
+    other = DatasetSpec("cifar-like", tuple("abcdefghijk"), 32, (0.5,) * 3, (0.2,) * 3)
+    with pytest.raises(ArtifactError, match="11"):
+        load_expert(r.path, other)
+
+
+def test_squeeze_cifar_slice_writes_valid_metadata(cifar_slice: Path, tmp_path: Path) -> None:
+    results = cvdd.squeeze(cifar_slice, archs=["resnet8"], out=tmp_path, preset="cifar10-cpu", epochs=1, progress=False)
+    meta = json.loads((tmp_path / "resnet8.json").read_text())
+    assert meta["dataset"]["name"] == "cifar10" and meta["dataset"]["image_size"] == 32
+    assert meta["dataset"]["classes"][0] == "airplane" and meta["epochs"] == 1
+    assert 0.0 <= results[0].test_acc <= 1.0 and meta["params"] > 10_000
+
+
+def test_unknown_arch_fails_before_training(digits, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="unknown architecture 'resnet9000'"):
+        cvdd.squeeze(digits, archs=["convnet_d3_w32", "resnet9000"], out=tmp_path, progress=False)
+    assert not list(tmp_path.glob("*.json"))
+    with pytest.raises(ConfigError, match="unknown squeeze preset"):
+        cvdd.squeeze(digits, out=tmp_path, preset="nope", progress=False)
+    with pytest.raises(ConfigError, match="unknown key 'lrr'"):
+        cvdd.squeeze(digits, out=tmp_path, overrides={"lrr": 0.1}, progress=False)
+
+
+def test_killed_squeeze_resumes_and_finishes(tmp_path: Path) -> None:
+    """A real process is SIGKILLed after its first epoch checkpoint; the rerun resumes and finishes."""
+    out = tmp_path / "experts"
+    cmd = [
+        sys.executable,
+        "-m",
+        "cvdd",
+        "squeeze",
+        "--dataset",
+        "digits",
+        "--arch",
+        "resnet8",
+        "--out",
+        str(out),
+        "--epochs",
+        "6",
+        "--quiet",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / ".checkpoints" / "resnet8.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), "no checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "resnet8.json").exists()
+    done = subprocess.run(cmd[:-1], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from epoch" in done.stderr
+    meta = json.loads((out / "resnet8.json").read_text())
+    assert meta["resumed_from_epoch"] >= 1 and len(meta["history"]) == 6
+    assert not ckpt.exists()
