@@ -4,10 +4,11 @@ The Python API has the same names as the CLI subcommands::
 
     import cvdd
     experts = cvdd.squeeze("digits", archs=["convnet_d3_w32", "resnet8"], out="runs/experts")
+    synthetic = cvdd.recover("runs/experts", "runs/synthetic", ipc=10, committee_size=2)
 """
 
 __version__ = "0.1.0"
 
-from cvdd.api import load_dataset, squeeze
+from cvdd.api import export, load_dataset, recover, squeeze
 
-__all__ = ["__version__", "load_dataset", "squeeze"]
+__all__ = ["__version__", "export", "load_dataset", "recover", "squeeze"]

@@ -7,10 +7,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from cvdd.data.sources import RealDataset
 from cvdd.data.sources import load_dataset as _load_dataset
+from cvdd.distill.recover import RecoverResult, export_imagefolder, recover_images
+from cvdd.errors import ConfigError, CvddError
+from cvdd.experts import Expert
 from cvdd.models import ModelInfo, count_parameters, create_model, forward_mflops, list_models, model_info
 from cvdd.squeeze import SqueezeResult, resolve_squeeze_config, squeeze_experts
 
@@ -120,3 +124,121 @@ def models(num_classes: int = 10, image_size: int | None = None) -> list[dict[st
                 }
             )
     return rows
+
+
+def _dataset_for_experts(source: str | None) -> str | None:
+    """The dataset an expert was squeezed on, as ``load_dataset`` accepts it (None if it is gone)."""
+    if not source:
+        return None
+    if source.startswith("torchvision:"):
+        return source.split(":", 1)[1]
+    if source == "digits" or os.path.exists(source):
+        return source
+    return None
+
+
+def load_pool(
+    experts: str | os.PathLike[str] | list[str | os.PathLike[str]],
+    pool: list[str] | None = None,
+    device: str | None = None,
+) -> list[Expert]:
+    """Load the experts of a folder (or a list of expert files), optionally only/ordered by ``pool`` names."""
+    from cvdd.device import resolve_device
+    from cvdd.errors import ArtifactError
+    from cvdd.experts import list_experts, load_expert
+
+    paths = list_experts(experts) if isinstance(experts, str | os.PathLike) else [Path(p) for p in experts]
+    if not paths:
+        raise ArtifactError(f"no experts found in {experts} (run `cvdd squeeze` first)")
+    by_name = {Path(p).stem: p for p in paths}
+    if pool:
+        missing = [n for n in pool if n not in by_name]
+        if missing:
+            raise ArtifactError(f"expert {missing[0]!r} not found; available: {', '.join(sorted(by_name))}")
+        paths = [by_name[n] for n in pool]
+    dev = resolve_device(device)
+    loaded = [load_expert(p, device=dev) for p in paths]
+    for e in loaded[1:]:
+        try:
+            loaded[0].spec.check_compatible(e.spec, f"expert {e.name}")
+        except CvddError as exc:
+            raise ArtifactError(f"the experts disagree: {exc}") from None
+    return loaded
+
+
+def recover(
+    experts: str | os.PathLike[str] | list[str | os.PathLike[str]] = "runs/experts",
+    out: str | os.PathLike[str] = "runs/synthetic",
+    *,
+    ipc: int | None = None,
+    committee_size: int | None = None,
+    committee: str | None = None,
+    voting: str | None = None,
+    iterations: int | None = None,
+    lr: float | None = None,
+    init: str | None = None,
+    preset: str | None = None,
+    pool: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    dataset: str | os.PathLike[str] | RealDataset | None = None,
+    data: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    restart: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> RecoverResult:
+    """Synthesise IPC images per class with a voting committee of experts (``cvdd recover``).
+
+    Args:
+        experts: folder of squeezed experts, or a list of expert files; they form the pool.
+        out: output folder (``synthetic.safetensors`` + ``.json``, ``grid.png``, ``units/``).
+        ipc, committee_size, committee, voting, iterations, lr, init: the most used
+            :class:`~cvdd.distill.recover.RecoverConfig` fields (None keeps the preset's value).
+        preset: recover preset (default: the dataset's own, e.g. ``digits``, ``cifar10``).
+        pool: names (and order) of the experts to use from the folder.
+        overrides: any other RecoverConfig fields.
+        dataset: real data for the initialisation (default: the dataset the experts were squeezed on).
+        data: where a named dataset lives.
+        seed: run seed; the same seed gives bit-identical images on the same machine.
+        device: ``cpu``, ``cuda`` or None for automatic.
+        restart: discard finished units made with another configuration instead of refusing.
+        cache_dir: decoded-dataset cache.
+        progress: progress bar.
+
+    Returns:
+        The :class:`~cvdd.distill.recover.RecoverResult`.
+    """
+    from cvdd.config import apply_overrides, get_recover_preset
+
+    loaded = load_pool(experts, pool, device)
+    spec = loaded[0].spec
+    cfg = get_recover_preset(preset or spec.default_preset)
+    explicit = {
+        "ipc": ipc,
+        "committee_size": committee_size,
+        "committee": committee,
+        "voting": voting,
+        "iterations": iterations,
+        "lr": lr,
+        "init": init,
+    }
+    merged = {**{k: v for k, v in explicit.items() if v is not None}, **(overrides or {})}
+    cfg = apply_overrides(cfg, merged, "recover options").validate(len(loaded))
+    real: RealDataset | None = None
+    if cfg.init in ("patches", "real"):
+        if isinstance(dataset, RealDataset):
+            real = dataset
+        else:
+            source = dataset if dataset is not None else _dataset_for_experts(loaded[0].meta.get("dataset_source"))
+            if source is None:
+                raise ConfigError(
+                    f"the experts' dataset ({loaded[0].meta.get('dataset_source')}) is not available; give --dataset"
+                )
+            real = load_dataset(source, data=data, cache_dir=cache_dir, progress=progress)
+    return recover_images(loaded, cfg, out, data=real, seed=seed, device=device, progress=progress, restart=restart)
+
+
+def export(synthetic: str | os.PathLike[str], out: str | os.PathLike[str], *, format: str = "png") -> int:
+    """Write a synthetic set as an ImageFolder of PNG (or JPEG q75) files (``cvdd export``); returns the count."""
+    return export_imagefolder(synthetic, out, format)

@@ -82,6 +82,78 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser(
+        "recover",
+        help="synthesise images with a voting committee of experts (CV-DD / SRe2L++)",
+        description="Optimise IPC synthetic images per class so that N experts of the committee, "
+        "weighted by softmax(prior / T), classify them while each expert's BatchNorm "
+        "input statistics match its running statistics. --committee-size 1 is SRe2L++. "
+        "Units are written as they finish; a re-run resumes.",
+    )
+    p.add_argument("--experts", default="runs/experts", help="folder of squeezed experts (default: runs/experts)")
+    p.add_argument(
+        "--pool",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="which experts of the folder form the pool, in this order (default: all, by name)",
+    )
+    p.add_argument("--out", default="runs/synthetic", help="output folder (default: runs/synthetic)")
+    p.add_argument("--ipc", type=int, default=None, help="images per class (default: the preset's)")
+    p.add_argument("--committee-size", type=int, default=None, help="N voters per IPC index (default 2; 1 = SRe2L++)")
+    p.add_argument(
+        "--committee",
+        default=None,
+        choices=["auto", "pairs", "random", "fixed", "single"],
+        help="committee policy per IPC index (default auto: pairs while IPC <= C(M,N), else random)",
+    )
+    p.add_argument(
+        "--voting",
+        default=None,
+        choices=["prior", "equal", "random"],
+        help="voter weights (default prior: softmax(prior / T), T = 5)",
+    )
+    p.add_argument("--iterations", type=int, default=None, help="optimisation steps per unit")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (cosine-decayed)")
+    p.add_argument(
+        "--init",
+        default=None,
+        choices=["patches", "real", "gaussian"],
+        help="initialisation (default patches: RDED-style real crops scored by an observer expert)",
+    )
+    p.add_argument("--preset", default=None, help="recover preset (default: the dataset's own); see `cvdd presets`")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any recover option, e.g. --set r_bn=0.05 --set ipc_per_block=10",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard finished units made with another configuration (default: refuse to mix)",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="real data for the initialisation (default: the dataset the experts were squeezed on)",
+    )
+    p.add_argument("--data", default=None, metavar="PATH", help="where a named dataset lives")
+    p.add_argument("--cache-dir", default=None, help="decoded-dataset cache")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "export",
+        help="write a synthetic set as an ImageFolder of PNG (or JPEG) files",
+        description="Export synthetic.safetensors to <out>/<class>/<class>_<ipc>.png (lossless); "
+        "--format jpeg writes JPEG quality 75, as the official code did.",
+    )
+    p.add_argument("synthetic", help="synthetic.safetensors or the recover output folder")
+    p.add_argument("--out", required=True, help="destination folder")
+    p.add_argument("--format", default="png", choices=["png", "jpeg"])
+    _add_common(p)
+
+    p = sub.add_parser(
         "models",
         help="list the registered architectures",
         description="Print every architecture with its input sizes, parameter count and MFLOPs of one forward pass.",
@@ -90,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="only this input size")
     _add_common(p)
 
-    p = sub.add_parser("presets", help="list the shipped presets", description="List the squeeze presets.")
+    p = sub.add_parser("presets", help="list the shipped presets", description="List the squeeze and recover presets.")
     _add_common(p)
     return parser
 
@@ -128,6 +200,62 @@ def _cmd_squeeze(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
+def _cmd_recover(args: argparse.Namespace, progress: bool) -> int:
+    from cvdd.api import recover
+    from cvdd.config import parse_override
+
+    overrides = dict(parse_override(s) for s in args.set)
+    res = recover(
+        args.experts,
+        args.out,
+        ipc=args.ipc,
+        committee_size=args.committee_size,
+        committee=args.committee,
+        voting=args.voting,
+        iterations=args.iterations,
+        lr=args.lr,
+        init=args.init,
+        preset=args.preset,
+        pool=args.pool,
+        overrides=overrides,
+        dataset=args.dataset,
+        data=args.data,
+        seed=args.seed,
+        device=args.device,
+        restart=args.restart,
+        cache_dir=args.cache_dir,
+        progress=progress,
+    )
+    m = res.meta
+    print(
+        f"{m['method']}: {len(res.labels)} images ({m['ipc']} per class, {len(m['dataset']['classes'])} classes), "
+        f"committee policy {m['committee_policy']}, voting {m['config']['voting']}"
+    )
+    for k, (members, weights) in enumerate(zip(m["committees"], m["weights"])):
+        if k < 10:
+            print(f"  IPC {k}: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(members, weights)))
+    accs = {}
+    for u in m["units"]:
+        for n, a in u["expert_accuracy"].items():
+            accs.setdefault(n, []).append(a)
+    print(
+        "  experts' top-1 on the final images: "
+        + ", ".join(f"{n} {100 * sum(a) / len(a):.1f}%" for n, a in accs.items())
+    )
+    print(
+        f"  {res.units_run} units optimised in {res.seconds:.1f} s -> {res.path} (grid: {res.path.parent / 'grid.png'})"
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cvdd.api import export
+
+    n = export(args.synthetic, args.out, format=args.format)
+    print(f"wrote {n} {args.format.upper()} files to {args.out}")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from cvdd.api import models
 
@@ -142,13 +270,17 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from cvdd.config import squeeze_presets
+    from cvdd.config import recover_presets, squeeze_presets
 
     print(f"{'squeeze preset':<16} {'epochs':>6} {'batch':>5} {'optim':>6} {'lr':>7}  experts / description")
     for name, p in squeeze_presets().items():
         r = p.recipe
         print(f"{name:<16} {r.epochs:>6} {r.batch_size:>5} {r.optimizer:>6} {r.lr:>7g}  {', '.join(p.archs)}")
         print(f"{'':<16} {'':>6} {'':>5} {'':>6} {'':>7}  {p.description}")
+    print()
+    print(f"{'recover preset':<16} {'ipc':>4} {'iters':>6} {'lr':>6} {'r_bn':>6} {'init':>8}  description")
+    for name, (desc, c) in recover_presets().items():
+        print(f"{name:<16} {c.ipc:>4} {c.iterations:>6} {c.lr:>6g} {c.r_bn:>6g} {c.init:>8}  {desc}")
     return 0
 
 
@@ -163,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "squeeze":
             return _cmd_squeeze(args, progress)
+        if args.command == "recover":
+            return _cmd_recover(args, progress)
+        if args.command == "export":
+            return _cmd_export(args)
         if args.command == "models":
             return _cmd_models(args)
         if args.command == "presets":

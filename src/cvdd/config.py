@@ -223,3 +223,24 @@ def apply_overrides(obj: T, overrides: dict[str, Any], where: str) -> T:
     """Return a copy of dataclass ``obj`` with ``overrides`` applied (validated like a preset)."""
     merged = {**to_dict(obj), **overrides}
     return from_dict(type(obj), merged, where)
+
+
+def recover_presets() -> dict[str, Any]:
+    """All recover presets (``presets/recover.yaml``): name -> (description, RecoverConfig), validated."""
+    from cvdd.distill.recover import RecoverConfig
+
+    out = {}
+    for name, body in _load_yaml("recover.yaml").items():
+        if not isinstance(body, dict) or set(body) - {"description", "recover"}:
+            raise ConfigError(f"recover preset '{name}': expected keys description and recover")
+        cfg = from_dict(RecoverConfig, body.get("recover"), f"recover preset '{name}'").validate()
+        out[name] = (str(body.get("description", "")), cfg)
+    return out
+
+
+def get_recover_preset(name: str) -> Any:
+    """One recover preset's RecoverConfig; an unknown name is a :class:`ConfigError` listing the valid ones."""
+    presets = recover_presets()
+    if name not in presets:
+        raise ConfigError(f"unknown recover preset '{name}'; choose one of {', '.join(sorted(presets))}")
+    return presets[name][1]

@@ -113,8 +113,9 @@ def random_resized_crop_boxes(
 def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Crop each image of a batch to its box and resize to ``size`` x ``size`` (bilinear, batched, differentiable).
 
-    Uses ``roi_align``, which averages bilinear samples inside each output cell (``sampling_ratio=2``), so a
-    strong downscale is antialiased a little rather than aliased.
+    Uses ``roi_align`` with an adaptive sampling ratio: an output cell that covers more than one input pixel
+    (a downscale) averages several bilinear samples, so it is antialiased rather than aliased; an upscale or
+    a same-size crop samples each cell's centre once (plain bilinear, the identity for the full box).
 
     Args:
         x: (B, C, H, W) float batch.
@@ -137,7 +138,7 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor
         ],
         dim=1,
     )
-    return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
 
 
 class TrainAugment:

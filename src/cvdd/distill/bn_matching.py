@@ -1,0 +1,154 @@
+"""BatchNorm statistic matching: the regulariser that ties synthetic images to an expert's training data.
+
+For every ``BatchNorm2d`` layer l of an expert (in ``model.modules()`` order), the per-channel mean and
+*biased* variance of the layer's **input** over (batch, H, W) are compared with the layer's running
+statistics (method doc §3.4):
+
+    BN = Σ_l c_l · ( ‖μ_l(x) − μ̂_l‖₂ + ‖σ²_l(x) − σ̂²_l‖₂ ),   c_l = first_multiplier for the first BN, else 1
+
+where ‖·‖₂ is the non-squared Euclidean norm over channels and the first BN is the one
+:func:`cvdd.models.first_bn` returns (the stem BN; DenseNet's first bottleneck BN).
+
+The statistics are captured by forward hooks that exist only inside a context manager, so an expert is never
+left with hooks attached, not even when the block raises.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from cvdd.errors import ModelError
+from cvdd.models import first_bn
+
+__all__ = ["BNMatching", "BNStatHook"]
+
+
+class BNMatching:
+    """Context manager recording the input statistics of every BN layer of ``model``; turns them into the loss.
+
+    Example::
+
+        with BNMatching(expert, first_multiplier=10.0) as bn:
+            logits = expert(x)                      # x: (B, 3, H, W), requires grad
+            loss = ce(logits, y) + r_bn * bn.loss()
+            loss.backward()                         # reaches x through the BN statistics too
+
+    Only the most recent forward pass of ``model`` counts: a pre-hook on ``model`` itself forgets the
+    statistics of the previous call, so a layer that did not run in the latest call is reported instead of
+    silently contributing stale numbers. A BN module that runs several times in one forward (weight
+    sharing) contributes the statistics of its last call.
+
+    The hooks do not touch the model: in eval mode (which recover uses) the running statistics are read,
+    never updated, and the model's parameters need no gradient for the loss to reach the input.
+
+    Args:
+        model: the expert, normally in eval mode with frozen parameters.
+        first_multiplier: weight c of the first BN layer (``first_bn(model)``); every other layer has weight 1.
+
+    Attributes:
+        layers: the ``BatchNorm2d`` modules, in ``model.modules()`` order.
+        names: their qualified names in ``model`` (``""`` for a model that is itself a BN), for logging.
+        multipliers: c_l per layer, aligned with ``layers``.
+
+    Raises:
+        ModelError: a BN layer keeps no running statistics (``track_running_stats=False``), so there is
+            nothing to match.
+    """
+
+    def __init__(self, model: nn.Module, first_multiplier: float = 10.0) -> None:
+        self.model = model
+        named = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        self.names = [name for name, _ in named]
+        self.layers: list[nn.BatchNorm2d] = [m for _, m in named]
+        for name, layer in named:
+            if layer.running_mean is None or layer.running_var is None:
+                raise ModelError(f"BatchNorm layer '{name}' keeps no running statistics; BN matching needs them")
+        first = first_bn(model)
+        self.multipliers = [float(first_multiplier) if m is first else 1.0 for m in self.layers]
+        # (mean, var) of each layer's input in the latest forward, or None when the layer has not run yet.
+        self._stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
+        self._handles: list[RemovableHandle] = []
+
+    def _make_hook(self, i: int) -> Any:
+        """Forward hook of layer ``i``: store the fp32 mean and biased variance of its input, with graph."""
+
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x = inputs[0]
+            # Autocast off and an explicit fp32 copy: bf16/fp16 moments of 100-image batches lose too many
+            # digits for a loss that compares them with fp32 running statistics.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+            self._stats[i] = (mean, var)
+
+        return hook
+
+    def _forget(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        """Pre-hook on the root model: a new forward starts, the previous statistics no longer count."""
+        self._stats = [None] * len(self.layers)
+
+    def __enter__(self) -> BNMatching:
+        if self._handles:
+            raise RuntimeError("BNMatching context entered twice; use one instance per `with` block")
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._forget))
+            for i, layer in enumerate(self.layers):
+                self._handles.append(layer.register_forward_hook(self._make_hook(i)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        """Remove every hook and drop the stored statistics (they hold the autograd graph of the last batch)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._stats = [None] * len(self.layers)
+
+    def per_layer(self) -> list[torch.Tensor]:
+        """Unweighted terms ‖μ_l − μ̂_l‖₂ + ‖σ²_l − σ̂²_l‖₂ of the latest forward, one fp32 scalar per BN layer.
+
+        Returns:
+            A list aligned with :attr:`layers`, each a 0-d tensor with gradient to the input of the forward.
+
+        Raises:
+            RuntimeError: no forward ran inside the context, or some BN layer did not run in the latest one.
+        """
+        out = []
+        for name, layer, stats in zip(self.names, self.layers, self._stats):
+            if stats is None:
+                raise RuntimeError(
+                    f"BN layer '{name}' has no statistics: run a forward of the model inside the BNMatching context"
+                )
+            mean, var = stats
+            ref_mean = layer.running_mean.to(device=mean.device, dtype=mean.dtype)
+            ref_var = layer.running_var.to(device=var.device, dtype=var.dtype)
+            out.append(torch.linalg.vector_norm(mean - ref_mean) + torch.linalg.vector_norm(var - ref_var))
+        return out
+
+    def loss(self) -> torch.Tensor:
+        """Σ_l c_l · BN_l over every BN layer of the latest forward.
+
+        Returns:
+            A 0-d fp32 tensor with gradient to the input of the latest forward (0 for a model without BN).
+        """
+        parts = self.per_layer()
+        if not parts:
+            device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+            return torch.zeros((), device=device)
+        weights = torch.tensor(self.multipliers, dtype=parts[0].dtype, device=parts[0].device)
+        return (torch.stack(parts) * weights).sum()
+
+
+#: The name the recover design notes use for the same context manager.
+BNStatHook = BNMatching

@@ -1,0 +1,154 @@
+"""Initialisation of synthetic images: RDED-style real patches, random real images, or Gaussian noise.
+
+Every initial image depends only on (run seed, class, IPC index), never on how the work is split into
+units, so a resumed or sharded recover starts each image from the same pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from cvdd.data.augment import Normalize, crop_resize, random_resized_crop_boxes
+from cvdd.data.sources import FileSplit, RealDataset, TensorSplit, decode_image
+from cvdd.device import derive_seed, make_generator
+from cvdd.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+INIT_METHODS = ("patches", "real", "gaussian")
+
+
+def class_indices(data: RealDataset, cls: int) -> torch.Tensor:
+    """Indices of the training images of class ``cls`` (int64, ascending)."""
+    return torch.nonzero(data.train.labels.cpu() == cls).flatten()
+
+
+def class_images(data: RealDataset, indices: torch.Tensor) -> torch.Tensor:
+    """uint8 (n, 3, S, S) training images at ``indices`` (decoded from files for streamed datasets)."""
+    train = data.train
+    if isinstance(train, TensorSplit):
+        return train.images[indices.to(train.images.device)].cpu()
+    assert isinstance(train, FileSplit)
+    import numpy as np
+
+    size = data.spec.image_size
+    out = []
+    for i in indices.tolist():
+        with open(train.files[i], "rb") as f:
+            out.append(decode_image(f.read(), size, train.files[i]))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def _pick(data: RealDataset, cls: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` distinct random training indices of class ``cls``, seeded by (seed, class)."""
+    idx = class_indices(data, cls)
+    if len(idx) < count:
+        raise DataError(
+            f"class {data.spec.classes[cls]!r} has {len(idx)} training images, fewer than the {count} needed"
+        )
+    gen = torch.Generator().manual_seed(derive_seed(seed, "init-pick", cls))
+    return idx[torch.randperm(len(idx), generator=gen)[:count]]
+
+
+def real_init(data: RealDataset, cls: int, ipc: int, seed: int) -> torch.Tensor:
+    """IPC random real images of one class: uint8 (ipc, 3, S, S); IPC index k is the k-th of a seeded draw."""
+    return class_images(data, _pick(data, cls, ipc, seed))
+
+
+@torch.no_grad()
+def patch_init(
+    data: RealDataset,
+    cls: int,
+    ipc: int,
+    observer: nn.Module,
+    seed: int,
+    *,
+    candidates: int = 300,
+    crops: int = 5,
+    factor: int = 1,
+    rank_offset: int = 0,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """RDED-style patch initialisation of one class.
+
+    1. Draw ``candidates`` random real training images of the class (seeded).
+    2. From each, take ``crops`` random-resized crops (aspect ratio 1, scale (0.08, 1)) of side S / factor.
+    3. Score every crop with the observer expert (eval mode): cross-entropy of the true class, the crop
+       zero-padded (centred) back to S x S when factor > 1. Keep each image's lowest-loss crop.
+    4. Sort the survivors by loss and keep the window ``[rank_offset, rank_offset + ipc * factor**2)``.
+    5. Stitch factor x factor crops per image (cell k of image j holds selected crop k * ipc + j).
+
+    Args:
+        data: the real dataset.
+        cls: class index.
+        ipc: images per class to produce.
+        observer: the scoring expert (frozen, eval mode).
+        seed: run seed.
+        candidates: real images considered (capped at the class size).
+        crops: crops per real image.
+        factor: patches per side (1 for 32/64 px, 2 for 224 px in the method).
+        rank_offset: first rank of the kept window (0 = the lowest-loss, most typical crops).
+        device: where to score.
+        batch_size: scoring batch size.
+
+    Returns:
+        uint8 (ipc, 3, S, S) initial images.
+    """
+    size = data.spec.image_size
+    need = ipc * factor * factor
+    pool = min(candidates, len(class_indices(data, cls)))
+    if pool < need + rank_offset:
+        raise DataError(
+            f"patch init of class {data.spec.classes[cls]!r} needs {need + rank_offset} candidate images "
+            f"(ipc {ipc} x factor {factor}^2 + rank offset {rank_offset}) but has {pool}"
+        )
+    images = class_images(data, _pick(data, cls, pool, seed)).to(device)
+    gen = make_generator(derive_seed(seed, "init-crops", cls), device)
+    cell = size // factor
+    normalize = Normalize(data.spec)
+    src = images.float().repeat_interleave(crops, dim=0)  # (pool * crops, 3, S, S)
+    boxes = random_resized_crop_boxes(src.shape[0], gen, src.device, scale=(0.08, 1.0), ratio=(1.0, 1.0))
+    patches = crop_resize(src, boxes, cell).round().clamp(0, 255)
+    losses = torch.empty(patches.shape[0], device=device)
+    target = torch.full((batch_size,), cls, device=device, dtype=torch.int64)
+    pad = (size - cell) // 2
+    for start in range(0, patches.shape[0], batch_size):
+        chunk = normalize(patches[start : start + batch_size])
+        if cell != size:  # centred zero padding back to the observer's input size (zeros in normalised space)
+            chunk = nn.functional.pad(chunk, (pad, size - cell - pad, pad, size - cell - pad))
+        logits = observer(chunk)
+        losses[start : start + batch_size] = nn.functional.cross_entropy(
+            logits.float(), target[: chunk.shape[0]], reduction="none"
+        )
+    per_image = losses.view(pool, crops)
+    best = per_image.argmin(1)
+    best_loss = per_image.gather(1, best.view(-1, 1)).squeeze(1)
+    chosen = patches.view(pool, crops, 3, cell, cell)[torch.arange(pool, device=device), best]
+    order = torch.argsort(best_loss, stable=True)[rank_offset : rank_offset + need]
+    selected = chosen[order]  # (need, 3, cell, cell)
+    if factor == 1:
+        return selected.to(torch.uint8).cpu()
+    out = torch.zeros(ipc, 3, size, size, device=device)
+    edges = [round(i * size / factor) for i in range(factor + 1)]
+    for k in range(factor * factor):
+        r, c = divmod(k, factor)
+        h, w = edges[r + 1] - edges[r], edges[c + 1] - edges[c]
+        block = selected[k * ipc : (k + 1) * ipc]
+        block = nn.functional.interpolate(block, size=(h, w), mode="nearest")
+        out[:, :, edges[r] : edges[r + 1], edges[c] : edges[c + 1]] = block
+    return out.to(torch.uint8).cpu()
+
+
+def gaussian_init(n: int, size: int, seed: int, *keys: int | str) -> torch.Tensor:
+    """Normal noise in normalised space (SRe2L's original initialisation): float32 (n, 3, size, size)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, "init-gauss", *keys))
+    return torch.randn(n, 3, size, size, generator=gen)
+
+
+def check_init_method(method: str) -> None:
+    if method not in INIT_METHODS:
+        raise ConfigError(f"unknown init method {method!r}; choose one of {', '.join(INIT_METHODS)}")

@@ -1,0 +1,650 @@
+"""``cvdd recover``: synthesise images by committee voting (CV-DD); SRe2L++ is the single-expert case.
+
+The work is split into units (a block of IPC indices x a block of classes). Each unit has its own seed
+derived from the run seed and its position, is optimised independently, and is written atomically to
+``<out>/units/``; a re-run skips finished units, so a killed recover resumes where it stopped, and the
+same seed gives the same images. When every unit is done, they are assembled into one lossless tensor
+file (``synthetic.safetensors`` + ``synthetic.json``) and a PNG grid.
+
+Loss of a unit (for the paper's one IPC index per unit this is exactly Σ_e w_e (CE_e + r_bn BN_e)):
+
+    L = Σ_k Σ_{e ∈ S_k} w_{k,e} · CE_e(images of IPC index k) + r_bn · Σ_e W_e · BN_e(images sent to e)
+
+with S_k the committee of IPC index k, w_{k,e} its voter weights, W_e = Σ_k w_{k,e} and BN_e the BN
+statistic-matching loss of expert e on the sub-batch of all the unit's images whose committee includes it.
+Each image therefore receives the CE gradient it would receive alone; the BN statistics pool the unit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cvdd import __version__
+from cvdd.artifacts import atomic_write_text, base_metadata, load_tensors, save_tensors
+from cvdd.config import to_dict
+from cvdd.data.augment import Normalize
+from cvdd.data.sources import RealDataset
+from cvdd.data.specs import DatasetSpec
+from cvdd.device import autocast, derive_seed, make_generator, resolve_device, resolve_precision
+from cvdd.distill.bn_matching import BNMatching
+from cvdd.distill.committee import COMMITTEE_POLICIES, select_committee
+from cvdd.distill.init import check_init_method, gaussian_init, patch_init, real_init
+from cvdd.distill.jitter import clamp_to_valid, cosine_lr, recover_augment
+from cvdd.distill.voting import VOTING_MODES, voter_weights
+from cvdd.errors import ArtifactError, ConfigError
+from cvdd.experts import Expert
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_KIND = "synthetic"
+
+
+@dataclass
+class RecoverConfig:
+    """Hyper-parameters of recover. Defaults are the paper's (method section 3), except the block sizes.
+
+    Attributes:
+        ipc: images per class.
+        committee_size: N, voters per IPC index (1 = SRe2L++).
+        committee: policy choosing each IPC index's committee: ``pairs`` (k-th of all C(M, N) combinations,
+            the paper's IPC 10 setting), ``random`` (N of the pool, seeded per IPC index; the paper's IPC 50),
+            ``fixed`` (the ``fixed`` list), ``single`` (one expert, ``single`` or the pool's best), or ``auto``
+            (``single`` when N = 1, ``pairs`` while ipc <= C(M, N), else ``random``).
+        fixed: committee for the ``fixed`` policy.
+        single: expert for the ``single`` policy (default: the one with the highest prior).
+        voting: voter weights: ``prior`` (softmax(prior / T)), ``equal``, ``random`` (seeded).
+        temperature: T of prior voting.
+        iterations: optimisation steps per unit.
+        lr: Adam learning rate (cosine-decayed per iteration to 0).
+        betas: Adam betas.
+        r_bn: weight of the BN statistic-matching term.
+        first_bn_multiplier: extra weight of each expert's first BN layer.
+        jitter: maximum roll jitter in pixels (None: the dataset's, 4 at 32/64 px, 32 at 224 px).
+        crop_scale: scale range of the per-iteration random-resized crop.
+        shared_crop: one crop box and flip for the whole batch per iteration (as the official code) or one
+            per image.
+        init: ``patches`` (RDED-style real patches scored by an observer), ``real`` or ``gaussian``.
+        init_candidates: real images per class scored for ``patches``.
+        init_crops: crops per candidate image.
+        init_factor: patches per side (None: 1 up to 64 px, 2 above).
+        init_rank_offset: first rank of the kept window of lowest-loss crops.
+        observer: expert scoring the patches (None: the highest prior).
+        classes_per_block: classes per unit (None: all classes, at most 100).
+        ipc_per_block: IPC indices per unit (the paper uses 1; more makes bigger, faster CPU batches).
+        precision: ``fp32`` or ``bf16`` autocast for the experts' forward (pixels and BN statistics stay fp32).
+        store: ``float32`` (lossless, default) or ``uint8`` pixels in the output file.
+        log_every: iterations between loss records (the only host synchronisations of the loop).
+    """
+
+    ipc: int = 10
+    committee_size: int = 2
+    committee: str = "auto"
+    fixed: list[str] = field(default_factory=list)
+    single: str | None = None
+    voting: str = "prior"
+    temperature: float = 5.0
+    iterations: int = 4000
+    lr: float = 0.25
+    betas: tuple[float, float] = (0.5, 0.9)
+    r_bn: float = 0.01
+    first_bn_multiplier: float = 10.0
+    jitter: int | None = None
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    shared_crop: bool = True
+    init: str = "patches"
+    init_candidates: int = 300
+    init_crops: int = 5
+    init_factor: int | None = None
+    init_rank_offset: int = 0
+    observer: str | None = None
+    classes_per_block: int | None = None
+    ipc_per_block: int = 1
+    precision: str = "fp32"
+    store: str = "float32"
+    log_every: int = 100
+
+    def validate(self, pool_size: int | None = None) -> RecoverConfig:
+        """Check ranges and names; raise :class:`ConfigError` with a one-line message."""
+        if self.ipc <= 0:
+            raise ConfigError(f"ipc must be at least 1 (got {self.ipc})")
+        if self.committee_size < 1:
+            raise ConfigError(f"committee size must be at least 1 (got {self.committee_size})")
+        if pool_size is not None and self.committee_size > pool_size:
+            raise ConfigError(f"committee size {self.committee_size} is larger than the pool of {pool_size} experts")
+        if self.committee not in (*COMMITTEE_POLICIES, "auto"):
+            raise ConfigError(
+                f"unknown committee policy {self.committee!r}; choose auto, {', '.join(COMMITTEE_POLICIES)}"
+            )
+        if self.voting not in VOTING_MODES:
+            raise ConfigError(f"unknown voting {self.voting!r}; choose one of {', '.join(VOTING_MODES)}")
+        check_init_method(self.init)
+        if self.iterations < 1 or self.lr <= 0:
+            raise ConfigError("iterations must be >= 1 and lr > 0")
+        if self.ipc_per_block < 1 or (self.classes_per_block is not None and self.classes_per_block < 1):
+            raise ConfigError("block sizes must be at least 1")
+        if self.store not in ("float32", "uint8"):
+            raise ConfigError(f"unknown store {self.store!r}; choose float32 or uint8")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ConfigError(f"unknown precision {self.precision!r}; choose fp32, bf16 or auto")
+        return self
+
+    def policy(self, pool_size: int) -> str:
+        """The committee policy actually used (``auto`` resolved)."""
+        if self.committee != "auto":
+            return self.committee
+        if self.committee_size == 1:
+            return "single"
+        return "pairs" if self.ipc <= math.comb(pool_size, self.committee_size) else "random"
+
+
+@dataclass
+class Unit:
+    """A block of IPC indices x a block of classes, optimised together."""
+
+    ipc_indices: list[int]
+    classes: list[int]
+
+    @property
+    def key(self) -> str:
+        return (
+            f"ipc{self.ipc_indices[0]:04d}-{self.ipc_indices[-1]:04d}_cls{self.classes[0]:05d}-{self.classes[-1]:05d}"
+        )
+
+
+def plan_units(num_classes: int, cfg: RecoverConfig) -> list[Unit]:
+    """Split (IPC index, class) pairs into units, IPC-major (all classes of the first IPC indices first)."""
+    cpb = cfg.classes_per_block or min(num_classes, 100)
+    units = []
+    for k0 in range(0, cfg.ipc, cfg.ipc_per_block):
+        ks = list(range(k0, min(cfg.ipc, k0 + cfg.ipc_per_block)))
+        for c0 in range(0, num_classes, cpb):
+            units.append(Unit(ks, list(range(c0, min(num_classes, c0 + cpb)))))
+    return units
+
+
+@dataclass
+class RecoverPlan:
+    """Committee and weights of every IPC index, resolved before any optimisation."""
+
+    pool: list[str]
+    priors: dict[str, float]
+    prior_sources: dict[str, str]
+    committees: list[list[str]]
+    weights: list[list[float]]
+    policy: str
+
+
+def plan_committees(experts: list[Expert], cfg: RecoverConfig, seed: int) -> RecoverPlan:
+    """Resolve each IPC index's committee (named policy) and voter weights (read from expert metadata)."""
+    pool = [e.name for e in experts]
+    priors = {e.name: e.prior[0] for e in experts}
+    sources = {e.name: e.prior[1] for e in experts}
+    policy = cfg.policy(len(pool))
+    best = max(pool, key=lambda n: priors[n])
+    committees, weights = [], []
+    for k in range(cfg.ipc):
+        members = select_committee(
+            pool, policy, k, cfg.committee_size, seed=seed, fixed=cfg.fixed or None, single=cfg.single or best
+        )
+        gen = torch.Generator().manual_seed(derive_seed(seed, "voting", k))
+        w = voter_weights([priors[m] for m in members], cfg.voting, cfg.temperature, generator=gen)
+        committees.append(list(members))
+        weights.append([float(v) for v in w])
+    return RecoverPlan(pool, priors, sources, committees, weights, policy)
+
+
+def config_hash(cfg: RecoverConfig, plan: RecoverPlan, spec: DatasetSpec, seed: int, experts: list[Expert]) -> str:
+    """Hash of everything that determines the images; units made under another hash are never mixed in."""
+    payload = {
+        "cfg": to_dict(cfg),
+        "seed": seed,
+        "classes": list(spec.classes),
+        "size": spec.image_size,
+        "committees": plan.committees,
+        "weights": plan.weights,
+        "experts": {e.name: [e.arch, e.meta.get("dataset_fingerprint"), e.meta.get("test_acc")] for e in experts},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RecoverResult:
+    """What recover produced.
+
+    Attributes:
+        path: ``synthetic.safetensors``.
+        images: float32 (C * IPC, 3, S, S) in [0, 1], class-major (all IPC indices of class 0 first).
+        labels: int64 (C * IPC,).
+        meta: the metadata written beside the tensors.
+        units_run: units optimised by this call (the others were already finished).
+        seconds: wall time of this call.
+    """
+
+    path: Path
+    images: torch.Tensor
+    labels: torch.Tensor
+    meta: dict[str, Any]
+    units_run: int
+    seconds: float
+
+
+class _Committee:
+    """The pool of experts on the device, with their BN-matching hooks, built once per run."""
+
+    def __init__(self, experts: list[Expert], device: torch.device, first_multiplier: float) -> None:
+        self.models = {e.name: e.model.to(device).eval() for e in experts}
+        for m in self.models.values():
+            for p in m.parameters():
+                p.requires_grad_(False)
+        self.first_multiplier = first_multiplier
+
+
+def _unit_init(
+    unit: Unit,
+    cfg: RecoverConfig,
+    spec: DatasetSpec,
+    data: RealDataset | None,
+    observer: nn.Module | None,
+    seed: int,
+    device: torch.device,
+    init_cache: dict[int, torch.Tensor],
+) -> torch.Tensor:
+    """Initial normalised pixels of a unit: float32 (len(ipc) * len(classes), 3, S, S), IPC-major."""
+    if cfg.init == "gaussian":
+        return torch.cat(
+            [gaussian_init(1, spec.image_size, seed, k, c) for k in unit.ipc_indices for c in unit.classes]
+        ).to(device)
+    assert data is not None
+    rows = []
+    for k in unit.ipc_indices:
+        batch = []
+        for c in unit.classes:
+            if c not in init_cache:
+                if cfg.init == "real":
+                    init_cache[c] = real_init(data, c, cfg.ipc, seed)
+                else:
+                    assert observer is not None
+                    factor = cfg.init_factor or (1 if data.spec.image_size <= 64 else 2)
+                    init_cache[c] = patch_init(
+                        data,
+                        c,
+                        cfg.ipc,
+                        observer,
+                        seed,
+                        candidates=cfg.init_candidates,
+                        crops=cfg.init_crops,
+                        factor=factor,
+                        rank_offset=cfg.init_rank_offset,
+                        device=device,
+                    )
+            batch.append(init_cache[c][k])
+        rows.append(torch.stack(batch))
+    return Normalize(data.spec)(torch.cat(rows).to(device))
+
+
+def _optimise_unit(
+    x0: torch.Tensor,
+    targets: torch.Tensor,
+    unit: Unit,
+    plan: RecoverPlan,
+    committee: _Committee,
+    cfg: RecoverConfig,
+    spec: DatasetSpec,
+    gen: torch.Generator,
+    device: torch.device,
+    progress_bar: Any,
+) -> tuple[torch.Tensor, list[dict[str, float]]]:
+    """Optimise one unit's pixels (rows IPC-major: row i has IPC index unit.ipc_indices[i // n_classes]).
+
+    Returns:
+        Final normalised pixels (n, 3, S, S) and the loss records.
+    """
+    precision = resolve_precision(cfg.precision, device)
+    mean, std = Normalize(spec).stats(device)
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    jitter = spec.jitter if cfg.jitter is None else cfg.jitter
+    jitter_gen = gen if gen.device.type == "cpu" else torch.Generator().manual_seed(int(gen.initial_seed()))
+    n_cls = len(unit.classes)
+    # Per expert: the rows (images) whose IPC index has it in its committee, and their voter weights.
+    order = {name: i for i, name in enumerate(plan.pool)}
+    names = sorted({m for k in unit.ipc_indices for m in plan.committees[k]}, key=order.__getitem__)
+    rows: dict[str, torch.Tensor] = {}
+    row_w: dict[str, torch.Tensor] = {}
+    bn_w: dict[str, float] = {}
+    for name in names:
+        idx, w = [], []
+        bn_w[name] = 0.0
+        for j, k in enumerate(unit.ipc_indices):
+            if name in plan.committees[k]:
+                wk = plan.weights[k][plan.committees[k].index(name)]
+                idx += range(j * n_cls, (j + 1) * n_cls)
+                w += [wk] * n_cls
+                bn_w[name] += wk
+        rows[name] = torch.tensor(idx, device=device)
+        row_w[name] = torch.tensor(w, device=device)
+    records: list[dict[str, float]] = []
+    hooks = {name: BNMatching(committee.models[name], first_multiplier=cfg.first_bn_multiplier) for name in names}
+    for h in hooks.values():
+        h.__enter__()
+    try:
+        for t in range(cfg.iterations):
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(t, cfg.iterations, cfg.lr)
+            xa = recover_augment(
+                x,
+                gen,
+                spec.image_size,
+                jitter,
+                scale=cfg.crop_scale,
+                shared_crop=cfg.shared_crop,
+                jitter_generator=jitter_gen,
+            )
+            loss = x.new_zeros(())
+            parts: dict[str, torch.Tensor] = {}
+            for name in names:
+                full = len(rows[name]) == len(xa)
+                sub = xa if full else xa[rows[name]]
+                with autocast(device, precision):
+                    logits = committee.models[name](sub)
+                ce_rows = nn.functional.cross_entropy(logits.float(), targets[rows[name]], reduction="none")
+                # Mean CE over each IPC index's images, weighted by that index's voter weight.
+                ce = (ce_rows * row_w[name]).sum() / n_cls
+                bn = hooks[name].loss()
+                loss = loss + ce + cfg.r_bn * bn_w[name] * bn
+                parts[f"ce/{name}"] = ce.detach()
+                parts[f"bn/{name}"] = bn.detach()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            clamp_to_valid(x, mean, std)
+            if progress_bar is not None:
+                progress_bar.update()
+            if (t + 1) % cfg.log_every == 0 or t + 1 == cfg.iterations:
+                rec = {"iteration": t + 1, "loss": float(loss.detach())}
+                rec.update({k: float(v) for k, v in parts.items()})
+                records.append(rec)
+                if progress_bar is not None:
+                    progress_bar.set_postfix(loss=f"{rec['loss']:.3f}")
+    finally:
+        for h in hooks.values():
+            h.__exit__(None, None, None)
+    return x.detach(), records
+
+
+def _unit_paths(out: Path, unit: Unit) -> tuple[Path, Path]:
+    base = out / "units" / unit.key
+    return base.with_suffix(".safetensors"), base.with_suffix(".json")
+
+
+def recover_images(
+    experts: list[Expert],
+    cfg: RecoverConfig,
+    out: str | os.PathLike[str],
+    *,
+    data: RealDataset | None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    restart: bool = False,
+    method: str | None = None,
+) -> RecoverResult:
+    """Run recover for a committee pool and write the synthetic set.
+
+    Args:
+        experts: the pool (loaded once, kept on the device, frozen, eval mode).
+        cfg: hyper-parameters.
+        out: output folder (units in ``out/units``; final ``out/synthetic.safetensors``, ``.json``, ``grid.png``).
+        data: the real dataset (needed by ``patches`` and ``real`` initialisation).
+        seed: run seed.
+        device: where to optimise.
+        progress: progress bar with iterations/s.
+        restart: discard finished units made with another configuration instead of refusing.
+        method: name recorded in the metadata (default: ``sre2l++`` for N = 1, else ``cvdd``).
+
+    Returns:
+        A :class:`RecoverResult`.
+    """
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    if not experts:
+        raise ConfigError("no experts given to recover")
+    spec = experts[0].spec
+    for e in experts[1:]:
+        spec.check_compatible(e.spec, f"expert {e.name}")
+    if data is not None:
+        data.spec.check_compatible(spec, "the experts")
+    cfg.validate(len(experts))
+    if cfg.init in ("patches", "real") and data is None:
+        raise ConfigError(f"init '{cfg.init}' needs the real dataset (give --dataset)")
+    dev = resolve_device(device)
+    plan = plan_committees(experts, cfg, seed)
+    chash = config_hash(cfg, plan, spec, seed, experts)
+    out_dir = Path(out)
+    (out_dir / "units").mkdir(parents=True, exist_ok=True)
+    units = plan_units(spec.num_classes, cfg)
+
+    todo = []
+    for unit in units:
+        tensors_path, meta_path = _unit_paths(out_dir, unit)
+        if meta_path.is_file() and tensors_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("config_hash") == chash:
+                continue
+            if not restart:
+                raise ArtifactError(
+                    f"{out_dir} holds recover units made with another configuration (unit {unit.key}); "
+                    f"pass --restart to discard them or choose another --out"
+                )
+            tensors_path.unlink()
+            meta_path.unlink()
+        todo.append(unit)
+    stale = out_dir / "synthetic.json"
+    if todo and stale.exists():
+        stale.unlink()  # the assembled set is stale once a unit is (re)made
+
+    sources_note = {n: s for n, s in plan.prior_sources.items() if s != "prior"}
+    if sources_note and cfg.voting == "prior" and cfg.committee_size > 1:
+        log.warning(
+            "prior not measured for %s: using test accuracy as the voting prior (run `cvdd prior` later)",
+            ", ".join(sorted(sources_note)),
+        )
+    committee = _Committee(experts, dev, cfg.first_bn_multiplier)
+    observer = None
+    if cfg.init == "patches":
+        obs_name = cfg.observer or max(plan.pool, key=lambda n: plan.priors[n])
+        if obs_name not in committee.models:
+            raise ConfigError(f"observer {obs_name!r} is not in the pool ({', '.join(plan.pool)})")
+        observer = committee.models[obs_name]
+    init_cache: dict[int, torch.Tensor] = {}
+    total_iters = len(todo) * cfg.iterations
+    bar = tqdm(total=total_iters, desc="recover", unit="it", disable=not progress or not todo, leave=False)
+    for unit in todo:
+        t_unit = time.perf_counter()
+        x0 = _unit_init(unit, cfg, spec, data, observer, seed, dev, init_cache).float()
+        targets = torch.tensor([c for _ in unit.ipc_indices for c in unit.classes], device=dev)
+        gen = make_generator(derive_seed(seed, "recover", unit.ipc_indices[0], unit.classes[0]), dev)
+        x, records = _optimise_unit(x0, targets, unit, plan, committee, cfg, spec, gen, dev, bar)
+        normalize = Normalize(spec)
+        pixels = normalize.denormalize(x).clamp(0, 1)
+        with torch.no_grad():
+            acc = {n: float((committee.models[n](x).argmax(1) == targets).float().mean()) for n in committee.models}
+        tensors_path, meta_path = _unit_paths(out_dir, unit)
+        save_tensors(
+            tensors_path,
+            {
+                "images": pixels,
+                "labels": targets,
+                "ipc_index": torch.tensor([k for k in unit.ipc_indices for _ in unit.classes]),
+            },
+            {
+                "kind": "recover-unit",
+                "config_hash": chash,
+                "unit": unit.key,
+                "ipc_indices": unit.ipc_indices,
+                "classes": unit.classes,
+                "records": records,
+                "expert_accuracy": acc,
+                "seconds": time.perf_counter() - t_unit,
+                "mean_abs_change": float((x - x0).abs().mean() * torch.tensor(spec.std).mean() * 255),
+            },
+        )
+    bar.close()
+    return _assemble(
+        out_dir,
+        units,
+        cfg,
+        plan,
+        spec,
+        seed,
+        chash,
+        experts,
+        len(todo),
+        time.perf_counter() - t0,
+        method or ("sre2l++" if cfg.committee_size == 1 else "cvdd"),
+    )
+
+
+def _assemble(
+    out_dir: Path,
+    units: list[Unit],
+    cfg: RecoverConfig,
+    plan: RecoverPlan,
+    spec: DatasetSpec,
+    seed: int,
+    chash: str,
+    experts: list[Expert],
+    units_run: int,
+    seconds: float,
+    method: str,
+) -> RecoverResult:
+    """Gather the finished units into one class-major synthetic set, its metadata and a PNG grid."""
+    c, ipc = spec.num_classes, cfg.ipc
+    images = torch.zeros(c * ipc, 3, spec.image_size, spec.image_size)
+    filled = torch.zeros(c * ipc, dtype=torch.bool)
+    unit_meta = []
+    for unit in units:
+        tensors, meta = load_tensors(_unit_paths(out_dir, unit)[0])
+        if meta.get("config_hash") != chash:
+            raise ArtifactError(f"unit {unit.key} in {out_dir} was made with another configuration")
+        for i, (k, cls) in enumerate((k, cls) for k in unit.ipc_indices for cls in unit.classes):
+            images[cls * ipc + k] = tensors["images"][i]
+            filled[cls * ipc + k] = True
+        unit_meta.append({k: meta[k] for k in ("unit", "records", "expert_accuracy", "seconds", "mean_abs_change")})
+    if not bool(filled.all()):
+        raise ArtifactError(f"{out_dir}: some units are missing; re-run recover to finish them")
+    labels = torch.arange(c).repeat_interleave(ipc)
+    stored = (images * 255).round().to(torch.uint8) if cfg.store == "uint8" else images
+    meta = base_metadata(SYNTHETIC_KIND, spec)
+    meta.update(
+        {
+            "method": method,
+            "ipc": ipc,
+            "seed": seed,
+            "config": to_dict(cfg),
+            "config_hash": chash,
+            "committee_policy": plan.policy,
+            "pool": plan.pool,
+            "priors": plan.priors,
+            "prior_sources": plan.prior_sources,
+            "committees": plan.committees,
+            "weights": plan.weights,
+            "experts": {
+                e.name: {"arch": e.arch, "test_acc": e.test_acc, "path": str(e.meta.get("path", ""))} for e in experts
+            },
+            "order": "class-major: image i has class i // ipc and IPC index i % ipc",
+            "units": unit_meta,
+            "seconds_this_run": seconds,
+            "units_run_this_call": units_run,
+            "seconds_all_units": sum(u["seconds"] for u in unit_meta),
+            "cvdd_version": __version__,
+        }
+    )
+    path = out_dir / "synthetic.safetensors"
+    save_tensors(path, {"images": stored, "labels": labels}, meta)
+    save_grid(images, spec, ipc, out_dir / "grid.png")
+    atomic_write_text(out_dir / "config.json", json.dumps({"recover": to_dict(cfg), "seed": seed}, indent=1))
+    return RecoverResult(path, images, labels, meta, units_run, seconds)
+
+
+def save_grid(
+    images: torch.Tensor, spec: DatasetSpec, ipc: int, path: Path, max_cols: int = 10, max_rows: int = 20
+) -> None:
+    """A PNG grid for people: one row per class (first ``max_rows``), the first ``max_cols`` IPC indices."""
+    from PIL import Image
+
+    rows = min(spec.num_classes, max_rows)
+    cols = min(ipc, max_cols)
+    s, pad = spec.image_size, 2
+    canvas = torch.ones(3, rows * (s + pad) + pad, cols * (s + pad) + pad)
+    for r in range(rows):
+        for k in range(cols):
+            y, x = pad + r * (s + pad), pad + k * (s + pad)
+            canvas[:, y : y + s, x : x + s] = images[r * ipc + k]
+    arr = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def load_synthetic(
+    path: str | os.PathLike[str], spec: DatasetSpec | None = None
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Load a synthetic set: float32 images (N, 3, S, S) in [0, 1], int64 labels (N,), metadata.
+
+    Accepts the ``synthetic.safetensors`` path or its folder; checks it fits ``spec`` when given.
+    """
+    from cvdd.artifacts import check_kind
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "synthetic.safetensors"
+    tensors, meta = load_tensors(p)
+    stored = check_kind(meta, SYNTHETIC_KIND, p)
+    if spec is not None:
+        try:
+            spec.check_compatible(stored, f"synthetic set {p}")
+        except Exception as exc:
+            raise ArtifactError(str(exc)) from None
+    images = tensors["images"]
+    images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    return images, tensors["labels"].long(), meta
+
+
+def export_imagefolder(path: str | os.PathLike[str], out: str | os.PathLike[str], fmt: str = "png") -> int:
+    """Write a synthetic set as an ImageFolder (``out/<class>/<class>_<ipc>.png``); JPEG q75 only on request.
+
+    Returns:
+        Number of files written.
+    """
+    from PIL import Image
+
+    if fmt not in ("png", "jpeg"):
+        raise ConfigError(f"unknown export format {fmt!r}; choose png or jpeg")
+    images, labels, meta = load_synthetic(path)
+    spec = DatasetSpec.from_dict(meta["dataset"])
+    ipc = int(meta["ipc"])
+    out_dir = Path(out)
+    for i in range(len(labels)):
+        cls = spec.classes[int(labels[i])]
+        folder = out_dir / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        arr = (images[i].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        name = f"{cls}_{i % ipc:04d}." + ("png" if fmt == "png" else "jpg")
+        if fmt == "png":
+            Image.fromarray(arr).save(folder / name, format="PNG")
+        else:
+            Image.fromarray(arr).save(folder / name, format="JPEG", quality=75)
+    return len(labels)

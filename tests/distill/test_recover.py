@@ -1,0 +1,161 @@
+"""End-to-end recover on a tiny committee squeezed on real data (digits and a CIFAR-10 slice)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import cvdd
+from cvdd.cli import main
+from cvdd.distill.recover import load_synthetic
+from cvdd.errors import ArtifactError, ConfigError
+from cvdd.experts import list_experts, load_expert
+
+TINY = {"iterations": 12, "log_every": 4, "init_candidates": 20, "init_crops": 2}
+
+
+@pytest.fixture(scope="module")
+def digit_experts(tmp_path_factory: pytest.TempPathFactory, digits) -> Path:
+    out = tmp_path_factory.mktemp("digit-experts")
+    cvdd.squeeze(digits, archs=["convnet_d3_w32", "resnet8"], out=out, epochs=3, progress=False)
+    return out
+
+
+def _recover(experts: Path, out: Path, digits, **kw):
+    overrides = {**TINY, **kw.pop("overrides", {})}
+    return cvdd.recover(experts, out, dataset=digits, overrides=overrides, progress=False, **kw)
+
+
+def test_cvdd_n2_and_sre2l_n1_run_on_digits(digit_experts: Path, digits, tmp_path: Path) -> None:
+    res = _recover(digit_experts, tmp_path / "cvdd", digits, ipc=3, committee_size=2)
+    assert res.images.shape == (30, 3, 32, 32) and res.labels.tolist() == [c for c in range(10) for _ in range(3)]
+    assert float(res.images.min()) >= 0.0 and float(res.images.max()) <= 1.0
+    assert res.meta["method"] == "cvdd" and res.meta["committees"][0] == ["convnet_d3_w32", "resnet8"]
+    assert sum(res.meta["weights"][0]) == pytest.approx(1.0)
+    assert res.meta["prior_sources"] == {"convnet_d3_w32": "test_acc", "resnet8": "test_acc"}
+    assert (tmp_path / "cvdd" / "grid.png").is_file()
+    images, labels, _ = load_synthetic(tmp_path / "cvdd", digits.spec)
+    assert torch.equal(images, res.images) and torch.equal(labels, res.labels)
+
+    single = _recover(digit_experts, tmp_path / "sre2l", digits, ipc=2, committee_size=1)
+    assert single.meta["method"] == "sre2l++" and single.meta["committee_policy"] == "single"
+    assert all(len(c) == 1 for c in single.meta["committees"])
+
+
+def test_same_seed_same_images_and_resume_equals_uninterrupted(digit_experts: Path, digits, tmp_path: Path) -> None:
+    kw = {"ipc": 3, "overrides": {"ipc_per_block": 1, "classes_per_block": 5, "init": "real"}}
+    a = _recover(digit_experts, tmp_path / "a", digits, seed=5, **kw)
+    b = _recover(digit_experts, tmp_path / "b", digits, seed=5, **kw)
+    assert torch.equal(a.images, b.images)
+    c = _recover(digit_experts, tmp_path / "c", digits, seed=6, **kw)
+    assert not torch.equal(a.images, c.images)
+
+    # A run "killed" after some units: drop two finished units and the assembled set, then run again.
+    units = sorted((tmp_path / "b" / "units").glob("*.safetensors"))
+    assert len(units) == 6
+    for u in units[2:4]:
+        u.unlink()
+        u.with_suffix(".json").unlink()
+    (tmp_path / "b" / "synthetic.json").unlink()
+    resumed = _recover(digit_experts, tmp_path / "b", digits, seed=5, **kw)
+    assert resumed.units_run == 2 and torch.equal(resumed.images, a.images)
+
+    with pytest.raises(ArtifactError, match="another configuration"):
+        _recover(digit_experts, tmp_path / "b", digits, seed=7, **kw)
+    redone = _recover(digit_experts, tmp_path / "b", digits, seed=7, restart=True, **kw)
+    assert redone.units_run == 6
+
+
+def test_loss_falls_and_experts_stay_frozen(digit_experts: Path, digits, tmp_path: Path) -> None:
+    paths = list_experts(digit_experts)
+    before = {p.stem: {k: v.clone() for k, v in load_expert(p).model.state_dict().items()} for p in paths}
+    # Without random crops and jitter the objective is (nearly) fixed, so its decrease is visible.
+    res = _recover(
+        digit_experts,
+        tmp_path / "f",
+        digits,
+        ipc=2,
+        overrides={"iterations": 30, "log_every": 1, "crop_scale": [1.0, 1.0], "jitter": 0, "lr": 0.05},
+    )
+    losses = [r["loss"] for r in res.meta["units"][0]["records"]]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    for p in paths:  # the files on disk are untouched
+        after = load_expert(p).model.state_dict()
+        assert all(torch.equal(before[p.stem][k], v) for k, v in after.items())
+
+
+def test_recover_leaves_no_hooks_and_no_grads(digit_experts: Path, digits, tmp_path: Path) -> None:
+    from cvdd.api import load_pool
+    from cvdd.distill.recover import RecoverConfig, recover_images
+
+    pool = load_pool(digit_experts)
+    state = {e.name: {k: v.clone() for k, v in e.model.state_dict().items()} for e in pool}
+    cfg = RecoverConfig(ipc=1, iterations=5, init="gaussian", log_every=5)
+    recover_images(pool, cfg, tmp_path / "h", data=None, progress=False)
+    for e in pool:
+        assert all(not m._forward_hooks for m in e.model.modules())
+        assert all(p.grad is None and not p.requires_grad for p in e.model.parameters())
+        assert all(torch.equal(state[e.name][k], v) for k, v in e.model.state_dict().items())
+
+
+def test_bad_recover_options(digit_experts: Path, digits, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="committee size 3 is larger than the pool of 2 experts"):
+        _recover(digit_experts, tmp_path / "x", digits, committee_size=3)
+    with pytest.raises(ConfigError, match="ipc must be at least 1"):
+        _recover(digit_experts, tmp_path / "x", digits, ipc=0)
+    with pytest.raises(ConfigError, match="unknown key 'rbn'"):
+        _recover(digit_experts, tmp_path / "x", digits, overrides={"rbn": 1.0})
+    with pytest.raises(ArtifactError, match="no experts found"):
+        cvdd.recover(tmp_path, tmp_path / "x", progress=False)
+
+
+def test_export_png_and_jpeg(digit_experts: Path, digits, tmp_path: Path) -> None:
+    _recover(digit_experts, tmp_path / "e", digits, ipc=1, committee_size=1)
+    assert cvdd.export(tmp_path / "e", tmp_path / "png") == 10
+    files = sorted((tmp_path / "png").rglob("*.png"))
+    assert len(files) == 10 and files[0].parent.name == "0"
+    import numpy as np
+    from PIL import Image
+
+    images, _, _ = load_synthetic(tmp_path / "e")  # PNG is lossless: the file holds the rounded pixels
+    first = torch.from_numpy(np.array(Image.open(tmp_path / "png" / "0" / "0_0000.png")))
+    assert torch.equal(first.permute(2, 0, 1), (images[0] * 255).round().to(torch.uint8))
+    assert cvdd.export(tmp_path / "e", tmp_path / "jpg", format="jpeg") == 10
+    assert len(list((tmp_path / "jpg").rglob("*.jpg"))) == 10
+
+
+def test_recover_on_a_cifar_slice(cifar_slice: Path, tmp_path: Path) -> None:
+    experts = tmp_path / "experts"
+    cvdd.squeeze(
+        cifar_slice, archs=["convnet_d3_w32", "resnet8"], out=experts, preset="cifar10-cpu", epochs=1, progress=False
+    )
+    for n in (1, 2):
+        res = cvdd.recover(
+            experts, tmp_path / f"syn{n}", ipc=2, committee_size=n, preset="cifar10-cpu", overrides=TINY, progress=False
+        )
+        assert res.images.shape == (20, 3, 32, 32) and res.meta["dataset"]["name"] == "cifar10"
+
+
+def test_recover_cli(digit_experts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "recover",
+            "--experts",
+            str(digit_experts),
+            "--out",
+            str(tmp_path / "cli"),
+            "--ipc",
+            "1",
+            "--iterations",
+            "4",
+            "--set",
+            "init_candidates=10",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "IPC 0:" in out and "synthetic.safetensors" in out
+    assert main(["export", str(tmp_path / "cli"), "--out", str(tmp_path / "png"), "--quiet"]) == 0
