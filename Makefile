@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/cvdd squeeze --dataset digits --out $(OUT)/experts
+	$(BIN)/cvdd distill --out $(OUT)
 
 test: setup
 	$(BIN)/ruff check src tests bench

@@ -9,7 +9,7 @@ import pytest
 from cvdd.cli import build_parser, main
 from cvdd.models import list_models
 
-SUBCOMMANDS = ["squeeze", "models", "presets"]
+SUBCOMMANDS = ["squeeze", "recover", "relabel", "evaluate", "distill", "export", "models", "presets"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -9,6 +9,6 @@ The Python API has the same names as the CLI subcommands::
 
 __version__ = "0.1.0"
 
-from cvdd.api import export, load_dataset, recover, squeeze
+from cvdd.api import distill, evaluate, export, load_dataset, recover, relabel, squeeze
 
-__all__ = ["__version__", "export", "load_dataset", "recover", "squeeze"]
+__all__ = ["__version__", "distill", "evaluate", "export", "load_dataset", "recover", "relabel", "squeeze"]

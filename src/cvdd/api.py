@@ -242,3 +242,216 @@ def recover(
 def export(synthetic: str | os.PathLike[str], out: str | os.PathLike[str], *, format: str = "png") -> int:
     """Write a synthetic set as an ImageFolder of PNG (or JPEG q75) files (``cvdd export``); returns the count."""
     return export_imagefolder(synthetic, out, format)
+
+
+def _teacher(pool: list[Expert], cfg: Any) -> Any:
+    from cvdd.relabel.bssl import Teacher, teacher_weights
+
+    if cfg.teacher == "committee":
+        return Teacher(pool, teacher_weights(pool, "prior", cfg.teacher_temperature), bssl=cfg.bssl)
+    chosen = [e for e in pool if e.name == cfg.teacher]
+    if not chosen:
+        raise ConfigError(f"teacher {cfg.teacher!r} is not among the experts ({', '.join(e.name for e in pool)})")
+    return Teacher(chosen, [1.0], bssl=cfg.bssl)
+
+
+def _synthetic_or_random(
+    synthetic: str | os.PathLike[str],
+    pool: list[Expert],
+    ipc: int | None,
+    dataset: Any,
+    data: Any,
+    cache_dir: Any,
+    seed: int,
+    progress: bool,
+) -> tuple[Any, ...]:
+    """(images, labels, real dataset) for a synthetic set path or the ``random-real`` baseline."""
+    from cvdd.distill.recover import load_synthetic
+    from cvdd.evaluate.student import random_real_set
+
+    source = dataset if dataset is not None else _dataset_for_experts(pool[0].meta.get("dataset_source"))
+    if source is None:
+        raise ConfigError(
+            f"the experts' dataset ({pool[0].meta.get('dataset_source')}) is not available; give --dataset"
+        )
+    real = (
+        source
+        if isinstance(source, RealDataset)
+        else load_dataset(source, data=data, cache_dir=cache_dir, progress=progress)
+    )
+    real.spec.check_compatible(pool[0].spec, "the experts")
+    if os.fspath(synthetic) == "random-real":
+        if not ipc:
+            raise ConfigError("the random-real baseline needs --ipc")
+        images, labels = random_real_set(real, ipc, seed)
+    else:
+        images, labels, _ = load_synthetic(synthetic, real.spec)
+    return images, labels, real
+
+
+def evaluate(
+    synthetic: str | os.PathLike[str],
+    experts: str | os.PathLike[str] = "runs/experts",
+    *,
+    ipc: int | None = None,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    label_dir: str | os.PathLike[str] | None = None,
+    dataset: str | os.PathLike[str] | RealDataset | None = None,
+    data: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> Any:
+    """Train students on a synthetic set (or ``"random-real"``) and report real test top-1 (``cvdd evaluate``).
+
+    Args:
+        synthetic: a recover output (folder or ``synthetic.safetensors``) or ``"random-real"``.
+        experts: folder of experts (the teacher and the dataset they were trained on).
+        ipc: images per class for ``random-real``.
+        preset: distill preset whose evaluation recipe is used (default: the dataset's own).
+        overrides: :class:`~cvdd.evaluate.student.EvalConfig` fields (``label_mode``, ``seeds``, ``student``...).
+        label_dir: folder for stored labels (stored mode; default ``<synthetic folder>/labels``).
+        dataset, data, cache_dir: the real data (default: the dataset the experts were squeezed on).
+        seed: seed of the random-real draw.
+        device: where to train.
+        progress: progress bars.
+
+    Returns:
+        An :class:`~cvdd.evaluate.student.EvalResult`.
+    """
+    from cvdd.config import apply_overrides
+    from cvdd.evaluate.student import EvalConfig, evaluate_synthetic
+    from cvdd.pipeline import distill_presets, get_distill_preset
+
+    pool = load_pool(experts, device=device)
+    presets = distill_presets()
+    name = preset or pool[0].spec.default_preset
+    if preset is not None and name not in presets:
+        get_distill_preset(name)  # raises the one-line error listing the presets
+    cfg = presets[name].evaluate if name in presets else EvalConfig()
+    cfg = apply_overrides(cfg, overrides or {}, "evaluate options").validate()
+    images, labels, real = _synthetic_or_random(synthetic, pool, ipc, dataset, data, cache_dir, seed, progress)
+    if cfg.label_mode == "stored" and label_dir is None:
+        base = Path(synthetic) if os.fspath(synthetic) != "random-real" else Path("runs") / f"random-real-ipc{ipc}"
+        label_dir = (base if base.is_dir() else base.parent) / "labels"
+    teacher = None if cfg.label_mode == "hard" else _teacher(pool, cfg)
+    return evaluate_synthetic(
+        images,
+        labels,
+        real.spec,
+        real.test,
+        cfg,
+        teacher=teacher,
+        label_dir=label_dir,
+        device=device,
+        progress=progress,
+    )
+
+
+def relabel(
+    synthetic: str | os.PathLike[str],
+    experts: str | os.PathLike[str] = "runs/experts",
+    out: str | os.PathLike[str] | None = None,
+    *,
+    ipc: int | None = None,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    dataset: str | os.PathLike[str] | RealDataset | None = None,
+    data: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    label_seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Store per-epoch soft labels (BSSL teacher) for a synthetic set (``cvdd relabel``); returns their description.
+
+    The epochs, batch and micro-batch sizes come from the evaluation recipe (they must match the student's).
+    """
+    from cvdd.config import apply_overrides
+    from cvdd.device import resolve_device
+    from cvdd.evaluate.student import EvalConfig
+    from cvdd.pipeline import distill_presets
+    from cvdd.relabel.stored import relabel_stored
+
+    pool = load_pool(experts, device=device)
+    presets = distill_presets()
+    name = preset or pool[0].spec.default_preset
+    cfg = presets[name].evaluate if name in presets else EvalConfig()
+    cfg = apply_overrides(cfg, {**(overrides or {}), "label_mode": "stored"}, "relabel options").validate()
+    images, labels, real = _synthetic_or_random(synthetic, pool, ipc, dataset, data, None, seed, progress)
+    if out is None:
+        base = Path(synthetic)
+        out = (base if base.is_dir() else base.parent) / "labels"
+    dev = resolve_device(device)
+    teacher = _teacher(pool, cfg)
+    teacher.group_size = cfg.micro_batch
+    return relabel_stored(
+        images.to(dev), labels.to(dev), real.spec, teacher, cfg.label_settings(label_seed), out, progress=progress
+    )
+
+
+def distill(
+    dataset: str | os.PathLike[str] | RealDataset = "digits",
+    out: str | os.PathLike[str] = "runs/distill",
+    *,
+    data: str | os.PathLike[str] | None = None,
+    preset: str | None = None,
+    methods: list[str] | None = None,
+    ipcs: list[int] | None = None,
+    seeds: list[int] | None = None,
+    overrides: dict[str, Any] | None = None,
+    recover_overrides: dict[str, Any] | None = None,
+    experts: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """The whole pipeline for several methods and IPCs (``cvdd distill``); writes results.json and results.md.
+
+    Args:
+        dataset: dataset name or path (default: the embedded digits).
+        out: run folder.
+        preset: distill preset (default: the dataset's own, e.g. ``digits``).
+        methods: subset of ``random-real``, ``sre2l++``, ``cvdd``.
+        ipcs: images per class to distil.
+        seeds: student seeds.
+        overrides: evaluation recipe fields (``epochs``, ``student``, ``label_mode``...).
+        recover_overrides: recover fields applied to every synthesised set (``iterations``, ``lr``...).
+        experts: reuse experts from this folder (default: ``<out>/experts``, trained if missing).
+        seed: run seed (squeeze, recover, random-real draw).
+
+    Returns:
+        The rows of ``results.json``.
+    """
+    from cvdd.config import apply_overrides
+    from cvdd.pipeline import distill as run_distill
+    from cvdd.pipeline import get_distill_preset
+
+    real = (
+        dataset
+        if isinstance(dataset, RealDataset)
+        else load_dataset(dataset, data=data, cache_dir=cache_dir, download=download, progress=progress)
+    )
+    chosen = get_distill_preset(preset or real.spec.default_preset)
+    evaluate_over = dict(overrides or {})
+    if seeds is not None:
+        evaluate_over["seeds"] = seeds
+    chosen.evaluate = apply_overrides(chosen.evaluate, evaluate_over, "evaluate options").validate()
+    if methods is not None:
+        chosen.methods = list(methods)
+    if ipcs is not None:
+        chosen.ipcs = list(ipcs)
+    return run_distill(
+        real,
+        out,
+        chosen,
+        experts_dir=experts,
+        seed=seed,
+        device=device,
+        progress=progress,
+        recover_overrides=recover_overrides,
+    )

@@ -154,6 +154,77 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser(
+        "relabel",
+        help="store per-epoch soft labels from the teacher (BSSL) for a synthetic set",
+        description="Soft labels from one expert or the prior-weighted committee (softmax(prior/10)), "
+        "with Batch-Specific Soft Labelling: the teacher's BN uses the statistics of each "
+        "student micro-batch. One file per epoch holds the augmentation plan (crops, flips, "
+        "CutMix) and the logits (fp16). Prints the bytes stored.",
+    )
+    p.add_argument("synthetic", help="recover output folder, synthetic.safetensors, or random-real")
+    p.add_argument("--experts", default="runs/experts", help="folder of experts (the teacher)")
+    p.add_argument("--out", default=None, help="labels folder (default: <synthetic>/labels)")
+    p.add_argument("--ipc", type=int, default=None, help="images per class (random-real only)")
+    p.add_argument("--preset", default=None, help="distill preset whose evaluation recipe sets epochs and batches")
+    p.add_argument("--label-seed", type=int, default=0, help="seed of the per-epoch augmentation plans")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set epochs=100 --set topk=5 --set label_dtype=fp32",
+    )
+    p.add_argument("--dataset", default=None, help="real dataset (default: the experts')")
+    p.add_argument("--data", default=None, metavar="PATH")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="train students on a synthetic set and report real test top-1",
+        description="Train one student per seed on a synthetic set (or the random-real baseline) "
+        "with soft labels (online or stored, BSSL teacher) or hard labels, and report top-1 "
+        "on the real test set at the final epoch as mean ± std.",
+    )
+    p.add_argument("synthetic", help="recover output folder, synthetic.safetensors, or random-real")
+    p.add_argument("--experts", default="runs/experts", help="folder of experts (the teacher)")
+    p.add_argument("--ipc", type=int, default=None, help="images per class (random-real only)")
+    p.add_argument("--student", default=None, help="student architecture (default: the preset's)")
+    p.add_argument("--labels", default=None, choices=["online", "stored", "hard"], help="label mode")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: the preset's)")
+    p.add_argument("--epochs", type=int, default=None, help="student epochs")
+    p.add_argument("--teacher", default=None, help="committee (default) or one expert's name")
+    p.add_argument("--no-bssl", action="store_true", help="teacher BN uses its running statistics")
+    p.add_argument("--preset", default=None, help="distill preset whose evaluation recipe is used")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    p.add_argument("--dataset", default=None, help="real dataset (default: the experts')")
+    p.add_argument("--data", default=None, metavar="PATH")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "distill",
+        help="the whole pipeline with baselines: squeeze, recover, relabel, evaluate",
+        description="Squeeze (or reuse) experts, recover synthetic sets for random-real, SRe2L++ and "
+        "CV-DD at each IPC, evaluate each under the identical recipe and teacher over "
+        "several seeds, and write results.json, results.md (with IOR and HLR), image grids "
+        "and the resolved config. With no arguments: the embedded digits dataset.",
+    )
+    _add_data(p)
+    p.add_argument("--out", default="runs/distill", help="run folder (default: runs/distill)")
+    p.add_argument("--preset", default=None, help="distill preset (default: the dataset's own); see `cvdd presets`")
+    p.add_argument("--methods", nargs="+", default=None, choices=["random-real", "sre2l++", "cvdd"])
+    p.add_argument("--ipc", type=int, nargs="+", default=None, help="images per class (default: the preset's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: the preset's)")
+    p.add_argument("--experts", default=None, help="reuse experts from this folder")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an evaluation recipe field, e.g. --set epochs=30 --set label_mode=stored",
+    )
+    _add_common(p)
+
+    p = sub.add_parser(
         "models",
         help="list the registered architectures",
         description="Print every architecture with its input sizes, parameter count and MFLOPs of one forward pass.",
@@ -256,6 +327,97 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_overrides(args: argparse.Namespace) -> dict:
+    from cvdd.config import parse_override
+
+    over = dict(parse_override(s) for s in args.set)
+    for key, value in (
+        ("student", getattr(args, "student", None)),
+        ("label_mode", getattr(args, "labels", None)),
+        ("seeds", getattr(args, "seeds", None)),
+        ("epochs", getattr(args, "epochs", None)),
+        ("teacher", getattr(args, "teacher", None)),
+    ):
+        if value is not None:
+            over[key] = value
+    if getattr(args, "no_bssl", False):
+        over["bssl"] = False
+    return over
+
+
+def _cmd_relabel(args: argparse.Namespace, progress: bool) -> int:
+    from cvdd.api import relabel
+
+    info = relabel(
+        args.synthetic,
+        args.experts,
+        args.out,
+        ipc=args.ipc,
+        preset=args.preset,
+        overrides=_eval_overrides(args),
+        dataset=args.dataset,
+        data=args.data,
+        seed=args.seed,
+        label_seed=args.label_seed,
+        device=args.device,
+        progress=progress,
+    )
+    print(
+        f"stored soft labels: {info['files']} files, {info['bytes']:,} bytes, {info['seconds']:.1f} s; teacher "
+        f"{', '.join(info['ident']['teacher']['experts'])} (BSSL {info['ident']['teacher']['bssl']})"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace, progress: bool) -> int:
+    from cvdd.api import evaluate
+
+    res = evaluate(
+        args.synthetic,
+        args.experts,
+        ipc=args.ipc,
+        preset=args.preset,
+        overrides=_eval_overrides(args),
+        dataset=args.dataset,
+        data=args.data,
+        seed=args.seed,
+        device=args.device,
+        progress=progress,
+    )
+    accs = ", ".join(f"{100 * a:.2f}" for a in res.accs)
+    print(
+        f"top-1 on the real test set: {100 * res.mean:.2f} ± {100 * res.std:.2f}% over seeds {res.seeds} ({accs}); "
+        f"{res.seconds:.1f} s" + (f"; soft labels stored: {res.label_bytes:,} bytes" if res.label_bytes else "")
+    )
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace, progress: bool) -> int:
+    from pathlib import Path
+
+    from cvdd.api import distill
+
+    distill(
+        args.dataset,
+        args.out,
+        data=args.data,
+        preset=args.preset,
+        methods=args.methods,
+        ipcs=args.ipc,
+        seeds=args.seeds,
+        overrides=_eval_overrides(args),
+        experts=args.experts,
+        seed=args.seed,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        download=args.download,
+        progress=progress,
+    )
+    print((Path(args.out) / "results.md").read_text())
+    print(f"results: {Path(args.out) / 'results.json'}; image grids: {Path(args.out)}/<method>/ipc<N>/grid.png")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from cvdd.api import models
 
@@ -277,6 +439,14 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         r = p.recipe
         print(f"{name:<16} {r.epochs:>6} {r.batch_size:>5} {r.optimizer:>6} {r.lr:>7g}  {', '.join(p.archs)}")
         print(f"{'':<16} {'':>6} {'':>5} {'':>6} {'':>7}  {p.description}")
+    from cvdd.pipeline import distill_presets
+
+    print()
+    print(f"{'distill preset':<16} {'student':<15} {'epochs':>6} {'labels':>7}  methods @ IPC / description")
+    for name, d in distill_presets().items():
+        e = d.evaluate
+        print(f"{name:<16} {e.student:<15} {e.epochs:>6} {e.label_mode:>7}  {', '.join(d.methods)} @ {d.ipcs}")
+        print(f"{'':<16} {'':<15} {'':>6} {'':>7}  {d.description}")
     print()
     print(f"{'recover preset':<16} {'ipc':>4} {'iters':>6} {'lr':>6} {'r_bn':>6} {'init':>8}  description")
     for name, (desc, c) in recover_presets().items():
@@ -299,6 +469,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_recover(args, progress)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "relabel":
+            return _cmd_relabel(args, progress)
+        if args.command == "evaluate":
+            return _cmd_evaluate(args, progress)
+        if args.command == "distill":
+            return _cmd_distill(args, progress)
         if args.command == "models":
             return _cmd_models(args)
         if args.command == "presets":

@@ -142,6 +142,8 @@ class Recipe:
         channels_last: memory format; None means channels_last on CUDA only.
         eval_every: evaluate on the test split every N epochs (0: only after the last epoch).
         workers: DataLoader workers for streamed (large) datasets.
+        micro_batch: split each batch into micro-batches of this many images, accumulating gradients into one
+            optimiser step (0: no split). The student's BN (and a BSSL teacher's) sees one micro-batch.
     """
 
     epochs: int = 10
@@ -163,6 +165,7 @@ class Recipe:
     channels_last: bool | None = None
     eval_every: int = 0
     workers: int = 4
+    micro_batch: int = 0
 
     def validate(self) -> Recipe:
         """Check value ranges; return self."""

@@ -57,11 +57,11 @@ def test_interrupted_fit_resumes_to_identical_weights(digits, tmp_path: Path) ->
     calls = {"n": 0}
     ce = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
-    def crash_in_epoch_two(logits, labels, inputs):
+    def crash_in_epoch_two(logits, batch):
         calls["n"] += 1
         if calls["n"] == 30:  # 23 steps per epoch: this is inside epoch 2
             raise _StopError
-        return ce(logits, labels)
+        return ce(logits, batch.labels)
 
     ckpt = tmp_path / "run.pt"
     torch.manual_seed(1)
@@ -131,3 +131,17 @@ def test_other_optimizers_and_bf16_run(digits, optimizer: str) -> None:
         create_model("resnet8", 10, 32), digits.train, digits.test, recipe, spec=digits.spec, device=CPU, progress=False
     )
     assert 0.0 <= result.test_acc <= 1.0 and math.isfinite(result.history[0]["train_loss"])
+
+
+def test_micro_batches_accumulate_into_one_step(digits) -> None:
+    """Splitting a batch into micro-batches changes only the BN grouping: without BN the update is the same."""
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    b = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    b.load_state_dict(a.state_dict())
+    whole = Recipe(epochs=1, batch_size=64, lr=0.01, augment="none", nesterov=False)
+    split = Recipe(epochs=1, batch_size=64, lr=0.01, augment="none", nesterov=False, micro_batch=16)
+    fit(a, digits.train, None, whole, spec=digits.spec, device=CPU, progress=False)
+    fit(b, digits.train, None, split, spec=digits.spec, device=CPU, progress=False)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-5)

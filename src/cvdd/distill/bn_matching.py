@@ -15,6 +15,7 @@ left with hooks attached, not even when the block raises.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -74,15 +75,16 @@ class BNMatching:
         self._stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
         self._handles: list[RemovableHandle] = []
 
-    def _make_hook(self, i: int) -> Any:
+    def _make_hook(self, i: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         """Forward hook of layer ``i``: store the fp32 mean and biased variance of its input, with graph."""
 
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = inputs[0]
-            # Autocast off and an explicit fp32 copy: bf16/fp16 moments of 100-image batches lose too many
-            # digits for a loss that compares them with fp32 running statistics.
+            # Autocast off and at least fp32: bf16/fp16 moments of 100-image batches lose too many digits for a
+            # loss that compares them with fp32 running statistics. fp64 inputs stay fp64 (gradient checks).
             with torch.autocast(device_type=x.device.type, enabled=False):
-                var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+                xf = x.to(torch.promote_types(x.dtype, torch.float32))
+                var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
             self._stats[i] = (mean, var)
 
         return hook
@@ -116,10 +118,11 @@ class BNMatching:
         self._stats = [None] * len(self.layers)
 
     def per_layer(self) -> list[torch.Tensor]:
-        """Unweighted terms ‖μ_l − μ̂_l‖₂ + ‖σ²_l − σ̂²_l‖₂ of the latest forward, one fp32 scalar per BN layer.
+        """Unweighted terms ‖μ_l − μ̂_l‖₂ + ‖σ²_l − σ̂²_l‖₂ of the latest forward, one scalar per BN layer.
 
         Returns:
-            A list aligned with :attr:`layers`, each a 0-d tensor with gradient to the input of the forward.
+            A list aligned with :attr:`layers`, each a 0-d tensor (fp32, or fp64 for an fp64 input) with gradient
+            to the input of the forward.
 
         Raises:
             RuntimeError: no forward ran inside the context, or some BN layer did not run in the latest one.
@@ -140,7 +143,8 @@ class BNMatching:
         """Σ_l c_l · BN_l over every BN layer of the latest forward.
 
         Returns:
-            A 0-d fp32 tensor with gradient to the input of the latest forward (0 for a model without BN).
+            A 0-d fp32 (fp64 for fp64 inputs) tensor with gradient to the input of the latest forward; 0 for a
+            model without BN layers.
         """
         parts = self.per_layer()
         if not parts:

@@ -14,10 +14,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -32,9 +32,86 @@ from cvdd.device import autocast, derive_seed, make_generator, resolve_precision
 
 log = logging.getLogger(__name__)
 
-# objective(logits (B, C), labels (B,), inputs (B, 3, H, W)) -> scalar loss. The inputs are passed so a
-# teacher can label exactly the augmented batch the student sees (online soft labels).
-Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+@dataclass
+class Batch:
+    """One optimiser step's data, already augmented and normalised on the device.
+
+    Attributes:
+        inputs: (B, 3, S, S) float32 normalised images (after any CutMix).
+        labels: (B,) int64 class labels of the images (before mixing).
+        soft: (B, C) stored teacher logits for these inputs, or None (hard labels or an online teacher).
+        mix_labels: (B,) labels of the pasted images when CutMix was applied, else None.
+        mix_lam: (B,) fraction of each image that is still its own (1 without CutMix), else None.
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    soft: torch.Tensor | None = None
+    mix_labels: torch.Tensor | None = None
+    mix_lam: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def split(self, size: int) -> list[Batch]:
+        """Contiguous micro-batches of at most ``size`` images (the student's BN groups)."""
+        if size <= 0 or size >= len(self):
+            return [self]
+        out = []
+        for i in range(0, len(self), size):
+            sl = slice(i, i + size)
+            out.append(
+                Batch(
+                    self.inputs[sl],
+                    self.labels[sl],
+                    None if self.soft is None else self.soft[sl],
+                    None if self.mix_labels is None else self.mix_labels[sl],
+                    None if self.mix_lam is None else self.mix_lam[sl],
+                )
+            )
+        return out
+
+
+class BatchSource(Protocol):
+    """What ``fit`` trains on: a fixed number of steps per epoch, each yielding one :class:`Batch`."""
+
+    steps_per_epoch: int
+    num_samples: int
+
+    def epoch(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]: ...
+
+
+class AugmentedBatches:
+    """A real split with the recipe's batched augmentation (random crop / RRC, flip): squeeze's source."""
+
+    def __init__(self, split: TensorSplit | FileSplit, spec: DatasetSpec, recipe: Recipe, device: torch.device) -> None:
+        self.batches = make_batches(split, spec, recipe.batch_size, device, train=True, workers=recipe.workers)
+        self.augment = TrainAugment(spec, recipe.augment, recipe.padding)
+        self.steps_per_epoch = len(self.batches)
+        self.num_samples = self.batches.num_samples
+
+    def epoch(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
+        for x, y in self.batches.epoch(generator):
+            yield Batch(self.augment(x, generator), y)
+
+
+# objective(logits (b, C), micro-batch) -> scalar loss, the mean over the micro-batch. It receives the batch so
+# a teacher can label exactly the augmented inputs the student sees (online soft labels).
+Objective = Callable[[torch.Tensor, Batch], torch.Tensor]
+
+
+def hard_label_loss(label_smoothing: float = 0.0) -> Objective:
+    """Cross-entropy on class labels; with CutMix, the two labels weighted by the pasted area."""
+    ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction="none")
+
+    def objective(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        loss = ce(logits, batch.labels)
+        if batch.mix_labels is not None and batch.mix_lam is not None:
+            loss = batch.mix_lam * loss + (1 - batch.mix_lam) * ce(logits, batch.mix_labels)
+        return loss.mean()
+
+    return objective
 
 
 @dataclass
@@ -131,7 +208,7 @@ def _recipe_hash(recipe: Recipe, extra: dict[str, Any]) -> str:
 
 def fit(
     model: nn.Module,
-    train: TensorSplit | FileSplit,
+    train: TensorSplit | FileSplit | BatchSource,
     test: TensorSplit | FileSplit | None,
     recipe: Recipe,
     *,
@@ -148,7 +225,8 @@ def fit(
 
     Args:
         model: an ``nn.Module`` (moved to ``device``; trained in place).
-        train: training split (uint8 tensors, or files for streamed datasets).
+        train: training split (uint8 tensors, or files for streamed datasets), augmented with the recipe's
+            ``augment``; or any :class:`BatchSource` (evaluate's synthetic sets with CutMix and soft labels).
         test: test split evaluated after the last epoch (and every ``recipe.eval_every`` epochs); None skips it.
         recipe: optimiser, schedule, augmentation, precision, epochs.
         spec: dataset spec (normalisation, image size).
@@ -156,8 +234,10 @@ def fit(
         seed: run seed; epoch ``e`` draws its shuffling and augmentation from ``derive_seed(seed, e)``.
         checkpoint: path of the per-epoch checkpoint; if it exists and matches this run it is resumed, and it
             is kept after the last epoch (the caller removes it once the final artifact is written).
-        objective: loss function (logits, labels, inputs) -> scalar; default cross-entropy with the recipe's
-            label smoothing.
+        objective: loss of a micro-batch, (logits, batch) -> scalar mean; default cross-entropy with the
+            recipe's label smoothing (CutMix-aware). Each step splits its batch into micro-batches of
+            ``recipe.micro_batch`` images, weights each micro-batch loss by its share of the batch, and takes
+            one optimiser step.
         progress: show a progress bar with loss, accuracy and throughput.
         desc: progress-bar label.
         identity: extra fields that must match for a checkpoint to be resumed (architecture, dataset...).
@@ -173,15 +253,13 @@ def fit(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    augment = TrainAugment(spec, recipe.augment, recipe.padding)
-    batches = make_batches(train, spec, recipe.batch_size, device, train=True, workers=recipe.workers)
-    steps_per_epoch = len(batches)
+    source: BatchSource = (
+        AugmentedBatches(train, spec, recipe, device) if isinstance(train, TensorSplit | FileSplit) else train
+    )
+    steps_per_epoch = source.steps_per_epoch
     optimizer = build_optimizer(model, recipe)
     if objective is None:
-        ce = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-
-        def objective(logits: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-            return ce(logits, labels)
+        objective = hard_label_loss(recipe.label_smoothing)
 
     run_hash = _recipe_hash(recipe, {"seed": seed, **(identity or {})})
     start_epoch, history = 0, []
@@ -213,24 +291,25 @@ def fit(
             disable=not progress,
             unit="step",
         )
-        for i, (x, y) in enumerate(batches.epoch(gen)):
+        for i, batch in enumerate(source.epoch(epoch, gen)):
             step = epoch * steps_per_epoch + i
             lr = recipe.lr * lr_factor(recipe, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            inputs = augment(x, gen)
-            if channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                logits = model(inputs)
-            loss = objective(logits.float(), y, inputs)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for micro in batch.split(recipe.micro_batch):
+                inputs = micro.inputs
+                if channels_last:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                with autocast(device, precision):
+                    logits = model(inputs)
+                loss = objective(logits.float(), micro) * (len(micro) / len(batch))
+                loss.backward()
+                # Accumulate on the device; the host only synchronises when the progress bar is refreshed.
+                loss_sum += loss.detach() * len(batch)
+                correct += (logits.detach().argmax(1) == micro.labels).sum()
             optimizer.step()
-            # Accumulate on the device; the host only synchronises when the progress bar is refreshed.
-            loss_sum += loss.detach() * y.shape[0]
-            correct += (logits.detach().argmax(1) == y).sum()
-            n_epoch += int(y.shape[0])
+            n_epoch += len(batch)
             bar.update()
             if progress and (i % 20 == 0 or i == steps_per_epoch - 1):
                 el = time.perf_counter() - t_epoch

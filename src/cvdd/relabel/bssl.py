@@ -1,0 +1,104 @@
+"""Teachers for soft labels, with Batch-Specific Soft Labelling (BSSL).
+
+In BSSL mode every BatchNorm of the teacher normalises with the statistics of the current (micro-)batch
+instead of its running statistics. cvdd does this without touching the stored expert: inside
+:func:`bssl_mode` each BN layer is put in training mode with ``track_running_stats`` off, so it uses batch
+statistics and *does not* update its running buffers (the official code left teachers in train mode, which
+drifted the running statistics and switched dropout on); every other module stays in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from cvdd.errors import ConfigError
+from cvdd.experts import Expert
+
+
+@contextlib.contextmanager
+def bssl_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Make ``model``'s BatchNorm layers use batch statistics without updating running statistics.
+
+    Dropout and every other module keep their mode (eval for a loaded expert). The previous state of each BN
+    layer is restored on exit, also after an exception.
+    """
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            saved.append((m, m.training, m.track_running_stats))
+            m.training = True
+            m.track_running_stats = False  # running buffers are then passed as None: batch stats, no update
+    try:
+        yield model
+    finally:
+        for m, training, track in saved:
+            m.training = training
+            m.track_running_stats = track
+
+
+class Teacher:
+    """One expert or a weighted committee producing soft labels (weighted sum of logits).
+
+    Args:
+        experts: the teacher models (frozen, eval mode).
+        weights: one weight per expert (e.g. softmax(prior / 10)); summed logits are Σ_k w_k z_k.
+        bssl: BN uses the statistics of each group of ``group_size`` images (BSSL) instead of running stats.
+        group_size: BN group of the BSSL teacher; it must equal the student's micro-batch so that the labels
+            are produced with the statistics of exactly the images the student normalises together. 0 or None
+            means the whole batch passed in.
+    """
+
+    def __init__(
+        self, experts: Sequence[Expert], weights: Sequence[float], bssl: bool = True, group_size: int | None = None
+    ) -> None:
+        if len(experts) != len(weights) or not experts:
+            raise ConfigError("a teacher needs one weight per expert and at least one expert")
+        self.experts = list(experts)
+        self.weights = [float(w) for w in weights]
+        self.bssl = bssl
+        self.group_size = group_size or 0
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def describe(self) -> dict[str, object]:
+        return {"experts": self.names, "weights": self.weights, "bssl": self.bssl, "group_size": self.group_size}
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Soft-label logits of a batch.
+
+        Args:
+            x: (B, 3, S, S) normalised inputs (exactly what the student sees).
+
+        Returns:
+            (B, C) float32 weighted logits.
+        """
+        groups = [x] if self.group_size <= 0 or self.group_size >= len(x) else list(x.split(self.group_size))
+        outs = []
+        for g in groups:
+            total = None
+            for expert, w in zip(self.experts, self.weights):
+                ctx = bssl_mode(expert.model) if self.bssl else contextlib.nullcontext()
+                with ctx:
+                    z = expert.model(g).float() * w
+                total = z if total is None else total + z
+            outs.append(total)
+        return torch.cat(outs)
+
+
+def teacher_weights(experts: Sequence[Expert], mode: str = "prior", temperature: float = 10.0) -> list[float]:
+    """Relabel committee weights: softmax(prior / T) (T = 10 in the method) or equal."""
+    from cvdd.distill.voting import voter_weights
+
+    return [
+        float(w)
+        for w in voter_weights(
+            [e.prior[0] for e in experts], mode, temperature, generator=torch.Generator().manual_seed(0)
+        )
+    ]

@@ -1,0 +1,156 @@
+"""Stored soft labels: one file per epoch with the epoch's augmentation plan and the teacher's logits.
+
+``labels/epoch_0000.safetensors`` holds the plan (order, crop boxes, flips, CutMix permutation and boxes) and
+the logits of every position, fp16 by default (or the top-k values and indices). ``labels/labels.json``
+describes the teacher, the batch and micro-batch sizes, the seed, and the bytes stored. Finished epochs are
+skipped on a re-run, so a killed relabel resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cvdd.artifacts import atomic_write_text, load_tensors, save_tensors
+from cvdd.data.augment import Normalize
+from cvdd.data.specs import DatasetSpec
+from cvdd.device import derive_seed, make_generator
+from cvdd.errors import ArtifactError
+from cvdd.relabel.bssl import Teacher
+from cvdd.relabel.plans import EpochPlan, apply_plan, make_plan
+
+
+@dataclass
+class LabelSettings:
+    """How soft labels are produced (must match the student's batch layout)."""
+
+    epochs: int
+    batch_size: int
+    micro_batch: int
+    seed: int
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    cutmix: bool = True
+    dtype: str = "fp16"
+    topk: int = 0
+
+    def key(self) -> dict[str, Any]:
+        return {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "micro_batch": self.micro_batch,
+            "seed": self.seed,
+            "crop_scale": list(self.crop_scale),
+            "cutmix": self.cutmix,
+            "dtype": self.dtype,
+            "topk": self.topk,
+        }
+
+
+def plan_for_epoch(settings: LabelSettings, n: int, image_size: int, epoch: int, device: torch.device) -> EpochPlan:
+    """The plan of epoch ``epoch``: drawn from a generator derived from (seed, epoch), as the online mode does."""
+    gen = make_generator(derive_seed(settings.seed, "epoch", epoch), device)
+    return make_plan(n, settings.batch_size, image_size, gen, settings.crop_scale, settings.cutmix)
+
+
+def teacher_logits(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    plan: EpochPlan,
+    teacher: Teacher,
+    normalize: Normalize,
+    micro_batch: int,
+) -> torch.Tensor:
+    """Teacher logits (N, C) of every position of an epoch, each micro-batch labelled with its own BN stats."""
+    out = []
+    for step in range(plan.num_batches):
+        x, _, _, _ = apply_plan(images, labels, plan, step, normalize)
+        for micro in x.split(micro_batch) if micro_batch > 0 else [x]:
+            out.append(teacher(micro))
+    return torch.cat(out)
+
+
+def relabel_stored(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    spec: DatasetSpec,
+    teacher: Teacher,
+    settings: LabelSettings,
+    out: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write per-epoch label shards for a synthetic set; return the description written to ``labels.json``."""
+    from tqdm import tqdm
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = out_dir / "labels.json"
+    ident = {
+        "settings": settings.key(),
+        "teacher": teacher.describe(),
+        "n": len(labels),
+        "classes": list(spec.classes),
+    }
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        if old.get("ident") != ident:
+            raise ArtifactError(f"{out_dir} holds labels made with another teacher or settings; choose another --out")
+    else:
+        atomic_write_text(meta_path, json.dumps({"ident": ident, "complete": False}, indent=1))
+    device = images.device
+    normalize = Normalize(spec)
+    t0 = time.perf_counter()
+    total_bytes = 0
+    for e in tqdm(range(settings.epochs), desc="relabel", unit="epoch", disable=not progress, leave=False):
+        path = out_dir / f"epoch_{e:04d}.safetensors"
+        if not path.is_file():
+            plan = plan_for_epoch(settings, len(labels), spec.image_size, e, device)
+            logits = teacher_logits(images, labels, plan, teacher, normalize, settings.micro_batch)
+            tensors = {k: v.cpu() for k, v in plan.tensors().items()}
+            if settings.topk:
+                values, idx = logits.topk(settings.topk, dim=1)
+                tensors["topk_values"] = values.half() if settings.dtype == "fp16" else values
+                tensors["topk_indices"] = idx.to(torch.int32)
+            else:
+                tensors["logits"] = logits.half() if settings.dtype == "fp16" else logits
+            save_tensors(path, tensors, {"kind": "label-shard", "epoch": e})
+        total_bytes += path.stat().st_size
+    info = {
+        "ident": ident,
+        "complete": True,
+        "bytes": total_bytes,
+        "files": settings.epochs,
+        "seconds": time.perf_counter() - t0,
+    }
+    atomic_write_text(meta_path, json.dumps(info, indent=1))
+    return info
+
+
+def load_shard(
+    out: str | os.PathLike[str], epoch: int, settings: LabelSettings, num_classes: int, device: torch.device
+) -> tuple[EpochPlan, torch.Tensor]:
+    """Plan and float32 logits (N, C) of one stored epoch (top-k logits are expanded with -inf elsewhere)."""
+    path = Path(out) / f"epoch_{epoch:04d}.safetensors"
+    if not path.is_file():
+        raise ArtifactError(f"missing label shard {path} (relabel stored fewer epochs than the student trains)")
+    t, _ = load_tensors(path)
+    plan = EpochPlan.from_tensors(
+        {
+            k: t[k].to(device) if k != "mix_boxes" else t[k]
+            for k in ("order", "boxes", "flips", "mix_perm", "mix_boxes")
+        },
+        settings.batch_size,
+    )
+    if "logits" in t:
+        logits = t["logits"].float().to(device)
+    else:
+        values = t["topk_values"].float().to(device)
+        logits = torch.full((values.shape[0], num_classes), float("-inf"), device=device)
+        logits.scatter_(1, t["topk_indices"].long().to(device), values)
+    return plan, logits

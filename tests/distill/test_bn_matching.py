@@ -1,0 +1,169 @@
+"""BN statistic matching: golden values, gradient, hygiene (no hooks left, running stats untouched)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cvdd.distill import BNMatching, BNStatHook
+from cvdd.errors import ModelError
+
+
+class ParallelBN(nn.Module):
+    """Two BN layers fed the same input, so both layers' input statistics are known by hand."""
+
+    def __init__(self, channels: int = 2) -> None:
+        super().__init__()
+        self.bn_a = nn.BatchNorm2d(channels)  # registered first: the "first BN" that gets the multiplier
+        self.bn_b = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_a(x) + self.bn_b(x)
+
+
+class ConvBN(nn.Module):
+    """conv → BN → conv → BN, a tiny stand-in for an expert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+def _hand_case() -> tuple[ParallelBN, torch.Tensor]:
+    """x of shape (2, 2, 1, 2): channel 0 holds 1, 3, 5, 7 and channel 1 holds 2, 2, 2, 2.
+
+    Channel 0: mean 4, biased variance (9 + 1 + 1 + 9) / 4 = 5. Channel 1: mean 2, variance 0.
+    bn_a running stats: mean (0, 0), var (1, 1) → ‖(4, 2)‖ + ‖(4, −1)‖ = √20 + √17.
+    bn_b running stats: mean (4, 0), var (5, 3) → ‖(0, 2)‖ + ‖(0, −3)‖ = 2 + 3 = 5.
+    """
+    model = ParallelBN(2).eval()
+    with torch.no_grad():
+        model.bn_a.running_mean.copy_(torch.tensor([0.0, 0.0]))
+        model.bn_a.running_var.copy_(torch.tensor([1.0, 1.0]))
+        model.bn_b.running_mean.copy_(torch.tensor([4.0, 0.0]))
+        model.bn_b.running_var.copy_(torch.tensor([5.0, 3.0]))
+    x = torch.tensor([[[[1.0, 3.0]], [[2.0, 2.0]]], [[[5.0, 7.0]], [[2.0, 2.0]]]])
+    return model, x
+
+
+def test_loss_is_zero_when_running_stats_are_the_input_statistics() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(3)).eval()
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model[0].running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        model[0].running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+    for multiplier in (1.0, 10.0):
+        with BNMatching(model, first_multiplier=multiplier) as bn:
+            model(x)
+            assert float(bn.loss()) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_unbiased_running_var_is_not_a_match() -> None:
+    # Guards the "biased variance" choice: the unbiased estimate differs by n / (n - 1).
+    model = nn.Sequential(nn.BatchNorm2d(1)).eval()
+    x = torch.tensor([0.0, 2.0]).view(2, 1, 1, 1)  # mean 1, biased var 1, unbiased var 2
+    with torch.no_grad():
+        model[0].running_mean.fill_(1.0)
+        model[0].running_var.fill_(2.0)
+    with BNMatching(model, first_multiplier=1.0) as bn:
+        model(x)
+        assert float(bn.loss()) == pytest.approx(1.0)
+
+
+def test_hand_computed_value_with_first_layer_multiplier() -> None:
+    model, x = _hand_case()
+    first = math.sqrt(20) + math.sqrt(17)
+    with BNMatching(model, first_multiplier=10.0) as bn:
+        model(x)
+        assert bn.names == ["bn_a", "bn_b"] and bn.multipliers == [10.0, 1.0]
+        per_layer = [float(v) for v in bn.per_layer()]
+        assert per_layer == pytest.approx([first, 5.0], rel=1e-6)
+        assert float(bn.loss()) == pytest.approx(10 * first + 5.0, rel=1e-6)
+    with BNStatHook(model, first_multiplier=1.0) as bn:
+        model(x)
+        assert float(bn.loss()) == pytest.approx(first + 5.0, rel=1e-6)
+
+
+def test_only_the_most_recent_forward_counts() -> None:
+    model, x = _hand_case()
+    with BNMatching(model) as bn:
+        model(torch.randn(3, 2, 4, 4))
+        model(x)
+        assert float(bn.loss()) == pytest.approx(10 * (math.sqrt(20) + math.sqrt(17)) + 5.0, rel=1e-6)
+
+
+def test_gradient_reaches_input_and_matches_finite_differences() -> None:
+    model = ConvBN().double().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+
+    def loss_of(inp: torch.Tensor) -> torch.Tensor:
+        with BNMatching(model) as bn:
+            model(inp)
+            return bn.loss()
+
+    loss_of(x).backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    # fast_mode checks one random projection of the Jacobian: enough to catch a wrong or missing path, in ms.
+    assert torch.autograd.gradcheck(loss_of, (x.detach().requires_grad_(),), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_running_stats_untouched_and_hooks_removed() -> None:
+    model = ConvBN().eval()
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-1, 1)
+        model.bn2.running_var.uniform_(0.5, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 3, 6, 6, requires_grad=True)
+    with BNMatching(model) as bn:
+        model(x)
+        bn.loss().backward()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_hooks_removed_when_the_block_raises() -> None:
+    model = ConvBN().eval()
+    with pytest.raises(KeyError, match="boom"), BNMatching(model):
+        assert model.bn1._forward_hooks and model.bn2._forward_hooks
+        model(torch.randn(2, 3, 4, 4))
+        raise KeyError("boom")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_statistics_are_fp32_under_autocast() -> None:
+    model = ConvBN().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16), BNMatching(model) as bn:
+        model(x)
+        parts = bn.per_layer()
+        loss = bn.loss()
+    assert all(p.dtype == torch.float32 for p in parts) and loss.dtype == torch.float32
+    # Same number as fp32 maths on the bf16 input the first BN actually saw.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.conv1(x)
+    assert h.dtype == torch.bfloat16
+    hf = h.detach().float()
+    mu, var = hf.mean(dim=(0, 2, 3)), hf.var(dim=(0, 2, 3), unbiased=False)
+    expected = (mu - model.bn1.running_mean).norm() + (var - model.bn1.running_var).norm()
+    assert float(parts[0].detach()) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_misuse_is_reported() -> None:
+    model = ConvBN().eval()
+    with BNMatching(model) as bn, pytest.raises(RuntimeError, match="bn1"):
+        bn.loss()  # no forward yet
+    with pytest.raises(ModelError, match="running statistics"):
+        BNMatching(nn.Sequential(nn.BatchNorm2d(2, track_running_stats=False)))
+    with BNMatching(nn.Sequential(nn.Conv2d(1, 1, 1))) as bn:
+        assert float(bn.loss()) == 0.0 and bn.per_layer() == []

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cvdd.errors import ConfigError
+from cvdd.evaluate import EvalConfig, evaluate_synthetic, random_real_set
+
+
+def test_random_real_set_is_balanced_seeded_and_in_range(digits) -> None:
+    a, la = random_real_set(digits, 3, seed=1)
+    b, _ = random_real_set(digits, 3, seed=1)
+    c, _ = random_real_set(digits, 3, seed=2)
+    assert a.shape == (30, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    assert la.tolist() == [k for k in range(10) for _ in range(3)]
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+
+
+def test_hard_label_students_learn_from_real_images(digits) -> None:
+    images, labels = random_real_set(digits, 10, seed=0)
+    cfg = EvalConfig(
+        student="convnet_d3_w32", epochs=15, batch_size=16, micro_batch=8, lr=0.003, label_mode="hard", seeds=[0, 1]
+    )
+    res = evaluate_synthetic(images, labels, digits.spec, digits.test, cfg)
+    assert len(res.accs) == 2 and res.mean > 0.4 and res.std >= 0.0 and res.seconds > 0
+
+
+def test_soft_labels_need_a_teacher(digits) -> None:
+    images, labels = random_real_set(digits, 1, seed=0)
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        evaluate_synthetic(images, labels, digits.spec, digits.test, EvalConfig(student="convnet_d3_w32", epochs=1))
+    with pytest.raises(ConfigError, match="unknown label mode"):
+        EvalConfig(label_mode="magic").validate()

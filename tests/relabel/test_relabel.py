@@ -1,0 +1,157 @@
+"""BSSL teacher, per-epoch plans and stored labels: golden behaviour and online/stored equivalence."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cvdd.data.augment import Normalize
+from cvdd.data.specs import DatasetSpec
+from cvdd.engine import fit
+from cvdd.evaluate.student import EvalConfig, SyntheticBatches, kd_loss
+from cvdd.experts import Expert
+from cvdd.models import create_model
+from cvdd.relabel import LabelSettings, Teacher, bssl_mode, load_shard, relabel_stored
+from cvdd.relabel.plans import apply_plan
+from cvdd.relabel.stored import plan_for_epoch, teacher_logits
+
+SPEC = DatasetSpec("toy", tuple("abcd"), 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+CPU = torch.device("cpu")
+
+
+def _expert(seed: int, dropout: bool = False) -> Expert:
+    torch.manual_seed(seed)
+    model = create_model("convnet_d3_w32", 4, 16)
+    if dropout:
+        model.classifier = nn.Sequential(nn.Dropout(0.5), model.classifier)
+    with torch.no_grad():  # non-trivial running statistics, as a trained expert has
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Expert(f"e{seed}", "convnet_d3_w32", model, {"test_acc": 0.5 + seed / 100}, SPEC)
+
+
+def test_bssl_equals_manual_batch_statistics_and_leaves_the_expert_untouched() -> None:
+    e = _expert(0)
+    x = torch.randn(8, 3, 16, 16)
+    before = {k: v.clone() for k, v in e.model.state_dict().items()}
+    manual = copy.deepcopy(e.model).train()  # train-mode BN = batch statistics (running stats of the copy drift)
+    expected = manual(x)
+    got = Teacher([e], [1.0], bssl=True)(x)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, e.model(x), atol=1e-3)  # differs from running-statistics (eval) labels
+    assert all(torch.equal(before[k], v) for k, v in e.model.state_dict().items())
+    bns = [m for m in e.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(not m.training and m.track_running_stats for m in bns)
+
+
+def test_bssl_keeps_dropout_off_and_restores_after_errors() -> None:
+    e = _expert(1, dropout=True)
+    x = torch.randn(6, 3, 16, 16)
+    t = Teacher([e], [1.0])
+    assert torch.equal(t(x), t(x))
+    with pytest.raises(RuntimeError), bssl_mode(e.model):
+        raise RuntimeError
+    assert all(not m.training for m in e.model.modules())
+
+
+def test_group_size_is_the_bn_group_and_weights_sum_logits() -> None:
+    a, b = _expert(2), _expert(3)
+    x = torch.randn(8, 3, 16, 16)
+    grouped = Teacher([a, b], [0.25, 0.75], group_size=4)(x)
+    halves = torch.cat([Teacher([a, b], [0.25, 0.75])(x[:4]), Teacher([a, b], [0.25, 0.75])(x[4:])])
+    assert torch.allclose(grouped, halves, atol=1e-6)
+    single = 0.25 * Teacher([a], [1.0], group_size=4)(x) + 0.75 * Teacher([b], [1.0], group_size=4)(x)
+    assert torch.allclose(grouped, single, atol=1e-5)
+
+
+def _toy_set(n: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 3, 16, 16, generator=g), torch.arange(4).repeat_interleave(n // 4)
+
+
+def test_stored_shards_replay_the_exact_inputs_and_logits(tmp_path: Path) -> None:
+    images, labels = _toy_set()
+    teacher = Teacher([_expert(0), _expert(1)], [0.4, 0.6], group_size=4)
+    settings = LabelSettings(epochs=3, batch_size=8, micro_batch=4, seed=11, dtype="fp32")
+    info = relabel_stored(images, labels, SPEC, teacher, settings, tmp_path / "labels", progress=False)
+    assert info["files"] == 3 and len(list((tmp_path / "labels").glob("epoch_*.safetensors"))) == 3
+    assert info["bytes"] > 0
+    norm = Normalize(SPEC)
+    for e in range(3):
+        plan, logits = load_shard(tmp_path / "labels", e, settings, 4, CPU)
+        fresh = plan_for_epoch(settings, len(labels), 16, e, CPU)
+        for step in range(plan.num_batches):  # replayed inputs are bit-identical to the labelled ones
+            assert torch.equal(
+                apply_plan(images, labels, plan, step, norm)[0], apply_plan(images, labels, fresh, step, norm)[0]
+            )
+        assert torch.equal(logits, teacher_logits(images, labels, fresh, teacher, norm, 4))
+    # A killed relabel resumes: a missing shard is rebuilt identically.
+    shard = tmp_path / "labels" / "epoch_0001.safetensors"
+    data = shard.read_bytes()
+    shard.unlink()
+    relabel_stored(images, labels, SPEC, teacher, settings, tmp_path / "labels", progress=False)
+    assert shard.read_bytes() == data
+
+
+def _train(images, labels, teacher, cfg: EvalConfig, label_dir=None) -> nn.Module:
+    torch.manual_seed(5)
+    student = create_model("convnet_d3_w32", 4, 16)
+    source = SyntheticBatches(images, labels, SPEC, cfg, CPU, label_dir=label_dir, label_seed=cfg.seeds[0])
+    fit(
+        student,
+        source,
+        None,
+        cfg.recipe(),
+        spec=SPEC,
+        device=CPU,
+        seed=cfg.seeds[0],
+        objective=kd_loss(cfg.temperature, teacher),
+        progress=False,
+    )
+    return student
+
+
+def test_stored_fp32_and_online_give_identical_students_and_fp16_stays_close(tmp_path: Path) -> None:
+    images, labels = _toy_set()
+    teacher = Teacher([_expert(0), _expert(1)], [0.5, 0.5], group_size=4)
+    cfg = EvalConfig(
+        student="convnet_d3_w32", epochs=3, batch_size=8, micro_batch=4, temperature=4, seeds=[3], label_dtype="fp32"
+    )
+    online = _train(images, labels, teacher, cfg)
+    relabel_stored(images, labels, SPEC, teacher, cfg.label_settings(3), tmp_path / "fp32", progress=False)
+    stored = _train(images, labels, None, cfg, tmp_path / "fp32")
+    for a, b in zip(online.state_dict().values(), stored.state_dict().values()):
+        assert torch.equal(a, b)
+
+    cfg16 = EvalConfig(**{**cfg.__dict__, "label_dtype": "fp16"})
+    relabel_stored(images, labels, SPEC, teacher, cfg16.label_settings(3), tmp_path / "fp16", progress=False)
+    _, l32 = load_shard(tmp_path / "fp32", 0, cfg.label_settings(3), 4, CPU)
+    _, l16 = load_shard(tmp_path / "fp16", 0, cfg16.label_settings(3), 4, CPU)
+    # Stated tolerance: fp16 keeps 11 significant bits, so |error| <= 2^-10 |logit| + 1e-3.
+    assert bool(((l16 - l32).abs() <= l32.abs() * 2**-10 + 1e-3).all())
+    half = _train(images, labels, None, cfg16, tmp_path / "fp16")
+    for a, b in zip(online.parameters(), half.parameters()):
+        assert torch.allclose(a, b, atol=1e-2)
+
+
+def test_topk_storage_keeps_the_largest_logits(tmp_path: Path) -> None:
+    images, labels = _toy_set(8)
+    teacher = Teacher([_expert(0)], [1.0], group_size=4)
+    full = LabelSettings(1, 8, 4, 0, dtype="fp32")
+    top = LabelSettings(1, 8, 4, 0, dtype="fp32", topk=2)
+    relabel_stored(images, labels, SPEC, teacher, full, tmp_path / "full", progress=False)
+    relabel_stored(images, labels, SPEC, teacher, top, tmp_path / "top", progress=False)
+    _, a = load_shard(tmp_path / "full", 0, full, 4, CPU)
+    _, b = load_shard(tmp_path / "top", 0, top, 4, CPU)
+    kept = torch.isfinite(b)
+    assert int(kept.sum()) == 16 and torch.equal(a[kept], b[kept])
+    assert torch.equal(a.topk(2, dim=1).indices.sort(1).values, kept.nonzero()[:, 1].view(8, 2).sort(1).values)
