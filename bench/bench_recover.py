@@ -88,6 +88,16 @@ def cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU-seconds all processes of the machine spent busy so far (``/proc/stat``), None where unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -441,7 +451,9 @@ def spawn(args: argparse.Namespace, n: int) -> dict[str, Any]:
     if args.device:
         cmd += ["--device", args.device]
     load0 = os.getloadavg()[0]
+    busy0, child0, t0 = machine_busy_seconds(), _children_cpu(), time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    busy1, child1, t1 = machine_busy_seconds(), _children_cpu(), time.perf_counter()
     load1 = os.getloadavg()[0]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode != 0 or not lines:
@@ -449,7 +461,15 @@ def spawn(args: argparse.Namespace, n: int) -> dict[str, Any]:
         raise SystemExit(f"configuration N={n} failed (exit {proc.returncode})")
     res = json.loads(lines[-1][len(MARK) :])
     res["loadavg"] = (load0, load1)
+    # Cores kept busy by other processes while this configuration ran: the contention on a shared machine.
+    res["other_cores"] = None if busy0 is None or busy1 is None else (busy1 - busy0 - (child1 - child0)) / (t1 - t0)
+    res["child_wall_s"] = t1 - t0
     return res
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def main() -> None:
@@ -500,8 +520,9 @@ def main() -> None:
     emit(
         f"| config | committees | wall s ({args.iterations} it) | init s | optimise s | it/s | s/image (measured, "
         f"{args.iterations} it) | s/image @ {preset.iterations} it (extrapolated) | peak RSS MiB: process | "
-        "… after imports / during data load / init / optimise | CPU s / wall s | load avg (start → end) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "… after imports / during data load / init / optimise | CPU s / wall s | other processes' cores | "
+        "load avg (start → end) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     )
     for r in results:
         name = "N=1 (SRe2L++)" if r["n"] == 1 else f"N={r['n']} (CV-DD)"
@@ -513,12 +534,13 @@ def main() -> None:
         if "cuda_peak_mib" in r:
             peak += f" (CUDA {r['cuda_peak_mib']:,.0f})"
         ph = r["rss_peaks_mib"]
+        other = "n/a" if r["other_cores"] is None else f"{r['other_cores']:.2f}"
         keys = ("imports", "data", "init", "optimise")
         phases = " / ".join(f"{ph[k]:,.0f}" for k in keys) if r["rss_per_phase"] else "n/a"
         emit(
             f"| {name} | {r['policy']}: {', '.join(committees)} | {r['wall_s']:.1f} | {r['init_s']:.1f} | "
             f"{r['optimise_s']:.1f} | {its / r['optimise_s']:.2f} | {r['wall_s'] / r['images']:.3f} | "
-            f"{full_wall / r['images']:.3f} | {peak} | {phases} | {r['cpu_per_wall']:.2f} | "
+            f"{full_wall / r['images']:.3f} | {peak} | {phases} | {r['cpu_per_wall']:.2f} | {other} | "
             f"{r['loadavg'][0]:.2f} → {r['loadavg'][1]:.2f} |"
         )
     emit(
@@ -527,7 +549,9 @@ def main() -> None:
         f"{preset.iterations}; init = patch initialisation (observer scoring real crops), optimise = the iterations; "
         f"the @ {preset.iterations} it column is init + the rest + optimise x {preset.iterations}/{args.iterations}, "
         "extrapolated, not measured. Peak RSS is `ru_maxrss` of the configuration's own subprocess; the per-phase "
-        "peaks reset the high-water mark (/proc/self/clear_refs) at each phase boundary.",
+        "peaks reset the high-water mark (/proc/self/clear_refs) at each phase boundary. CPU s / wall s is the recover "
+        "call's own; other processes' cores = the machine's busy CPU-seconds (/proc/stat) minus this configuration's, "
+        "per wall second of its whole subprocess (recover + micro-benchmarks): above ~0.1 the timings are contended.",
         "",
         f"Per iteration of the first unit, median of {args.reps} (after {args.warmup} warm-up), ms. (a) = full "
         "iteration; (b) = the experts' forward + loss + backward alone on the same augmented sub-batches with the "

@@ -69,3 +69,13 @@ def digits():
     from cvdd.api import load_dataset
 
     return load_dataset("digits", progress=False)
+
+
+@pytest.fixture(scope="session")
+def digit_experts(tmp_path_factory: pytest.TempPathFactory, digits) -> Path:
+    """A tiny committee (convnet_d3_w32, resnet8; 3 epochs) squeezed on the embedded digits, shared read-only."""
+    import cvdd
+
+    out = tmp_path_factory.mktemp("digit-experts")
+    cvdd.squeeze(digits, archs=["convnet_d3_w32", "resnet8"], out=out, epochs=3, progress=False)
+    return out

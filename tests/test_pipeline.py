@@ -95,3 +95,73 @@ def test_default_digits_distill_is_sane(tmp_path: Path, digits) -> None:
     _check_results(tmp_path, ["random-real", "sre2l++", "cvdd"], [1, 10], [0, 1, 2])
     for r in rows:
         assert r["acc_mean"] > 0.15, r
+
+
+def test_relabel_and_evaluate_cli(digit_experts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    syn = tmp_path / "syn"
+    assert (
+        main(
+            [
+                "recover",
+                "--experts",
+                str(digit_experts),
+                "--out",
+                str(syn),
+                "--ipc",
+                "1",
+                "--iterations",
+                "3",
+                "--init",
+                "real",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert main(["relabel", str(syn), "--experts", str(digit_experts), "--set", "epochs=2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "stored soft labels: 2 files" in out and "bytes" in out
+    assert len(list((syn / "labels").glob("epoch_*.safetensors"))) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                str(syn),
+                "--experts",
+                str(digit_experts),
+                "--labels",
+                "stored",
+                "--epochs",
+                "2",
+                "--seeds",
+                "0",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "top-1 on the real test set:" in out and "over seeds [0, 1]" in out and "bytes" in out
+    assert (
+        main(
+            [
+                "evaluate",
+                "random-real",
+                "--ipc",
+                "2",
+                "--experts",
+                str(digit_experts),
+                "--labels",
+                "hard",
+                "--epochs",
+                "2",
+                "--seeds",
+                "0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert main(["evaluate", "random-real", "--experts", str(digit_experts), "--quiet"]) == 2
+    assert "needs --ipc" in capsys.readouterr().err

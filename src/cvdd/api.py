@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cvdd.data.sources import RealDataset
+from cvdd.data.sources import RealDataset, TensorSplit
 from cvdd.data.sources import load_dataset as _load_dataset
 from cvdd.distill.recover import RecoverResult, export_imagefolder, recover_images
 from cvdd.errors import ConfigError, CvddError
@@ -85,8 +85,7 @@ def squeeze(
         if isinstance(dataset, RealDataset)
         else load_dataset(dataset, data=data, cache_dir=cache_dir, download=download, progress=progress)
     )
-    chosen, arch_list, recipe = resolve_squeeze_config(real, archs, preset, epochs, overrides)
-    del chosen
+    _, arch_list, recipe = resolve_squeeze_config(real, archs, preset, epochs, overrides)
     return squeeze_experts(
         real,
         arch_list,
@@ -455,3 +454,93 @@ def distill(
         progress=progress,
         recover_overrides=recover_overrides,
     )
+
+
+def prior(
+    experts: str | os.PathLike[str] = "runs/experts",
+    *,
+    ipc: int = 1,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    recover_overrides: dict[str, Any] | None = None,
+    val_per_class: int = 100,
+    dataset: str | os.PathLike[str] | RealDataset | None = None,
+    data: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+    out: str | os.PathLike[str] | None = None,
+) -> dict[str, float]:
+    """Measure each expert's voting prior and write it into its metadata (``cvdd prior``).
+
+    The paper's prior of an expert is the accuracy of a student trained on data recovered by that expert alone.
+    Here: SRe2L++ (N = 1) recovery with the expert at a small IPC, soft labels from the same teacher for every
+    expert (the committee), and the student's top-1 on a class-balanced split of real *training* images
+    (``val_per_class`` per class), never on the test set, so the voting weights are not tuned on it.
+
+    Returns:
+        Expert name -> prior in percent.
+    """
+    import json as _json
+    import tempfile
+
+    from cvdd.artifacts import atomic_write_text
+    from cvdd.config import apply_overrides
+    from cvdd.evaluate.student import EvalConfig, evaluate_synthetic
+    from cvdd.experts import expert_paths
+    from cvdd.pipeline import distill_presets
+
+    pool = load_pool(experts, device=device)
+    presets = distill_presets()
+    name = preset or pool[0].spec.default_preset
+    cfg = presets[name].evaluate if name in presets else EvalConfig()
+    cfg = apply_overrides(cfg, overrides or {}, "prior options").validate()
+    source = dataset if dataset is not None else _dataset_for_experts(pool[0].meta.get("dataset_source"))
+    if source is None:
+        raise ConfigError("the experts' dataset is not available; give --dataset")
+    real = source if isinstance(source, RealDataset) else load_dataset(source, data=data, progress=progress)
+    per_class = min(val_per_class, _smallest_class(real))
+    if not isinstance(real.train, TensorSplit):
+        raise ConfigError("cvdd prior needs an in-memory dataset (images of at most 64 px)")
+    val = real.train.subset(per_class, real.spec.num_classes, seed=seed)
+    teacher = _teacher(pool, cfg)
+    work = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="cvdd-prior-"))
+    priors = {}
+    for expert in pool:
+        res = recover(
+            [Path(expert_paths(Path(experts), expert.name)[0])],
+            work / expert.name,
+            ipc=ipc,
+            committee_size=1,
+            dataset=real,
+            seed=seed,
+            device=device,
+            progress=progress,
+            overrides=recover_overrides,
+        )
+        ev = evaluate_synthetic(
+            res.images, res.labels, real.spec, val, cfg, teacher=teacher, device=device, progress=progress
+        )
+        priors[expert.name] = 100.0 * ev.mean
+        meta_path = expert_paths(Path(experts), expert.name)[1]
+        meta = _json.loads(meta_path.read_text())
+        meta["prior"] = priors[expert.name]
+        meta["prior_recipe"] = {
+            "ipc": ipc,
+            "student": cfg.student,
+            "epochs": cfg.epochs,
+            "seeds": cfg.seeds,
+            "label_mode": cfg.label_mode,
+            "teacher": teacher.describe(),
+            "validation": f"{per_class} real training images per class",
+            "seed": seed,
+        }
+        atomic_write_text(meta_path, _json.dumps(meta, indent=1))
+    return priors
+
+
+def _smallest_class(real: RealDataset) -> int:
+    """Smallest number of training images of any class."""
+    import torch
+
+    return int(torch.bincount(real.train.labels.cpu(), minlength=real.spec.num_classes).min())

@@ -225,6 +225,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser(
+        "prior",
+        help="measure each expert's voting prior and store it in its metadata",
+        description="For each expert: SRe2L++ recovery with that expert alone at a small IPC, soft "
+        "labels from the committee, and a student's top-1 on held-out real *training* "
+        "images (never the test set). The value (percent) replaces the test accuracy as "
+        "the expert's prior in recover's prior voting.",
+    )
+    p.add_argument("--experts", default="runs/experts", help="folder of experts")
+    p.add_argument("--ipc", type=int, default=1, help="images per class recovered per expert (default 1)")
+    p.add_argument("--preset", default=None, help="distill preset whose evaluation recipe is used")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an evaluation field")
+    p.add_argument("--dataset", default=None, help="real dataset (default: the experts')")
+    p.add_argument("--data", default=None, metavar="PATH")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark preset end to end and write a report with machine and timings",
+        description="Run `distill` with a benchmark preset (cifar10-cpu: the CPU committee on real "
+        "CIFAR-10; cifar10-gpu: the paper's architectures and recipe) and write "
+        "<out>/bench.md with the command, machine, package versions and wall time per stage.",
+    )
+    p.add_argument("--preset", default="cifar10-cpu", help="distill preset (default cifar10-cpu)")
+    p.add_argument("--data", required=True, metavar="PATH", help="CIFAR-10 as an ImageFolder folder or tarball")
+    p.add_argument("--out", default="runs/bench", help="run folder (default: runs/bench)")
+    p.add_argument(
+        "--budget",
+        default="full",
+        choices=["full", "small"],
+        help="small: first IPC and first seed only, 50 student epochs (a smoke run)",
+    )
+    p.add_argument("--ipc", type=int, nargs="+", default=None, help="override the preset's IPCs")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
+    p.add_argument("--experts", default=None, help="reuse experts from this folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an evaluation field")
+    _add_common(p)
+
+    p = sub.add_parser(
         "models",
         help="list the registered architectures",
         description="Print every architecture with its input sizes, parameter count and MFLOPs of one forward pass.",
@@ -418,6 +456,81 @@ def _cmd_distill(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
+def _cmd_prior(args: argparse.Namespace, progress: bool) -> int:
+    from cvdd.api import prior
+
+    priors = prior(
+        args.experts,
+        ipc=args.ipc,
+        preset=args.preset,
+        overrides=_eval_overrides(args),
+        dataset=args.dataset,
+        data=args.data,
+        seed=args.seed,
+        device=args.device,
+        progress=progress,
+    )
+    for name, value in priors.items():
+        print(f"{name:<18} prior {value:.2f}%  (written to {args.experts}/{name}.json)")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace, progress: bool) -> int:
+    import os
+    import platform
+    import shlex
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from cvdd.api import distill
+    from cvdd.pipeline import get_distill_preset
+
+    over = _eval_overrides(args)
+    preset = get_distill_preset(args.preset)
+    ipcs, seeds = args.ipc, args.seeds
+    if args.budget == "small":
+        ipcs = ipcs or preset.ipcs[:1]
+        seeds = seeds or preset.evaluate.seeds[:1]
+        over.setdefault("epochs", 50)
+    t0 = time.perf_counter()
+    rows = distill(
+        args.data,
+        args.out,
+        preset=args.preset,
+        ipcs=ipcs,
+        seeds=seeds,
+        overrides=over,
+        experts=args.experts,
+        seed=args.seed,
+        device=args.device,
+        progress=progress,
+    )
+    wall = time.perf_counter() - t0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "none"
+    stages = {
+        k: max(r["seconds"][k] for r in rows) if k == "squeeze" else sum(r["seconds"][k] for r in rows)
+        for k in ("squeeze", "recover", "relabel", "evaluate")
+    }
+    lines = [
+        f"# cvdd bench: {args.preset} ({args.budget} budget)",
+        "",
+        "Command: `cvdd " + " ".join(shlex.quote(a) for a in args._argv) + "`",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, GPU {gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), cvdd {__version__}.",
+        "",
+        f"Wall time {wall:.0f} s; per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + ".",
+        "",
+        (Path(args.out) / "results.md").read_text(),
+    ]
+    (Path(args.out) / "bench.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from cvdd.api import models
 
@@ -457,7 +570,9 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cvdd`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
+    args._argv = raw
     if args.command is None:
         parser.print_help()
         return 0
@@ -475,6 +590,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_evaluate(args, progress)
         if args.command == "distill":
             return _cmd_distill(args, progress)
+        if args.command == "prior":
+            return _cmd_prior(args, progress)
+        if args.command == "bench":
+            return _cmd_bench(args, progress)
         if args.command == "models":
             return _cmd_models(args)
         if args.command == "presets":

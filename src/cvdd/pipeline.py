@@ -103,7 +103,7 @@ def distill(
 ) -> list[dict[str, Any]]:
     """Run the pipeline and write ``results.json``, ``results.md``, grids and the resolved config to ``out``."""
     from cvdd.api import load_pool, recover, squeeze
-    from cvdd.experts import read_expert_meta
+    from cvdd.experts import list_experts, read_expert_meta
     from cvdd.relabel.bssl import Teacher, teacher_weights
 
     out_dir = Path(out)
@@ -115,10 +115,28 @@ def distill(
     t_all = time.perf_counter()
     spec = data.spec
 
-    # 1. squeeze: the committee (reused when already trained with the same recipe).
+    # 1. squeeze: the committee (reused when already trained with the same recipe), or the user's experts.
     t0 = time.perf_counter()
-    exp_dir = Path(experts_dir) if experts_dir is not None else out_dir / "experts"
-    squeezed = squeeze(data, out=exp_dir, preset=preset.squeeze_preset, seed=seed, device=device, progress=progress)
+    if experts_dir is not None and list_experts_or_empty(experts_dir):
+        from cvdd.squeeze import SqueezeResult
+
+        squeezed = []
+        for path in list_experts(experts_dir):
+            meta = read_expert_meta(path)
+            squeezed.append(
+                SqueezeResult(
+                    path.stem,
+                    meta["arch"],
+                    path,
+                    float(meta["test_acc"]),
+                    float(meta.get("wall_seconds", 0.0)),
+                    float(meta.get("images_per_s", 0.0)),
+                    skipped=True,
+                )
+            )
+    else:
+        exp_dir = Path(experts_dir) if experts_dir is not None else out_dir / "experts"
+        squeezed = squeeze(data, out=exp_dir, preset=preset.squeeze_preset, seed=seed, device=device, progress=progress)
     squeeze_s = time.perf_counter() - t0
     pool = load_pool([r.path for r in squeezed], device=device)
     teacher = Teacher(
@@ -240,6 +258,13 @@ def distill(
     atomic_write_text(out_dir / "results.json", json.dumps(rows, indent=1))
     atomic_write_text(out_dir / "results.md", results_markdown(rows, resolved))
     return rows
+
+
+def list_experts_or_empty(folder: str | os.PathLike[str]) -> list[Path]:
+    """Experts in ``folder``, or [] when the folder does not exist yet."""
+    from cvdd.experts import list_experts
+
+    return list_experts(folder) if Path(folder).is_dir() else []
 
 
 def _pct(mean: float, std: float) -> str:

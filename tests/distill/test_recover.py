@@ -16,13 +16,6 @@ from cvdd.experts import list_experts, load_expert
 TINY = {"iterations": 12, "log_every": 4, "init_candidates": 20, "init_crops": 2}
 
 
-@pytest.fixture(scope="module")
-def digit_experts(tmp_path_factory: pytest.TempPathFactory, digits) -> Path:
-    out = tmp_path_factory.mktemp("digit-experts")
-    cvdd.squeeze(digits, archs=["convnet_d3_w32", "resnet8"], out=out, epochs=3, progress=False)
-    return out
-
-
 def _recover(experts: Path, out: Path, digits, **kw):
     overrides = {**TINY, **kw.pop("overrides", {})}
     return cvdd.recover(experts, out, dataset=digits, overrides=overrides, progress=False, **kw)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from cvdd.data.augment import Normalize
@@ -84,6 +85,12 @@ def test_stored_shards_replay_the_exact_inputs_and_logits(tmp_path: Path) -> Non
     settings = LabelSettings(epochs=3, batch_size=8, micro_batch=4, seed=11, dtype="fp32")
     info = relabel_stored(images, labels, SPEC, teacher, settings, tmp_path / "labels", progress=False)
     assert info["files"] == 3 and len(list((tmp_path / "labels").glob("epoch_*.safetensors"))) == 3
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == [  # one file per epoch, plus the index
+        "epoch_0000.safetensors",
+        "epoch_0001.safetensors",
+        "epoch_0002.safetensors",
+        "labels.json",
+    ]
     assert info["bytes"] > 0
     norm = Normalize(SPEC)
     for e in range(3):
@@ -96,10 +103,11 @@ def test_stored_shards_replay_the_exact_inputs_and_logits(tmp_path: Path) -> Non
         assert torch.equal(logits, teacher_logits(images, labels, fresh, teacher, norm, 4))
     # A killed relabel resumes: a missing shard is rebuilt identically.
     shard = tmp_path / "labels" / "epoch_0001.safetensors"
-    data = shard.read_bytes()
+    before = load_file(str(shard))
     shard.unlink()
     relabel_stored(images, labels, SPEC, teacher, settings, tmp_path / "labels", progress=False)
-    assert shard.read_bytes() == data
+    after = load_file(str(shard))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def _train(images, labels, teacher, cfg: EvalConfig, label_dir=None) -> nn.Module:

@@ -358,7 +358,8 @@ def _optimise_unit(
                 sub = xa if full else xa[rows[name]]
                 with autocast(device, precision):
                     logits = committee.models[name](sub)
-                ce_rows = nn.functional.cross_entropy(logits.float(), targets[rows[name]], reduction="none")
+                tgt = targets if full else targets[rows[name]]
+                ce_rows = nn.functional.cross_entropy(logits.float(), tgt, reduction="none")
                 # Mean CE over each IPC index's images, weighted by that index's voter weight.
                 ce = (ce_rows * row_w[name]).sum() / n_cls
                 bn = hooks[name].loss()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cvdd.artifacts import atomic_write_text, load_tensors, save_tensors
+from cvdd.artifacts import atomic_write_text
 from cvdd.data.augment import Normalize
 from cvdd.data.specs import DatasetSpec
 from cvdd.device import derive_seed, make_generator
@@ -119,7 +119,7 @@ def relabel_stored(
                 tensors["topk_indices"] = idx.to(torch.int32)
             else:
                 tensors["logits"] = logits.half() if settings.dtype == "fp16" else logits
-            save_tensors(path, tensors, {"kind": "label-shard", "epoch": e})
+            _save_shard(path, tensors, e)
         total_bytes += path.stat().st_size
     info = {
         "ident": ident,
@@ -132,6 +132,23 @@ def relabel_stored(
     return info
 
 
+def _save_shard(path: Path, tensors: dict[str, torch.Tensor], epoch: int) -> None:
+    """One safetensors file per epoch (its header says what it is; no sidecar file), written atomically."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"kind": "cvdd-label-shard", "epoch": str(epoch)},
+        )
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def load_shard(
     out: str | os.PathLike[str], epoch: int, settings: LabelSettings, num_classes: int, device: torch.device
 ) -> tuple[EpochPlan, torch.Tensor]:
@@ -139,7 +156,12 @@ def load_shard(
     path = Path(out) / f"epoch_{epoch:04d}.safetensors"
     if not path.is_file():
         raise ArtifactError(f"missing label shard {path} (relabel stored fewer epochs than the student trains)")
-    t, _ = load_tensors(path)
+    from safetensors.torch import load_file
+
+    try:
+        t = load_file(str(path))
+    except Exception as exc:
+        raise ArtifactError(f"unreadable label shard {path}: {str(exc).splitlines()[0]}") from None
     plan = EpochPlan.from_tensors(
         {
             k: t[k].to(device) if k != "mix_boxes" else t[k]

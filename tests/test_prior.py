@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import cvdd
+from cvdd.api import load_pool
+from cvdd.cli import main
+
+
+def test_prior_is_measured_on_training_images_and_used_by_recover(digit_experts: Path, digits, tmp_path: Path) -> None:
+    experts = tmp_path / "experts"
+    shutil.copytree(digit_experts, experts)  # prior writes metadata: work on a private copy
+    priors = cvdd.prior(
+        experts,
+        dataset=digits,
+        overrides={"epochs": 2, "seeds": [0]},
+        recover_overrides={"iterations": 3, "init_candidates": 20, "init_crops": 2},
+        val_per_class=20,
+        progress=False,
+        out=tmp_path / "work",
+    )
+    assert set(priors) == {"convnet_d3_w32", "resnet8"}
+    for name, value in priors.items():
+        meta = json.loads((experts / f"{name}.json").read_text())
+        assert meta["prior"] == pytest.approx(value) and 0.0 <= value <= 100.0
+        assert meta["prior_recipe"]["validation"] == "20 real training images per class"
+    pool = load_pool(experts)
+    assert all(e.prior == (priors[e.name], "prior") for e in pool)
+    res = cvdd.recover(
+        experts, tmp_path / "syn", dataset=digits, ipc=1, progress=False, overrides={"iterations": 2, "init": "real"}
+    )
+    assert res.meta["prior_sources"] == {"convnet_d3_w32": "prior", "resnet8": "prior"}
+    assert res.meta["priors"] == pytest.approx(priors)
+
+
+def test_bench_cli_small_budget_writes_a_report(cifar_slice: Path, tmp_path: Path) -> None:
+    experts = tmp_path / "experts"
+    cvdd.squeeze(
+        cifar_slice, archs=["convnet_d3_w32", "resnet8"], out=experts, preset="cifar10-cpu", epochs=1, progress=False
+    )
+    code = main(
+        [
+            "bench",
+            "--data",
+            str(cifar_slice),
+            "--out",
+            str(tmp_path / "b"),
+            "--budget",
+            "small",
+            "--experts",
+            str(experts),
+            "--ipc",
+            "1",
+            "--set",
+            "epochs=1",
+            "--set",
+            "student=convnet_d3_w32",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    report = (tmp_path / "b" / "bench.md").read_text()
+    assert "Machine:" in report and "| cvdd | 1 |" in report and "Command: `cvdd bench" in report
