@@ -191,7 +191,7 @@ class EvalResult:
     Attributes:
         accs: final-epoch top-1 of each seed.
         seeds: the seeds, aligned with ``accs``.
-        seconds: wall time of all student runs.
+        seconds: wall time of all student runs (relabelling excluded: see ``label_seconds``).
         label_bytes: bytes of stored soft labels (0 online or hard).
         label_seconds: wall time of relabelling (stored mode).
         images_per_s: student training throughput (median over seeds).
