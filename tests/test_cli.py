@@ -9,7 +9,19 @@ import pytest
 from cvdd.cli import build_parser, main
 from cvdd.models import list_models
 
-SUBCOMMANDS = ["squeeze", "recover", "relabel", "evaluate", "distill", "export", "models", "presets"]
+SUBCOMMANDS = [
+    "squeeze",
+    "recover",
+    "relabel",
+    "evaluate",
+    "distill",
+    "prior",
+    "bench",
+    "export",
+    "info",
+    "models",
+    "presets",
+]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -165,3 +165,13 @@ def test_relabel_and_evaluate_cli(digit_experts: Path, tmp_path: Path, capsys: p
     )
     assert main(["evaluate", "random-real", "--experts", str(digit_experts), "--quiet"]) == 2
     assert "needs --ipc" in capsys.readouterr().err
+
+    assert cvdd.info(syn)["kind"] == "synthetic" and cvdd.info(syn)["ipc"] == 1
+    labels = cvdd.info(syn / "labels")
+    assert labels["kind"] == "stored labels" and labels["epochs"] == 2 and labels["bssl"] is True
+    expert = cvdd.info(digit_experts / "resnet8.safetensors")
+    assert expert["kind"] == "expert" and expert["arch"] == "resnet8" and expert["classes"] == 10
+    assert cvdd.info(digit_experts)["kind"] == "experts folder"
+    assert main(["info", str(syn), "--quiet"]) == 0
+    assert "committee_policy" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "nothing"), "--quiet"]) == 2

@@ -9,13 +9,14 @@ The Python API has the same names as the CLI subcommands::
 
 __version__ = "0.1.0"
 
-from cvdd.api import distill, evaluate, export, load_dataset, prior, recover, relabel, squeeze
+from cvdd.api import distill, evaluate, export, info, load_dataset, prior, recover, relabel, squeeze
 
 __all__ = [
     "__version__",
     "distill",
     "evaluate",
     "export",
+    "info",
     "load_dataset",
     "prior",
     "recover",

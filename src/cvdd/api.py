@@ -544,3 +544,88 @@ def _smallest_class(real: RealDataset) -> int:
     import torch
 
     return int(torch.bincount(real.train.labels.cpu(), minlength=real.spec.num_classes).min())
+
+
+def info(artifact: str | os.PathLike[str]) -> dict[str, Any]:
+    """Describe any cvdd artifact (``cvdd info``): an expert, a synthetic set, stored labels or a distill run.
+
+    Returns:
+        A flat dict: ``kind`` plus the fields that matter for that kind (dataset, classes, IPC, committee...).
+    """
+    import json as _json
+
+    from cvdd.errors import ArtifactError
+
+    p = Path(artifact)
+    candidates = (
+        [p.with_suffix(".json")]
+        if p.suffix in (".safetensors", ".json")
+        else [p / "synthetic.json", p / "labels.json", p / "results.json", p / "labels" / "labels.json"]
+    )
+    if p.is_dir() and not any(c.is_file() for c in candidates):
+        experts_found = [m for m in sorted(p.glob("*.json")) if '"kind": "expert"' in m.read_text()[:200]]
+        if experts_found:
+            return {"kind": "experts folder", "path": str(p), "experts": [m.stem for m in experts_found]}
+    meta_path = next((c for c in candidates if c.is_file()), None)
+    if meta_path is None:
+        raise ArtifactError(f"no cvdd artifact found at {p}")
+    try:
+        meta = _json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"unreadable metadata {meta_path}: {exc}") from None
+    if meta_path.name == "results.json":
+        return {
+            "kind": "distill results",
+            "path": str(meta_path),
+            "rows": len(meta),
+            "methods": sorted({r["method"] for r in meta}),
+            "ipcs": sorted({r["ipc"] for r in meta}),
+            "dataset": meta[0]["dataset"] if meta else None,
+        }
+    if meta_path.name == "labels.json":
+        ident = meta["ident"]
+        return {
+            "kind": "stored labels",
+            "path": str(meta_path.parent),
+            "complete": meta.get("complete"),
+            "epochs": ident["settings"]["epochs"],
+            "batch_size": ident["settings"]["batch_size"],
+            "micro_batch": ident["settings"]["micro_batch"],
+            "teacher": ident["teacher"]["experts"],
+            "bssl": ident["teacher"]["bssl"],
+            "bytes": meta.get("bytes"),
+            "images": ident["n"],
+        }
+    kind = meta.get("kind")
+    spec = meta.get("dataset", {})
+    out: dict[str, Any] = {
+        "kind": kind,
+        "path": str(meta_path),
+        "dataset": spec.get("name"),
+        "classes": len(spec.get("classes", [])),
+        "image_size": spec.get("image_size"),
+        "cvdd_version": meta.get("cvdd_version"),
+    }
+    if kind == "expert":
+        out.update(
+            {
+                "arch": meta.get("arch"),
+                "test_acc": meta.get("test_acc"),
+                "prior": meta.get("prior"),
+                "epochs": meta.get("epochs"),
+                "seed": meta.get("seed"),
+                "params": meta.get("params"),
+            }
+        )
+    elif kind == "synthetic":
+        out.update(
+            {
+                "method": meta.get("method"),
+                "ipc": meta.get("ipc"),
+                "seed": meta.get("seed"),
+                "committee_policy": meta.get("committee_policy"),
+                "committees": meta.get("committees"),
+                "config_hash": meta.get("config_hash"),
+            }
+        )
+    return out

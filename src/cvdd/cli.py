@@ -263,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser(
+        "info",
+        help="describe a cvdd artifact (expert, synthetic set, labels, distill run)",
+        description="Print the kind, dataset, classes and the key fields of any artifact cvdd wrote.",
+    )
+    p.add_argument("artifact", help="a .safetensors/.json file or an output folder")
+    _add_common(p)
+
+    p = sub.add_parser(
         "models",
         help="list the registered architectures",
         description="Print every architecture with its input sizes, parameter count and MFLOPs of one forward pass.",
@@ -531,6 +539,14 @@ def _cmd_bench(args: argparse.Namespace, progress: bool) -> int:
     return 0
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    from cvdd.api import info
+
+    for key, value in info(args.artifact).items():
+        print(f"{key:<17} {value}")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from cvdd.api import models
 
@@ -590,6 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_evaluate(args, progress)
         if args.command == "distill":
             return _cmd_distill(args, progress)
+        if args.command == "info":
+            return _cmd_info(args)
         if args.command == "prior":
             return _cmd_prior(args, progress)
         if args.command == "bench":

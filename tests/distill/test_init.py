@@ -1,0 +1,55 @@
+"""Initialisation: RDED-style patches (factor 1 and 2x2 mosaics), random real images, Gaussian noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvdd.data.sources import load_dataset
+from cvdd.distill.init import class_images, class_indices, gaussian_init, patch_init, real_init
+from cvdd.errors import DataError
+from cvdd.models import create_model
+
+
+def _observer(classes: int, size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("convnet_d3_w32", classes, size).eval()
+
+
+def test_real_init_is_seeded_per_class_and_index(digits) -> None:
+    a = real_init(digits, 3, 4, seed=0)
+    assert a.shape == (4, 3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a, real_init(digits, 3, 4, seed=0))
+    assert torch.equal(real_init(digits, 3, 2, seed=0), a[:2])  # index k is the k-th of one seeded draw
+    assert not torch.equal(a, real_init(digits, 3, 4, seed=1))
+    with pytest.raises(DataError, match="fewer than the 100000 needed"):
+        real_init(digits, 0, 100_000, seed=0)
+
+
+def test_patch_init_factor_one_and_two(digits) -> None:
+    obs = _observer(10, 32)
+    one = patch_init(digits, 2, 3, obs, seed=0, candidates=30, crops=2, factor=1)
+    assert one.shape == (3, 3, 32, 32) and one.dtype == torch.uint8
+    assert torch.equal(one, patch_init(digits, 2, 3, obs, seed=0, candidates=30, crops=2, factor=1))
+    mosaic = patch_init(digits, 2, 3, obs, seed=0, candidates=30, crops=2, factor=2)
+    assert mosaic.shape == (3, 3, 32, 32)
+    # Each quadrant is a nearest-neighbour upscaled 16x16 patch: at 32 px exactly 16 px, so no blending.
+    assert not torch.equal(mosaic[:, :, :16, :16], mosaic[:, :, 16:, 16:])
+    with pytest.raises(DataError, match="needs 400 candidate images"):
+        patch_init(digits, 2, 100, obs, seed=0, candidates=1000, crops=1, factor=2)
+
+
+def test_patch_init_on_a_streamed_224px_dataset(tiny_folder: Path) -> None:
+    ds = load_dataset(tiny_folder, image_size=224, progress=False)
+    idx = class_indices(ds, 1)
+    assert len(idx) == 5 and class_images(ds, idx[:2]).shape == (2, 3, 224, 224)
+    out = patch_init(ds, 1, 1, _observer(3, 224), seed=0, candidates=5, crops=1, factor=2)
+    assert out.shape == (1, 3, 224, 224)
+
+
+def test_gaussian_init_is_seeded() -> None:
+    a = gaussian_init(2, 8, 0, "k", 1)
+    assert a.shape == (2, 3, 8, 8) and torch.equal(a, gaussian_init(2, 8, 0, "k", 1))
+    assert not torch.equal(a, gaussian_init(2, 8, 0, "k", 2))
