@@ -63,6 +63,31 @@ def test_distill_tiny_budget_writes_valid_results(tmp_path: Path, digits) -> Non
     assert all(r["label_mode"] == "stored" and r["label_bytes"] > 0 for r in rows)
     assert (tmp_path / "cvdd" / "ipc1" / "labels" / "epoch_0000.safetensors").is_file()
 
+    # A re-run (for example after a kill) reuses every finished piece: experts, units, labels, evaluations.
+    row_file = tmp_path / "cvdd" / "ipc1" / "row.json"
+    stamp = row_file.stat().st_mtime_ns
+    again = cvdd.distill(
+        digits,
+        tmp_path,
+        ipcs=[1],
+        seeds=seeds,
+        overrides={"epochs": 2, "label_mode": "stored"},
+        recover_overrides={"iterations": 5, "init_candidates": 20, "init_crops": 2},
+        progress=False,
+    )
+    assert row_file.stat().st_mtime_ns == stamp and [r["acc"] for r in again] == [r["acc"] for r in rows]
+    # A changed recipe is not served from the cache.
+    cvdd.distill(
+        digits,
+        tmp_path,
+        ipcs=[1],
+        seeds=seeds,
+        overrides={"epochs": 1, "label_mode": "online"},
+        recover_overrides={"iterations": 5, "init_candidates": 20, "init_crops": 2},
+        progress=False,
+    )
+    assert row_file.stat().st_mtime_ns != stamp
+
 
 def test_distill_cli_reuses_experts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = [

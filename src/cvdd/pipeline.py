@@ -199,6 +199,14 @@ def distill(
                 )
                 images, labels = res.images, res.labels
             recover_s = time.perf_counter() - t0
+            # A finished evaluation of the very same images under the very same recipe is reused, so a killed
+            # distill resumes without retraining students (recover and relabel resume on their own).
+            row_key = _row_key(images, labels, cfg, full_real_hard, [r.name for r in squeezed])
+            cached = _cached_row(run_dir / "row.json", row_key)
+            if cached is not None:
+                log.info("%s ipc %d: reusing the finished evaluation in %s", method, ipc, run_dir / "row.json")
+                rows.append(cached)
+                continue
             label_dir = run_dir / "labels" if cfg.label_mode == "stored" else None
             soft = evaluate_synthetic(
                 images,
@@ -229,6 +237,8 @@ def distill(
             row = _row(spec.name, method, ipc, cfg, soft, hard, seconds)
             row["hlr"] = full_real_hard - hard.mean
             rows.append(row)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "row.json", json.dumps({"key": row_key, "row": row}, indent=1))
             log.info(
                 "%s ipc %d: %.2f ± %.2f%% (%s labels), hard %.2f%%",
                 method,
@@ -258,6 +268,27 @@ def distill(
     atomic_write_text(out_dir / "results.json", json.dumps(rows, indent=1))
     atomic_write_text(out_dir / "results.md", results_markdown(rows, resolved))
     return rows
+
+
+def _row_key(images: Any, labels: Any, cfg: EvalConfig, full_real_hard: float, experts: list[str]) -> str:
+    """Hash of what determines an evaluation: the pixels, the labels, the recipe, the teacher's experts."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(images.detach().cpu().float().contiguous().numpy().tobytes())
+    h.update(labels.detach().cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps({"cfg": to_dict(cfg), "ref": full_real_hard, "experts": experts}, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def _cached_row(path: Path, key: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["row"] if saved.get("key") == key else None
 
 
 def list_experts_or_empty(folder: str | os.PathLike[str]) -> list[Path]:
