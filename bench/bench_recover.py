@@ -108,7 +108,7 @@ def median_ms(values: list[float]) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The reproduced iteration (mirrors cvdd.distill.recover._optimise_unit, from public pieces only)
+# The reproduced iteration (mirrors cvdd.synthesis.recover._optimise_unit, from public pieces only)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -129,7 +129,7 @@ class UnitBench:
     ) -> None:
         from cvdd.data.augment import Normalize
         from cvdd.device import make_generator, resolve_precision
-        from cvdd.distill.bn_matching import BNMatching
+        from cvdd.synthesis.bn_matching import BNMatching
 
         self.models, self.members, self.n_cls, self.cfg, self.spec, self.device = (
             models,
@@ -159,7 +159,7 @@ class UnitBench:
             h.__exit__(None, None, None)
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
-        from cvdd.distill.jitter import recover_augment
+        from cvdd.synthesis.jitter import recover_augment
 
         return recover_augment(
             x,
@@ -192,7 +192,7 @@ class UnitBench:
         """One recover iteration; returns its phase times in seconds (device synchronised at each boundary)."""
         from torch.profiler import record_function
 
-        from cvdd.distill.jitter import clamp_to_valid, cosine_lr
+        from cvdd.synthesis.jitter import clamp_to_valid, cosine_lr
 
         def rf(name: str) -> Any:
             return record_function(name) if label else contextlib.nullcontext()
@@ -290,9 +290,9 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     import cvdd
     from cvdd.api import load_pool
 
-    # importlib rather than `import cvdd.distill.recover as rec`: the attribute chain cvdd.distill can be shadowed
-    # by a package-level name (the API function cvdd.distill), while the module itself is always importable.
-    rec = importlib.import_module("cvdd.distill.recover")
+    # importlib rather than `import cvdd.synthesis.recover as rec`: the attribute chain cvdd.synthesis can be shadowed
+    # by a package-level name (the API function cvdd.synthesis), while the module itself is always importable.
+    rec = importlib.import_module("cvdd.synthesis.recover")
     from cvdd.config import apply_overrides, get_recover_preset
     from cvdd.data.augment import Normalize
     from cvdd.device import derive_seed, resolve_device

@@ -12,11 +12,11 @@ from typing import Any
 
 from cvdd.data.sources import RealDataset, TensorSplit
 from cvdd.data.sources import load_dataset as _load_dataset
-from cvdd.distill.recover import RecoverResult, export_imagefolder, recover_images
 from cvdd.errors import ConfigError, CvddError
 from cvdd.experts import Expert
 from cvdd.models import ModelInfo, count_parameters, create_model, forward_mflops, list_models, model_info
 from cvdd.squeeze import SqueezeResult, resolve_squeeze_config, squeeze_experts
+from cvdd.synthesis.recover import RecoverResult, export_imagefolder, recover_images
 
 
 def load_dataset(
@@ -193,7 +193,7 @@ def recover(
         experts: folder of squeezed experts, or a list of expert files; they form the pool.
         out: output folder (``synthetic.safetensors`` + ``.json``, ``grid.png``, ``units/``).
         ipc, committee_size, committee, voting, iterations, lr, init: the most used
-            :class:`~cvdd.distill.recover.RecoverConfig` fields (None keeps the preset's value).
+            :class:`~cvdd.synthesis.recover.RecoverConfig` fields (None keeps the preset's value).
         preset: recover preset (default: the dataset's own, e.g. ``digits``, ``cifar10``).
         pool: names (and order) of the experts to use from the folder.
         overrides: any other RecoverConfig fields.
@@ -206,7 +206,7 @@ def recover(
         progress: progress bar.
 
     Returns:
-        The :class:`~cvdd.distill.recover.RecoverResult`.
+        The :class:`~cvdd.synthesis.recover.RecoverResult`.
     """
     from cvdd.config import apply_overrides, get_recover_preset
 
@@ -265,8 +265,8 @@ def _synthetic_or_random(
     progress: bool,
 ) -> tuple[Any, ...]:
     """(images, labels, real dataset) for a synthetic set path or the ``random-real`` baseline."""
-    from cvdd.distill.recover import load_synthetic
     from cvdd.evaluate.student import random_real_set
+    from cvdd.synthesis.recover import load_synthetic
 
     source = dataset if dataset is not None else _dataset_for_experts(pool[0].meta.get("dataset_source"))
     if source is None:

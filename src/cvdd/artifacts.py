@@ -6,6 +6,7 @@ never leaves a half-written file that a later run would read as finished.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -67,10 +68,21 @@ def safe_torch_load(path: str | os.PathLike[str]) -> Any:
         raise ArtifactError(f"unreadable checkpoint {path}: {str(exc).splitlines()[0]}") from None
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes (hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Save tensors as safetensors and ``meta`` as JSON beside them (``.json``), both atomically.
 
-    The JSON is written last, so its presence marks a complete artifact.
+    The JSON is written last, so its presence marks a complete artifact, and it records the sha256 of the
+    tensor file (``meta["sha256"]``), which :func:`load_tensors` verifies: a truncated or tampered file is
+    never read as finished.
     """
     from safetensors.torch import save_file
 
@@ -79,11 +91,19 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
     tmp = _tmp_name(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        digest = file_sha256(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1, sort_keys=False))
+    atomic_write_text(path.with_suffix(".json"), json.dumps({**meta, "sha256": digest}, indent=1, sort_keys=False))
+
+
+def verify_checksum(path: str | os.PathLike[str], meta: dict[str, Any]) -> None:
+    """Raise :class:`ArtifactError` when the file's sha256 differs from the one recorded in its metadata."""
+    expected = meta.get("sha256")
+    if expected and file_sha256(path) != expected:
+        raise ArtifactError(f"checksum mismatch for {path}: the file was modified or truncated after it was written")
 
 
 def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -102,6 +122,7 @@ def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"unreadable metadata {meta_path}: {exc}") from None
+    verify_checksum(path, meta)
     try:
         tensors = load_file(str(path))
     except Exception as exc:

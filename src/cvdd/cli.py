@@ -619,6 +619,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CvddError as exc:
         print(f"cvdd: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permission denied...: finished files were written atomically and stay
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(
+            f"cvdd: error: cannot read or write{where}: {exc.strerror or exc}; finished work is kept", file=sys.stderr
+        )
+        return 2
     except KeyboardInterrupt:
         print("cvdd: interrupted; finished work is kept and the next run resumes", file=sys.stderr)
         return 130

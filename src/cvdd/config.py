@@ -230,7 +230,7 @@ def apply_overrides(obj: T, overrides: dict[str, Any], where: str) -> T:
 
 def recover_presets() -> dict[str, Any]:
     """All recover presets (``presets/recover.yaml``): name -> (description, RecoverConfig), validated."""
-    from cvdd.distill.recover import RecoverConfig
+    from cvdd.synthesis.recover import RecoverConfig
 
     out = {}
     for name, body in _load_yaml("recover.yaml").items():

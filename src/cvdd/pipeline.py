@@ -178,7 +178,7 @@ def distill(
             t0 = time.perf_counter()
             if method == "random-real":
                 images, labels = random_real_set(data, ipc, seed)
-                from cvdd.distill.recover import save_grid
+                from cvdd.synthesis.recover import save_grid
 
                 run_dir.mkdir(parents=True, exist_ok=True)
                 save_grid(images, spec, ipc, run_dir / "grid.png")

@@ -295,7 +295,7 @@ def evaluate_synthetic(
 
 def random_real_set(data: RealDataset, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """IPC random real training images per class (seeded), class-major: float32 (C * IPC, 3, S, S), labels."""
-    from cvdd.distill.init import real_init
+    from cvdd.synthesis.init import real_init
 
     imgs = [real_init(data, c, ipc, derive_seed(seed, "random-real")) for c in range(data.spec.num_classes)]
     images = torch.cat(imgs).float() / 255

@@ -94,7 +94,7 @@ class Teacher:
 
 def teacher_weights(experts: Sequence[Expert], mode: str = "prior", temperature: float = 10.0) -> list[float]:
     """Relabel committee weights: softmax(prior / T) (T = 10 in the method) or equal."""
-    from cvdd.distill.voting import voter_weights
+    from cvdd.synthesis.voting import voter_weights
 
     return [
         float(w)

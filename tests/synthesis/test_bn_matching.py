@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from cvdd.distill import BNMatching, BNStatHook
 from cvdd.errors import ModelError
+from cvdd.synthesis import BNMatching, BNStatHook
 
 
 class ParallelBN(nn.Module):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cvdd.data.sources import load_dataset
-from cvdd.distill.init import class_images, class_indices, gaussian_init, patch_init, real_init
 from cvdd.errors import DataError
 from cvdd.models import create_model
+from cvdd.synthesis.init import class_images, class_indices, gaussian_init, patch_init, real_init
 
 
 def _observer(classes: int, size: int) -> torch.nn.Module:

@@ -9,9 +9,9 @@ import torch
 
 import cvdd
 from cvdd.cli import main
-from cvdd.distill.recover import load_synthetic
 from cvdd.errors import ArtifactError, ConfigError
 from cvdd.experts import list_experts, load_expert
+from cvdd.synthesis.recover import load_synthetic
 
 TINY = {"iterations": 12, "log_every": 4, "init_candidates": 20, "init_crops": 2}
 
@@ -81,7 +81,7 @@ def test_loss_falls_and_experts_stay_frozen(digit_experts: Path, digits, tmp_pat
 
 def test_recover_leaves_no_hooks_and_no_grads(digit_experts: Path, digits, tmp_path: Path) -> None:
     from cvdd.api import load_pool
-    from cvdd.distill.recover import RecoverConfig, recover_images
+    from cvdd.synthesis.recover import RecoverConfig, recover_images
 
     pool = load_pool(digit_experts)
     state = {e.name: {k: v.clone() for k, v in e.model.state_dict().items()} for e in pool}

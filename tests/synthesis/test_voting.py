@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from cvdd.distill import VOTING_MODES, voter_weights
 from cvdd.errors import ConfigError
+from cvdd.synthesis import VOTING_MODES, voter_weights
 
 # Prior accuracies (%) in pool order R18, R50, SV2, MBV2, D121 (method doc §3.3).
 CIFAR10 = [63, 65.3, 68.5, 67.6, 67.4]

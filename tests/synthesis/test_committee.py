@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cvdd.distill import COMMITTEE_POLICIES, select_committee
 from cvdd.errors import ConfigError
+from cvdd.synthesis import COMMITTEE_POLICIES, select_committee
 
 POOL = ["R18", "R50", "SV2", "MBV2", "D121"]
 # Method doc §3.2, setting 5, typed from the doc (not generated).

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cvdd.distill import clamp_to_valid, cosine_lr, recover_augment
 from cvdd.errors import ConfigError
+from cvdd.synthesis import clamp_to_valid, cosine_lr, recover_augment
 
 
 def _gen(seed: int) -> torch.Generator:

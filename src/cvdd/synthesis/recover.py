@@ -31,19 +31,19 @@ import torch
 from torch import nn
 
 from cvdd import __version__
-from cvdd.artifacts import atomic_write_text, base_metadata, load_tensors, save_tensors
+from cvdd.artifacts import atomic_write_text, base_metadata, load_tensors, save_tensors, verify_checksum
 from cvdd.config import to_dict
 from cvdd.data.augment import Normalize
 from cvdd.data.sources import RealDataset
 from cvdd.data.specs import DatasetSpec
 from cvdd.device import autocast, derive_seed, make_generator, resolve_device, resolve_precision
-from cvdd.distill.bn_matching import BNMatching
-from cvdd.distill.committee import COMMITTEE_POLICIES, select_committee
-from cvdd.distill.init import check_init_method, gaussian_init, patch_init, real_init
-from cvdd.distill.jitter import clamp_to_valid, cosine_lr, recover_augment
-from cvdd.distill.voting import VOTING_MODES, voter_weights
 from cvdd.errors import ArtifactError, ConfigError
 from cvdd.experts import Expert
+from cvdd.synthesis.bn_matching import BNMatching
+from cvdd.synthesis.committee import COMMITTEE_POLICIES, select_committee
+from cvdd.synthesis.init import check_init_method, gaussian_init, patch_init, real_init
+from cvdd.synthesis.jitter import clamp_to_valid, cosine_lr, recover_augment
+from cvdd.synthesis.voting import VOTING_MODES, voter_weights
 
 log = logging.getLogger(__name__)
 
@@ -443,6 +443,14 @@ def recover_images(
         if meta_path.is_file() and tensors_path.is_file():
             meta = json.loads(meta_path.read_text())
             if meta.get("config_hash") == chash:
+                try:
+                    verify_checksum(tensors_path, meta)
+                except ArtifactError as exc:
+                    if not restart:
+                        raise ArtifactError(f"{exc}; pass --restart to recompute it") from None
+                    tensors_path.unlink()
+                    meta_path.unlink()
+                    todo.append(unit)
                 continue
             if not restart:
                 raise ArtifactError(
