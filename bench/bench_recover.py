@@ -290,8 +290,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     import cvdd
     from cvdd.api import load_pool
 
-    # importlib rather than `import cvdd.synthesis.recover as rec`: the attribute chain cvdd.synthesis can be shadowed
-    # by a package-level name (the API function cvdd.synthesis), while the module itself is always importable.
+    # By module path: its helpers _unit_init and _optimise_unit are wrapped below to time recover's two phases.
     rec = importlib.import_module("cvdd.synthesis.recover")
     from cvdd.config import apply_overrides, get_recover_preset
     from cvdd.data.augment import Normalize
@@ -545,8 +544,13 @@ def main() -> None:
         )
     emit(
         "",
-        f"wall = one `cvdd.recover` call ({PRESET}, IPC {args.ipc}) with {args.iterations} iterations instead of "
-        f"{preset.iterations}; init = patch initialisation (observer scoring real crops), optimise = the iterations; "
+        f"wall = one `cvdd.recover` call ({PRESET}, IPC {args.ipc}) with {args.iterations} iterations "
+        + (
+            "(the preset's own count, so the @ column equals the measured one); "
+            if args.iterations == preset.iterations
+            else f"instead of {preset.iterations}; "
+        )
+        + "init = patch initialisation (observer scoring real crops), optimise = the iterations; "
         f"the @ {preset.iterations} it column is init + the rest + optimise x {preset.iterations}/{args.iterations}, "
         "extrapolated, not measured. Peak RSS is `ru_maxrss` of the configuration's own subprocess; the per-phase "
         "peaks reset the high-water mark (/proc/self/clear_refs) at each phase boundary. CPU s / wall s is the recover "
