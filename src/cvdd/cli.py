@@ -583,6 +583,21 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+_HANDLERS = {
+    "squeeze": _cmd_squeeze,
+    "recover": _cmd_recover,
+    "relabel": _cmd_relabel,
+    "evaluate": _cmd_evaluate,
+    "distill": _cmd_distill,
+    "prior": _cmd_prior,
+    "bench": _cmd_bench,
+    "export": lambda args, progress: _cmd_export(args),
+    "info": lambda args, progress: _cmd_info(args),
+    "models": lambda args, progress: _cmd_models(args),
+    "presets": lambda args, progress: _cmd_presets(args),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cvdd`` console script; returns the exit status."""
     parser = build_parser()
@@ -594,28 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     progress = _setup_logging(args)
     try:
-        if args.command == "squeeze":
-            return _cmd_squeeze(args, progress)
-        if args.command == "recover":
-            return _cmd_recover(args, progress)
-        if args.command == "export":
-            return _cmd_export(args)
-        if args.command == "relabel":
-            return _cmd_relabel(args, progress)
-        if args.command == "evaluate":
-            return _cmd_evaluate(args, progress)
-        if args.command == "distill":
-            return _cmd_distill(args, progress)
-        if args.command == "info":
-            return _cmd_info(args)
-        if args.command == "prior":
-            return _cmd_prior(args, progress)
-        if args.command == "bench":
-            return _cmd_bench(args, progress)
-        if args.command == "models":
-            return _cmd_models(args)
-        if args.command == "presets":
-            return _cmd_presets(args)
+        handler = _HANDLERS.get(args.command)
+        if handler is not None:
+            return handler(args, progress)
     except CvddError as exc:
         print(f"cvdd: error: {exc}", file=sys.stderr)
         return 2
