@@ -238,18 +238,28 @@ class UnitBench:
 
 
 def time_unit(bench: UnitBench, reps: int, warmup: int) -> dict[str, float]:
-    """Median ms of (a) the full iteration and its phases, (b) experts alone with and without BN hooks."""
+    """Median ms of (a) the full iteration and its phases, (b) experts alone with and without BN hooks.
+
+    The three measurements are interleaved (a, b, b without hooks, a, b, ...) so that drift on a shared machine
+    (frequency, cache, other processes) affects them alike and the ratio (b) / (a) stays comparable.
+    """
     total = warmup + reps
     phases: dict[str, list[float]] = {}
-    with bench:
-        for t in range(total):
+    with_hooks: list[float] = []
+    no_hooks: list[float] = []
+    leaves: dict[str, torch.Tensor] | None = None
+    for t in range(total):
+        with bench:  # hooks attached
             p = bench.full_step(t, total)
-            if t >= warmup:
-                for k, v in p.items():
-                    phases.setdefault(k, []).append(v)
-        leaves = bench.fixed_leaves()
-        with_hooks = [bench.experts_step(leaves, True) for _ in range(total)][warmup:]
-    no_hooks = [bench.experts_step(leaves, False) for _ in range(total)][warmup:]  # hooks removed here
+            if leaves is None:
+                leaves = bench.fixed_leaves()
+            wh = bench.experts_step(leaves, True)
+        nh = bench.experts_step(leaves, False)  # hooks removed
+        if t >= warmup:
+            for k, v in p.items():
+                phases.setdefault(k, []).append(v)
+            with_hooks.append(wh)
+            no_hooks.append(nh)
     out = {f"full_{k}_ms": median_ms(v) for k, v in phases.items()}
     out["experts_ms"] = median_ms(with_hooks)
     out["experts_nohooks_ms"] = median_ms(no_hooks)
@@ -551,15 +561,20 @@ def main() -> None:
             else f"instead of {preset.iterations}; "
         )
         + "init = patch initialisation (observer scoring real crops), optimise = the iterations; "
-        f"the @ {preset.iterations} it column is init + the rest + optimise x {preset.iterations}/{args.iterations}, "
-        "extrapolated, not measured. Peak RSS is `ru_maxrss` of the configuration's own subprocess; the per-phase "
+        + (
+            ""
+            if args.iterations == preset.iterations
+            else f"the @ {preset.iterations} it column is init + the rest + optimise x "
+            f"{preset.iterations}/{args.iterations}, extrapolated, not measured. "
+        )
+        + "Peak RSS is `ru_maxrss` of the configuration's own subprocess; the per-phase "
         "peaks reset the high-water mark (/proc/self/clear_refs) at each phase boundary. CPU s / wall s is the recover "
         "call's own; other processes' cores = the machine's busy CPU-seconds (/proc/stat) minus this configuration's, "
         "per wall second of its whole subprocess (recover + micro-benchmarks): above ~0.1 the timings are contended.",
         "",
         f"Per iteration of the first unit, median of {args.reps} (after {args.warmup} warm-up), ms. (a) = full "
         "iteration; (b) = the experts' forward + loss + backward alone on the same augmented sub-batches with the "
-        "BN hooks.",
+        "BN hooks; (a), (b) and (b) without hooks are measured interleaved.",
         "",
         "| config | images/expert | (a) full | augment | forward+loss | backward | Adam+clamp | (b) experts | "
         "share (b)/(a) | experts without BN hooks |",
