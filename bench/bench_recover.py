@@ -44,43 +44,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 DEFAULT_EXPERTS = "/tmp/bench-c10-experts"
 MARK = "BENCH_RECOVER_JSON "
 
-
-def peak_rss_mib() -> float:
-    """High-water mark of this process's resident set (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
-
-
-class PhasePeaks:
-    """Peak RSS per phase: reads ``ru_maxrss`` at a phase boundary, then resets the kernel's high-water mark.
-
-    On Linux, writing ``5`` to ``/proc/self/clear_refs`` resets VmHWM (and so ``ru_maxrss``) to the current RSS,
-    so the next reading is the peak of the next phase alone. Where that is not possible only the process peak
-    (the maximum of all readings) is meaningful and ``per_phase`` is False.
-    """
-
-    def __init__(self) -> None:
-        self.peaks: dict[str, float] = {}
-        self.per_phase = sys.platform.startswith("linux") and self._reset()
-
-    @staticmethod
-    def _reset() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
-
-    def mark(self, phase: str) -> None:
-        """End ``phase``: record its peak RSS (MiB), then start the next one."""
-        self.peaks[phase] = max(self.peaks.get(phase, 0.0), peak_rss_mib())
-        if self.per_phase:
-            self._reset()
-
-    @property
-    def process(self) -> float:
-        return max(self.peaks.values())
+from cvdd.device import PhasePeaks  # noqa: E402 - after the constants the docs refer to
 
 
 def cpu_seconds() -> float:

@@ -9,7 +9,11 @@ The Python API has the same names as the CLI subcommands::
 
 __version__ = "0.1.0"
 
-from cvdd.api import distill, evaluate, export, info, load_dataset, prior, recover, relabel, squeeze
+# The sub-packages cvdd.evaluate and cvdd.relabel share their names with API functions. Importing a package
+# binds it as an attribute of its parent, so import them first: the functions below then win for good.
+import cvdd.evaluate
+import cvdd.relabel  # noqa: F401
+from cvdd.api import distill, evaluate, export, info, load_dataset, merge, prior, recover, relabel, report, squeeze
 
 __all__ = [
     "__version__",
@@ -18,8 +22,10 @@ __all__ = [
     "export",
     "info",
     "load_dataset",
+    "merge",
     "prior",
     "recover",
     "relabel",
+    "report",
     "squeeze",
 ]

@@ -12,11 +12,12 @@ from typing import Any
 
 from cvdd.data.sources import RealDataset, TensorSplit
 from cvdd.data.sources import load_dataset as _load_dataset
+from cvdd.distributed import Shard
 from cvdd.errors import ConfigError, CvddError
 from cvdd.experts import Expert
 from cvdd.models import ModelInfo, count_parameters, create_model, forward_mflops, list_models, model_info
 from cvdd.squeeze import SqueezeResult, resolve_squeeze_config, squeeze_experts
-from cvdd.synthesis.recover import RecoverResult, export_imagefolder, recover_images
+from cvdd.synthesis.recover import RecoverResult, merge_units, recover_images
 
 
 def load_dataset(
@@ -186,6 +187,7 @@ def recover(
     restart: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    shard: Shard | str | None = None,
 ) -> RecoverResult:
     """Synthesise IPC images per class with a voting committee of experts (``cvdd recover``).
 
@@ -204,9 +206,11 @@ def recover(
         restart: discard finished units made with another configuration instead of refusing.
         cache_dir: decoded-dataset cache.
         progress: progress bar.
+        shard: ``"i/n"`` or a :class:`~cvdd.distributed.Shard`: run only this job's units (job arrays; assemble
+            with :func:`merge`). Default: this rank's share under ``torchrun``, else every unit.
 
     Returns:
-        The :class:`~cvdd.synthesis.recover.RecoverResult`.
+        The :class:`~cvdd.synthesis.recover.RecoverResult` (``path`` None while other shards are unfinished).
     """
     from cvdd.config import apply_overrides, get_recover_preset
 
@@ -235,12 +239,32 @@ def recover(
                     f"the experts' dataset ({loaded[0].meta.get('dataset_source')}) is not available; give --dataset"
                 )
             real = load_dataset(source, data=data, cache_dir=cache_dir, progress=progress)
-    return recover_images(loaded, cfg, out, data=real, seed=seed, device=device, progress=progress, restart=restart)
+    if isinstance(shard, str):
+        shard = Shard.parse(shard)
+    return recover_images(
+        loaded, cfg, out, data=real, seed=seed, device=device, progress=progress, restart=restart, shard=shard
+    )
+
+
+def merge(out: str | os.PathLike[str]) -> RecoverResult:
+    """Assemble a recover run made by independent shards into its synthetic set (``cvdd merge``)."""
+    return merge_units(out)
 
 
 def export(synthetic: str | os.PathLike[str], out: str | os.PathLike[str], *, format: str = "png") -> int:
-    """Write a synthetic set as an ImageFolder of PNG (or JPEG q75) files (``cvdd export``); returns the count."""
-    return export_imagefolder(synthetic, out, format)
+    """Write a synthetic set for other tools (``cvdd export``); returns the number of images.
+
+    Args:
+        synthetic: a recover output (folder or ``synthetic.safetensors``).
+        out: destination folder, or for ``npz``/``safetensors`` a file (``out/images.<format>`` otherwise);
+            it must not exist yet (or be an empty folder).
+        format: ``png`` (ImageFolder, lossless), ``jpeg`` (quality 75), ``npz`` (uint8 (N, H, W, 3), labels,
+            class names), ``safetensors`` (uint8 (N, 3, H, W), labels, class names in the header) or ``hf``
+            (``train/<class>/*.png`` for Hugging Face ``load_dataset("imagefolder", data_dir=out)``).
+    """
+    from cvdd.synthesis.export import export_synthetic
+
+    return export_synthetic(synthetic, out, format)
 
 
 def _teacher(pool: list[Expert], cfg: Any) -> Any:
@@ -264,7 +288,12 @@ def _synthetic_or_random(
     seed: int,
     progress: bool,
 ) -> tuple[Any, ...]:
-    """(images, labels, real dataset) for a synthetic set path or the ``random-real`` baseline."""
+    """(images, labels, real dataset) for a synthetic set or the ``random-real`` baseline.
+
+    ``synthetic`` is a recover output, ``random-real``, or an external set (:mod:`cvdd.data.external`): a folder
+    of class sub-folders named like the dataset's classes, or a ``cvdd export`` ``.npz``/``.safetensors`` file.
+    """
+    from cvdd.data.external import is_external_set, load_external_set
     from cvdd.evaluate.student import random_real_set
     from cvdd.synthesis.recover import load_synthetic
 
@@ -283,6 +312,8 @@ def _synthetic_or_random(
         if not ipc:
             raise ConfigError("the random-real baseline needs --ipc")
         images, labels = random_real_set(real, ipc, seed)
+    elif is_external_set(synthetic):
+        images, labels = load_external_set(synthetic, real.spec)
     else:
         images, labels, _ = load_synthetic(synthetic, real.spec)
     return images, labels, real
@@ -302,6 +333,7 @@ def evaluate(
     device: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    checkpoints: str | os.PathLike[str] | None = None,
 ) -> Any:
     """Train students on a synthetic set (or ``"random-real"``) and report real test top-1 (``cvdd evaluate``).
 
@@ -316,6 +348,7 @@ def evaluate(
         seed: seed of the random-real draw.
         device: where to train.
         progress: progress bars.
+        checkpoints: folder for each student's per-epoch checkpoint (a killed evaluation resumes there).
 
     Returns:
         An :class:`~cvdd.evaluate.student.EvalResult`.
@@ -346,7 +379,20 @@ def evaluate(
         label_dir=label_dir,
         device=device,
         progress=progress,
+        checkpoint_dir=checkpoints,
     )
+
+
+def report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> dict[str, Path]:
+    """Write the HTML and Markdown report of a distill run (``cvdd report``); returns the paths written.
+
+    >>> paths = cvdd.report("runs/demo")  # doctest: +SKIP
+    >>> paths["html"]  # doctest: +SKIP
+    PosixPath('runs/demo/report/report.html')
+    """
+    from cvdd.report import write_report
+
+    return write_report(run_dir, out)
 
 
 def relabel(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from cvdd import __version__
 from cvdd.errors import CvddError
@@ -134,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard finished units made with another configuration (default: refuse to mix)",
     )
     p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="run only every N-th unit from unit I (0-based), for job arrays; all shards share --out, and "
+        "`cvdd merge OUT` assembles them (under torchrun the ranks shard automatically)",
+    )
+    p.add_argument(
         "--dataset",
         default=None,
         help="real data for the initialisation (default: the dataset the experts were squeezed on)",
@@ -143,14 +152,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser(
+        "report",
+        help="write an HTML (and Markdown) report of a distill run",
+        description="Write RUN_DIR/report/report.html and report.md: the results table (mean ± std, IOR, "
+        "HLR), image grids of every method next to random real images, accuracy against IPC, recover loss "
+        "curves per expert, voter weights, time per stage, the resolved config and versions.",
+    )
+    p.add_argument("run_dir", help="a `cvdd distill` output folder (with results.json)")
+    p.add_argument("--out", default=None, help="report folder (default: RUN_DIR/report)")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "merge",
+        help="assemble a recover run made by independent shards (--shard I/N)",
+        description="Check that every unit listed in OUT/recover.json is finished (same config hash, valid "
+        "checksum) and assemble them into OUT/synthetic.safetensors and grid.png.",
+    )
+    p.add_argument("out", help="the --out folder shared by the recover shards")
+    _add_common(p)
+
+    p = sub.add_parser(
         "export",
-        help="write a synthetic set as an ImageFolder of PNG (or JPEG) files",
-        description="Export synthetic.safetensors to <out>/<class>/<class>_<ipc>.png (lossless); "
-        "--format jpeg writes JPEG quality 75, as the official code did.",
+        help="write a synthetic set as PNG/JPEG ImageFolder, npz, safetensors or Hugging Face imagefolder",
+        description="Export synthetic.safetensors (pixels rounded to uint8, class-major). png: "
+        "<out>/<class>/<class>_<ipc>.png (lossless); jpeg: the same as JPEG quality 75, as the official code; "
+        "npz: images uint8 (N, H, W, 3), labels, classes; safetensors: images uint8 (N, 3, H, W) and labels, "
+        "class names in the header; hf: <out>/train/<class>/*.png for Hugging Face "
+        'load_dataset("imagefolder", data_dir=OUT). The destination must not exist yet.',
     )
     p.add_argument("synthetic", help="synthetic.safetensors or the recover output folder")
-    p.add_argument("--out", required=True, help="destination folder")
-    p.add_argument("--format", default="png", choices=["png", "jpeg"])
+    p.add_argument("--out", required=True, help="destination folder (npz/safetensors: a file, or OUT/images.<format>)")
+    p.add_argument("--format", default="png", choices=["png", "jpeg", "npz", "safetensors", "hf"])
     _add_common(p)
 
     p = sub.add_parser(
@@ -185,7 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         "with soft labels (online or stored, BSSL teacher) or hard labels, and report top-1 "
         "on the real test set at the final epoch as mean ± std.",
     )
-    p.add_argument("synthetic", help="recover output folder, synthetic.safetensors, or random-real")
+    p.add_argument(
+        "synthetic",
+        help="recover output folder, synthetic.safetensors, random-real, a folder of class sub-folders of "
+        "images named like the dataset's classes (<folder>/<class>/*.png, or <folder>/train/<class>/), "
+        "or a `cvdd export` .npz/.safetensors file",
+    )
     p.add_argument("--experts", default="runs/experts", help="folder of experts (the teacher)")
     p.add_argument("--ipc", type=int, default=None, help="images per class (random-real only)")
     p.add_argument("--student", default=None, help="student architecture (default: the preset's)")
@@ -194,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="student epochs")
     p.add_argument("--teacher", default=None, help="committee (default) or one expert's name")
     p.add_argument("--no-bssl", action="store_true", help="teacher BN uses its running statistics")
+    p.add_argument(
+        "--checkpoints",
+        default=None,
+        metavar="DIR",
+        help="keep each student's per-epoch checkpoint here; a killed evaluation resumes at its last epoch",
+    )
     p.add_argument("--preset", default=None, help="distill preset whose evaluation recipe is used")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     p.add_argument("--dataset", default=None, help="real dataset (default: the experts')")
@@ -279,7 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="only this input size")
     _add_common(p)
 
-    p = sub.add_parser("presets", help="list the shipped presets", description="List the squeeze and recover presets.")
+    p = sub.add_parser(
+        "presets",
+        help="list the shipped presets",
+        description="List every squeeze, recover and distill preset, one line each: the main settings and a "
+        "description. Paper presets are named per dataset and IPC (cifar100-ipc10); CPU presets end in -cpu.",
+    )
+    p.add_argument("filter", nargs="?", default=None, help="only presets whose name contains this text")
     _add_common(p)
     return parser
 
@@ -320,6 +369,7 @@ def _cmd_squeeze(args: argparse.Namespace, progress: bool) -> int:
 def _cmd_recover(args: argparse.Namespace, progress: bool) -> int:
     from cvdd.api import recover
     from cvdd.config import parse_override
+    from cvdd.distributed import Shard
 
     overrides = dict(parse_override(s) for s in args.set)
     res = recover(
@@ -342,7 +392,36 @@ def _cmd_recover(args: argparse.Namespace, progress: bool) -> int:
         restart=args.restart,
         cache_dir=args.cache_dir,
         progress=progress,
+        shard=Shard.parse(args.shard) if args.shard else None,
     )
+    return _print_recover(res)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cvdd.api import report
+
+    paths = report(args.run_dir, args.out)
+    print(f"report: {paths['html']} (Markdown: {paths['md']}; {len(paths) - 2} figures)")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from cvdd.api import merge
+
+    return _print_recover(merge(args.out))
+
+
+def _print_recover(res: Any) -> int:
+    from cvdd import distributed as dd
+
+    if not dd.is_main():
+        return 0
+    if res.path is None:
+        print(
+            f"{res.units_run} units optimised in {res.seconds:.1f} s; {res.units_missing} units are left to other "
+            f"shards: run `cvdd merge` on the output folder once they finish"
+        )
+        return 0
     m = res.meta
     print(
         f"{m['method']}: {len(res.labels)} images ({m['ipc']} per class, {len(m['dataset']['classes'])} classes), "
@@ -367,9 +446,10 @@ def _cmd_recover(args: argparse.Namespace, progress: bool) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from cvdd.api import export
+    from cvdd.synthesis.export import export_path
 
     n = export(args.synthetic, args.out, format=args.format)
-    print(f"wrote {n} {args.format.upper()} files to {args.out}")
+    print(f"wrote {n} images ({args.format}) to {export_path(args.out, args.format)}")
     return 0
 
 
@@ -429,6 +509,7 @@ def _cmd_evaluate(args: argparse.Namespace, progress: bool) -> int:
         seed=args.seed,
         device=args.device,
         progress=progress,
+        checkpoints=args.checkpoints,
     )
     accs = ", ".join(f"{100 * a:.2f}" for a in res.accs)
     print(
@@ -562,24 +643,40 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_presets(args: argparse.Namespace) -> int:
     from cvdd.config import recover_presets, squeeze_presets
-
-    print(f"{'squeeze preset':<16} {'epochs':>6} {'batch':>5} {'optim':>6} {'lr':>7}  experts / description")
-    for name, p in squeeze_presets().items():
-        r = p.recipe
-        print(f"{name:<16} {r.epochs:>6} {r.batch_size:>5} {r.optimizer:>6} {r.lr:>7g}  {', '.join(p.archs)}")
-        print(f"{'':<16} {'':>6} {'':>5} {'':>6} {'':>7}  {p.description}")
     from cvdd.pipeline import distill_presets
 
-    print()
-    print(f"{'distill preset':<16} {'student':<15} {'epochs':>6} {'labels':>7}  methods @ IPC / description")
-    for name, d in distill_presets().items():
-        e = d.evaluate
-        print(f"{name:<16} {e.student:<15} {e.epochs:>6} {e.label_mode:>7}  {', '.join(d.methods)} @ {d.ipcs}")
-        print(f"{'':<16} {'':<15} {'':>6} {'':>7}  {d.description}")
-    print()
-    print(f"{'recover preset':<16} {'ipc':>4} {'iters':>6} {'lr':>6} {'r_bn':>6} {'init':>8}  description")
-    for name, (desc, c) in recover_presets().items():
-        print(f"{name:<16} {c.ipc:>4} {c.iterations:>6} {c.lr:>6g} {c.r_bn:>6g} {c.init:>8}  {desc}")
+    # One line per preset (name, the settings that tell presets apart, description), columns sized to their
+    # content, so the list stays readable and greppable.
+    wanted = getattr(args, "filter", None) or ""
+    squeeze = [
+        [n, f"{p.recipe.epochs} ep, {p.recipe.optimizer} lr {p.recipe.lr:g}", ", ".join(p.archs), p.description]
+        for n, p in squeeze_presets().items()
+        if wanted in n
+    ]
+    recover = [
+        [n, str(c.ipc), f"{c.committee} {'+'.join(c.fixed)}".strip(), f"{c.iterations} it, {c.init}", desc]
+        for n, (desc, c) in recover_presets().items()
+        if wanted in n
+    ]
+    distill = [
+        [n, ",".join(map(str, d.ipcs)), f"{d.squeeze_preset} / {d.recover_preset}", d.evaluate.student, d.description]
+        for n, d in distill_presets().items()
+        if wanted in n
+    ]
+    tables = [
+        (["squeeze preset", "recipe", "experts", "description"], squeeze),
+        (["recover preset", "ipc", "committee", "optimisation", "description"], recover),
+        (["distill preset", "ipc", "squeeze / recover preset", "student", "description"], distill),
+    ]
+    tables = [t for t in tables if t[1]]
+    if not tables:
+        print(f"no preset name contains {wanted!r}")
+        return 0
+    for i, (header, body) in enumerate(tables):
+        widths = [max(len(r[k]) for r in [header, *body]) for k in range(len(header) - 1)]
+        print("\n" * (i > 0) + "  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  " + header[-1])
+        for r in body:
+            print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
     return 0
 
 
@@ -591,6 +688,8 @@ _HANDLERS = {
     "distill": _cmd_distill,
     "prior": _cmd_prior,
     "bench": _cmd_bench,
+    "merge": lambda args, progress: _cmd_merge(args),
+    "report": lambda args, progress: _cmd_report(args),
     "export": lambda args, progress: _cmd_export(args),
     "info": lambda args, progress: _cmd_info(args),
     "models": lambda args, progress: _cmd_models(args),
@@ -608,10 +707,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     progress = _setup_logging(args)
+    from cvdd import distributed as dd
+
     try:
+        # Under torchrun (WORLD_SIZE > 1) every rank joins the group; the stages shard or all-reduce.
+        if dd.init_from_env(getattr(args, "device", None)) and not dd.is_main():
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - one report per job: rank 0 prints it
+            progress = False
         handler = _HANDLERS.get(args.command)
         if handler is not None:
-            return handler(args, progress)
+            status = handler(args, progress)
+            dd.shutdown()
+            return status
     except CvddError as exc:
         print(f"cvdd: error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import resource
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -104,3 +106,46 @@ def num_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def peak_rss_mib() -> float:
+    """High-water mark of this process's resident set (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+class PhasePeaks:
+    """Peak RSS per phase: reads ``ru_maxrss`` at a phase boundary, then resets the kernel's high-water mark.
+
+    On Linux, writing ``5`` to ``/proc/self/clear_refs`` resets VmHWM (and so ``ru_maxrss``) to the current RSS,
+    so the next reading is the peak of the next phase alone. Where that is not possible only the process peak
+    (the maximum of all readings) is meaningful and ``per_phase`` is False.
+    """
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, float] = {}
+        self.per_phase = sys.platform.startswith("linux") and self._reset()
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def mark(self, phase: str) -> None:
+        """End ``phase``: record its peak RSS (MiB) and, on CUDA, its peak allocated memory, then start the next."""
+        self.peaks[phase] = max(self.peaks.get(phase, 0.0), peak_rss_mib())
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            gpu = torch.cuda.max_memory_allocated() / 2**20
+            self.peaks[f"{phase}_gpu"] = max(self.peaks.get(f"{phase}_gpu", 0.0), gpu)
+            torch.cuda.reset_peak_memory_stats()
+        if self.per_phase:
+            self._reset()
+
+    @property
+    def process(self) -> float:
+        """The process peak (MiB): the largest phase peak."""
+        return max(self.peaks.values())

@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cvdd import __version__
+from cvdd import distributed as dd
 from cvdd.artifacts import atomic_write_text
 from cvdd.config import _load_yaml, apply_overrides, from_dict, get_recover_preset, to_dict
 from cvdd.data.sources import RealDataset
+from cvdd.device import PhasePeaks
 from cvdd.errors import ConfigError
 from cvdd.evaluate.student import EvalConfig, EvalResult, evaluate_synthetic, random_real_set
 
@@ -113,6 +116,7 @@ def distill(
             raise ConfigError(f"unknown method {m!r}; choose among {', '.join(METHODS)}")
     cfg = preset.evaluate.validate()
     t_all = time.perf_counter()
+    squeeze_peaks = PhasePeaks()  # peak memory per stage, for results.json and the report
     spec = data.spec
 
     # 1. squeeze: the committee (reused when already trained with the same recipe), or the user's experts.
@@ -138,6 +142,7 @@ def distill(
         exp_dir = Path(experts_dir) if experts_dir is not None else out_dir / "experts"
         squeezed = squeeze(data, out=exp_dir, preset=preset.squeeze_preset, seed=seed, device=device, progress=progress)
     squeeze_s = time.perf_counter() - t0
+    squeeze_peaks.mark("squeeze")
     pool = load_pool([r.path for r in squeezed], device=device)
     teacher = Teacher(
         pool, teacher_weights(pool, "prior", cfg.teacher_temperature) if cfg.teacher == "committee" else [1.0]
@@ -176,6 +181,7 @@ def distill(
         for method in preset.methods:
             run_dir = out_dir / method / f"ipc{ipc}"
             t0 = time.perf_counter()
+            peaks = PhasePeaks()  # this row's peaks (the high-water mark restarts here)
             if method == "random-real":
                 images, labels = random_real_set(data, ipc, seed)
                 from cvdd.synthesis.recover import save_grid
@@ -184,9 +190,17 @@ def distill(
                 save_grid(images, spec, ipc, run_dir / "grid.png")
             else:
                 n = 1 if method == "sre2l++" else 2
-                rcfg = apply_overrides(
-                    base, {"ipc": ipc, "committee_size": n, "ipc_per_block": min(ipc, base.ipc_per_block)}, "recover"
-                )
+                per_method: dict[str, Any] = {
+                    "ipc": ipc,
+                    "committee_size": n,
+                    "ipc_per_block": min(ipc, base.ipc_per_block),
+                }
+                # A paper preset names its CV-DD committee policy (fixed pair, pairs, random); SRe2L++ is always
+                # one expert, so it gets `single` there. `auto` already resolves to `single` for N = 1 and is
+                # left as it is, so runs made with the older presets keep their configuration hash (resume).
+                if n == 1 and base.committee not in ("auto", "single"):
+                    per_method["committee"] = "single"
+                rcfg = apply_overrides(base, per_method, "recover")
                 res = recover(
                     [r.path for r in squeezed],
                     run_dir,
@@ -199,6 +213,7 @@ def distill(
                 )
                 images, labels = res.images, res.labels
             recover_s = time.perf_counter() - t0
+            peaks.mark("recover")
             # A finished evaluation of the very same images under the very same recipe is reused, so a killed
             # distill resumes without retraining students (recover and relabel resume on their own).
             row_key = _row_key(images, labels, cfg, full_real_hard, [r.name for r in squeezed])
@@ -218,6 +233,7 @@ def distill(
                 label_dir=label_dir,
                 device=device,
                 progress=progress,
+                checkpoint_dir=run_dir / "students" / "soft",
             )
             hard = evaluate_synthetic(
                 images,
@@ -227,6 +243,7 @@ def distill(
                 apply_overrides(cfg, {"label_mode": "hard"}, "evaluate"),
                 device=device,
                 progress=progress,
+                checkpoint_dir=run_dir / "students" / "hard",
             )
             seconds = {
                 "squeeze": squeeze_s,
@@ -234,11 +251,23 @@ def distill(
                 "relabel": soft.label_seconds,
                 "evaluate": soft.seconds + hard.seconds,
             }
+            peaks.mark("evaluate")
             row = _row(spec.name, method, ipc, cfg, soft, hard, seconds)
+            # Peak resident memory (MiB; "_gpu": peak allocated on the GPU) while this row's set was made and
+            # evaluated; squeeze is the run's (zero-cost when the experts were reused).
+            row["memory"] = {
+                f"{stage}_peak_{'gpu_alloc' if stage.endswith('_gpu') else 'rss'}_mib".replace(
+                    "_gpu_peak", "_peak"
+                ): round(v, 1)
+                for stage, v in {**squeeze_peaks.peaks, **peaks.peaks}.items()
+            }
             row["hlr"] = full_real_hard - hard.mean
             rows.append(row)
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "row.json", json.dumps({"key": row_key, "row": row}, indent=1))
+            if dd.is_main():
+                # The row holds the result now; the students' checkpoints only served an interrupted run.
+                shutil.rmtree(run_dir / "students", ignore_errors=True)
             log.info(
                 "%s ipc %d: %.2f ± %.2f%% (%s labels), hard %.2f%%",
                 method,
@@ -259,6 +288,7 @@ def distill(
         "dataset": spec.to_dict(),
         "data_source": data.source,
         "cvdd_version": __version__,
+        "versions": _versions(),
         "full_real_hard_acc": full_real_hard,
         "experts": {r.name: read_expert_meta(r.path)["test_acc"] for r in squeezed},
         "teacher": teacher.describe(),
@@ -289,6 +319,23 @@ def _cached_row(path: Path, key: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return saved["row"] if saved.get("key") == key else None
+
+
+def _versions() -> dict[str, str]:
+    """Versions that can change results: Python, torch, torchvision, numpy (with the CUDA build, if any)."""
+    import platform
+
+    import numpy
+    import torch
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "cuda": str(torch.version.cuda),
+    }
 
 
 def list_experts_or_empty(folder: str | os.PathLike[str]) -> list[Path]:

@@ -78,21 +78,55 @@ class _FileDataset(torch.utils.data.Dataset):
         return x, self.labels[i]
 
 
+class _ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Global batches in a seeded order, of which this rank loads only its contiguous slice.
+
+    Every rank draws the same permutation (same seed), so together the ranks cover each global batch exactly
+    once, like a DistributedSampler, while each global batch keeps the composition it has in one process.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, index: int, count: int) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.index, self.count = index, count
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        else:
+            order = list(range(self.n))
+        for i in range(len(self)):
+            batch = order[i * self.batch_size : (i + 1) * self.batch_size]
+            per = -(-len(batch) // self.count)
+            yield batch[self.index * per : (self.index + 1) * per]
+
+
 class StreamBatches:
     """Mini-batches of a large split through a DataLoader with workers and pinned memory.
 
     Training batches get RandomResizedCrop in the workers (images differ in size on disk); the flip and
-    normalisation are then applied on the device like for in-memory data.
+    normalisation are then applied on the device like for in-memory data. With ``shard`` = (index, count)
+    each process decodes only its slice of every global batch (data-parallel training over many ranks).
     """
 
     def __init__(
-        self, split: FileSplit, spec: DatasetSpec, batch_size: int, device: torch.device, train: bool, workers: int = 4
+        self,
+        split: FileSplit,
+        spec: DatasetSpec,
+        batch_size: int,
+        device: torch.device,
+        train: bool,
+        workers: int = 4,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.dataset = _FileDataset(split, spec.image_size, train)
         self.batch_size = batch_size
         self.device = device
         self.train = train
         self.workers = workers
+        self.shard = shard
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
@@ -107,10 +141,10 @@ class StreamBatches:
             if generator is not None
             else 0
         )
+        sampler = _ShardedBatchSampler(len(self.dataset), self.batch_size, self.train, seed, *self.shard)
         loader = torch.utils.data.DataLoader(
             self.dataset,
-            batch_size=self.batch_size,
-            shuffle=self.train,
+            batch_sampler=sampler,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(seed),
@@ -127,8 +161,13 @@ def make_batches(
     device: torch.device,
     train: bool,
     workers: int = 4,
+    shard: tuple[int, int] = (0, 1),
 ) -> TensorBatches | StreamBatches:
-    """The right batch iterator for a split: in memory on the device, or streamed from files."""
+    """The right batch iterator for a split: in memory on the device, or streamed from files.
+
+    ``shard`` only applies to streamed splits (in-memory batches are whole on every rank; the training loop
+    takes its share of each batch).
+    """
     if isinstance(split, TensorSplit):
         return TensorBatches(split, batch_size, device, shuffle=train)
-    return StreamBatches(split, spec, batch_size, device, train, workers)
+    return StreamBatches(split, spec, batch_size, device, train, workers, shard)

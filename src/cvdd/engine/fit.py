@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from cvdd import distributed as dd
 from cvdd.artifacts import atomic_torch_save, safe_torch_load
 from cvdd.config import Recipe, to_dict
 from cvdd.data.augment import Normalize, TrainAugment
@@ -83,13 +84,21 @@ class BatchSource(Protocol):
 
 
 class AugmentedBatches:
-    """A real split with the recipe's batched augmentation (random crop / RRC, flip): squeeze's source."""
+    """A real split with the recipe's batched augmentation (random crop / RRC, flip): squeeze's source.
+
+    With several ranks, a streamed (file) split yields only this rank's slice of each global batch
+    (``sharded`` is then True); an in-memory split yields whole batches and the loop takes its share.
+    """
 
     def __init__(self, split: TensorSplit | FileSplit, spec: DatasetSpec, recipe: Recipe, device: torch.device) -> None:
-        self.batches = make_batches(split, spec, recipe.batch_size, device, train=True, workers=recipe.workers)
+        shard = (dd.rank(), dd.world())
+        self.batches = make_batches(
+            split, spec, recipe.batch_size, device, train=True, workers=recipe.workers, shard=shard
+        )
         self.augment = TrainAugment(spec, recipe.augment, recipe.padding)
         self.steps_per_epoch = len(self.batches)
         self.num_samples = self.batches.num_samples
+        self.sharded = isinstance(split, FileSplit) and shard[1] > 1
 
     def epoch(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         for x, y in self.batches.epoch(generator):
@@ -181,7 +190,18 @@ def evaluate_accuracy(
     channels_last: bool = False,
     workers: int = 4,
 ) -> float:
-    """Top-1 accuracy (fraction) of ``model`` on a split, in eval mode; the model's mode is restored after."""
+    """Top-1 accuracy (fraction) of ``model`` on a split, in eval mode; the model's mode is restored after.
+
+    With several ranks each evaluates every ``world``-th sample and the counts are summed, so every rank must
+    call it.
+    """
+    if dd.active():
+        r, w = dd.rank(), dd.world()
+        split = (
+            TensorSplit(split.images[r::w], split.labels[r::w])
+            if isinstance(split, TensorSplit)
+            else FileSplit(split.files[r::w], split.labels[r::w])
+        )
     was_training = model.training
     model.eval()
     precision = resolve_precision(precision, device)
@@ -198,7 +218,24 @@ def evaluate_accuracy(
         correct += (logits.argmax(1) == y).sum()
         total += int(y.shape[0])
     model.train(was_training)
-    return float(correct.item()) / max(1, total)
+    counts = dd.all_reduce_sum(torch.stack([correct.cpu(), torch.tensor(total)]))
+    return float(counts[0]) / max(1, int(counts[1]))
+
+
+def _my_micro_batches(batch: Batch, micro_batch: int, rank: int, world: int, sharded: bool) -> tuple[list[Batch], int]:
+    """This rank's micro-batches of a step and the global batch size that weights their losses.
+
+    One process: all micro-batches of the batch. Several ranks with whole batches: micro-batches
+    round-robin (a whole batch without micro-batching is cut into ``world`` equal parts), so the summed
+    gradient equals the single-process one. Several ranks with sharded batches: all of this rank's slice.
+    """
+    if world == 1:
+        return batch.split(micro_batch), len(batch)
+    if sharded:
+        # Global batch size from this rank's slice; exact except for a short last batch.
+        return batch.split(micro_batch), len(batch) * world
+    size = micro_batch if micro_batch > 0 else -(-len(batch) // world)
+    return batch.split(size)[rank::world], len(batch)
 
 
 def _recipe_hash(recipe: Recipe, extra: dict[str, Any]) -> str:
@@ -253,10 +290,14 @@ def fit(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    dd.broadcast_module(model)  # every rank starts from rank 0's weights
+    ranks, me = dd.world(), dd.rank()
+    progress = progress and dd.is_main()
     source: BatchSource = (
         AugmentedBatches(train, spec, recipe, device) if isinstance(train, TensorSplit | FileSplit) else train
     )
     steps_per_epoch = source.steps_per_epoch
+    sharded = bool(getattr(source, "sharded", False))
     optimizer = build_optimizer(model, recipe)
     if objective is None:
         objective = hard_label_loss(recipe.label_smoothing)
@@ -282,7 +323,7 @@ def fit(
         gen = make_generator(derive_seed(seed, "epoch", epoch), device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
-        n_epoch = 0
+        n_epoch = 0  # images this rank trained on
         t_epoch = time.perf_counter()
         bar = tqdm(
             total=steps_per_epoch,
@@ -297,19 +338,21 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            for micro in batch.split(recipe.micro_batch):
+            micros, batch_total = _my_micro_batches(batch, recipe.micro_batch, me, ranks, sharded)
+            for micro in micros:
                 inputs = micro.inputs
                 if channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 with autocast(device, precision):
                     logits = model(inputs)
-                loss = objective(logits.float(), micro) * (len(micro) / len(batch))
+                loss = objective(logits.float(), micro) * (len(micro) / batch_total)
                 loss.backward()
                 # Accumulate on the device; the host only synchronises when the progress bar is refreshed.
-                loss_sum += loss.detach() * len(batch)
+                loss_sum += loss.detach() * batch_total
                 correct += (logits.detach().argmax(1) == micro.labels).sum()
+                n_epoch += len(micro)
+            dd.all_reduce_gradients(model)
             optimizer.step()
-            n_epoch += len(batch)
             bar.update()
             if progress and (i % 20 == 0 or i == steps_per_epoch - 1):
                 el = time.perf_counter() - t_epoch
@@ -319,6 +362,18 @@ def fit(
                     img_s=f"{n_epoch / max(el, 1e-9):.0f}",
                 )
         bar.close()
+        if ranks > 1:
+            dd.average_buffers(model)
+            totals = dd.all_reduce_sum(
+                torch.stack(
+                    [
+                        loss_sum.detach().double().cpu(),
+                        correct.double().cpu(),
+                        torch.tensor(float(n_epoch), dtype=torch.float64),
+                    ]
+                )
+            )
+            loss_sum, correct, n_epoch = totals[0], totals[1], int(totals[2])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t_epoch
@@ -350,7 +405,7 @@ def fit(
             recipe.epochs,
             ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"),
         )
-        if ckpt_path is not None:
+        if ckpt_path is not None and dd.is_main():
             atomic_torch_save(
                 {
                     "run_hash": run_hash,
@@ -361,6 +416,8 @@ def fit(
                 },
                 ckpt_path,
             )
+        if ckpt_path is not None:
+            dd.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
     elapsed = time.perf_counter() - t_start
     if channels_last:
         model.to(memory_format=torch.contiguous_format)

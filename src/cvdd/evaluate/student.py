@@ -224,6 +224,7 @@ def evaluate_synthetic(
     label_dir: str | Path | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    checkpoint_dir: str | Path | None = None,
 ) -> EvalResult:
     """Train one student per seed on a synthetic set and measure real test top-1 after the final epoch.
 
@@ -237,7 +238,12 @@ def evaluate_synthetic(
         label_dir: folder for stored label shards (stored mode; created by relabel if missing).
         device: where to train.
         progress: progress bars.
+        checkpoint_dir: keep a per-epoch checkpoint of each seed's student here, so a killed evaluation
+            resumes at its last finished epoch (a checkpoint made from other pixels, labels or recipe is
+            ignored); None trains without checkpoints.
     """
+    import hashlib
+
     cfg.validate()
     dev = resolve_device(device)
     imgs = images.float() / 255 if images.dtype == torch.uint8 else images.float()
@@ -257,6 +263,14 @@ def evaluate_synthetic(
     objective = hard_label_loss() if cfg.label_mode == "hard" else kd_loss(cfg.temperature, teacher)
     accs, rates = [], []
     t0 = time.perf_counter()
+    digest = hashlib.sha256(imgs.cpu().contiguous().numpy().tobytes())
+    digest.update(labels.cpu().contiguous().numpy().tobytes())
+    identity = {
+        "data": digest.hexdigest()[:16],
+        "student": cfg.student,
+        "teacher": teacher.describe() if teacher is not None else None,
+        "classes": list(spec.classes),
+    }
     for seed in cfg.seeds:
         source = SyntheticBatches(
             imgs,
@@ -280,6 +294,8 @@ def evaluate_synthetic(
             objective=objective,
             progress=progress,
             desc=f"student {cfg.student} seed {seed}",
+            checkpoint=None if checkpoint_dir is None else Path(checkpoint_dir) / f"student-seed{seed}.pt",
+            identity=identity,
         )
         accs.append(res.test_acc)
         rates.append(res.images_per_s)

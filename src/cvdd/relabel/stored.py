@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from cvdd import distributed as dd
 from cvdd.artifacts import atomic_write_text
 from cvdd.data.augment import Normalize
 from cvdd.data.specs import DatasetSpec
@@ -101,13 +102,15 @@ def relabel_stored(
         old = json.loads(meta_path.read_text())
         if old.get("ident") != ident:
             raise ArtifactError(f"{out_dir} holds labels made with another teacher or settings; choose another --out")
-    else:
+    elif dd.is_main():
         atomic_write_text(meta_path, json.dumps({"ident": ident, "complete": False}, indent=1))
+    dd.barrier()
     device = images.device
     normalize = Normalize(spec)
     t0 = time.perf_counter()
-    total_bytes = 0
-    for e in tqdm(range(settings.epochs), desc="relabel", unit="epoch", disable=not progress, leave=False):
+    # Epochs are independent (each plan is drawn from (seed, epoch)): ranks take every world-th epoch.
+    mine = dd.current_shard().take(range(settings.epochs))
+    for e in tqdm(mine, desc="relabel", unit="epoch", disable=not progress or not dd.is_main(), leave=False):
         path = out_dir / f"epoch_{e:04d}.safetensors"
         if not path.is_file():
             plan = plan_for_epoch(settings, len(labels), spec.image_size, e, device)
@@ -120,7 +123,8 @@ def relabel_stored(
             else:
                 tensors["logits"] = logits.half() if settings.dtype == "fp16" else logits
             _save_shard(path, tensors, e)
-        total_bytes += path.stat().st_size
+    dd.barrier()  # every rank's epochs are on disk
+    total_bytes = sum((out_dir / f"epoch_{e:04d}.safetensors").stat().st_size for e in range(settings.epochs))
     info = {
         "ident": ident,
         "complete": True,
@@ -128,7 +132,9 @@ def relabel_stored(
         "files": settings.epochs,
         "seconds": time.perf_counter() - t0,
     }
-    atomic_write_text(meta_path, json.dumps(info, indent=1))
+    if dd.is_main():
+        atomic_write_text(meta_path, json.dumps(info, indent=1))
+    dd.barrier()
     return info
 
 

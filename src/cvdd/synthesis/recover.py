@@ -31,7 +31,15 @@ import torch
 from torch import nn
 
 from cvdd import __version__
-from cvdd.artifacts import atomic_write_text, base_metadata, load_tensors, save_tensors, verify_checksum
+from cvdd import distributed as dd
+from cvdd.artifacts import (
+    atomic_write_text,
+    base_metadata,
+    check_kind,
+    load_tensors,
+    save_tensors,
+    verify_checksum,
+)
 from cvdd.config import to_dict
 from cvdd.data.augment import Normalize
 from cvdd.data.sources import RealDataset
@@ -223,20 +231,23 @@ class RecoverResult:
     """What recover produced.
 
     Attributes:
-        path: ``synthetic.safetensors``.
-        images: float32 (C * IPC, 3, S, S) in [0, 1], class-major (all IPC indices of class 0 first).
+        path: ``synthetic.safetensors`` (None while other shards of a job array still have units to finish).
+        images: float32 (C * IPC, 3, S, S) in [0, 1], class-major (all IPC indices of class 0 first); empty
+            when ``path`` is None.
         labels: int64 (C * IPC,).
-        meta: the metadata written beside the tensors.
+        meta: the metadata written beside the tensors (the run manifest when ``path`` is None).
         units_run: units optimised by this call (the others were already finished).
         seconds: wall time of this call.
+        units_missing: units not finished yet (by other shards).
     """
 
-    path: Path
+    path: Path | None
     images: torch.Tensor
     labels: torch.Tensor
     meta: dict[str, Any]
     units_run: int
     seconds: float
+    units_missing: int = 0
 
 
 class _Committee:
@@ -389,6 +400,61 @@ def _unit_paths(out: Path, unit: Unit) -> tuple[Path, Path]:
     return base.with_suffix(".safetensors"), base.with_suffix(".json")
 
 
+MANIFEST = "recover.json"
+
+
+def _manifest(
+    cfg: RecoverConfig,
+    plan: RecoverPlan,
+    spec: DatasetSpec,
+    seed: int,
+    chash: str,
+    experts: list[Expert],
+    units: list[Unit],
+    method: str,
+) -> dict[str, Any]:
+    """Everything needed to assemble the units without the experts (``cvdd merge``)."""
+    meta = base_metadata("recover-manifest", spec)
+    meta.update(
+        {
+            "method": method,
+            "ipc": cfg.ipc,
+            "seed": seed,
+            "config": to_dict(cfg),
+            "config_hash": chash,
+            "committee_policy": plan.policy,
+            "pool": plan.pool,
+            "priors": plan.priors,
+            "prior_sources": plan.prior_sources,
+            "committees": plan.committees,
+            "weights": plan.weights,
+            "experts": {
+                e.name: {"arch": e.arch, "test_acc": e.test_acc, "path": str(e.meta.get("path", ""))} for e in experts
+            },
+            "units": [{"key": u.key, "ipc_indices": u.ipc_indices, "classes": u.classes} for u in units],
+        }
+    )
+    return meta
+
+
+def _unit_state(out_dir: Path, unit: Unit, chash: str) -> str:
+    """``done`` (files present, same config, checksum verified), ``missing``, ``other`` config or ``corrupt``."""
+    tensors_path, meta_path = _unit_paths(out_dir, unit)
+    if not (meta_path.is_file() and tensors_path.is_file()):
+        return "missing"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "corrupt"
+    if meta.get("config_hash") != chash:
+        return "other"
+    try:
+        verify_checksum(tensors_path, meta)
+    except ArtifactError:
+        return "corrupt"
+    return "done"
+
+
 def recover_images(
     experts: list[Expert],
     cfg: RecoverConfig,
@@ -400,8 +466,12 @@ def recover_images(
     progress: bool = True,
     restart: bool = False,
     method: str | None = None,
+    shard: dd.Shard | None = None,
 ) -> RecoverResult:
     """Run recover for a committee pool and write the synthetic set.
+
+    Units are split across the ranks of a ``torchrun`` job (rank 0 assembles), or across independent jobs
+    with ``shard`` (the job that finds every unit finished assembles; ``cvdd merge`` does it otherwise).
 
     Args:
         experts: the pool (loaded once, kept on the device, frozen, eval mode).
@@ -413,6 +483,7 @@ def recover_images(
         progress: progress bar with iterations/s.
         restart: discard finished units made with another configuration instead of refusing.
         method: name recorded in the metadata (default: ``sre2l++`` for N = 1, else ``cvdd``).
+        shard: this job's share of the units (``Shard(i, n)``); default: this rank's in a process group.
 
     Returns:
         A :class:`RecoverResult`.
@@ -436,33 +507,46 @@ def recover_images(
     out_dir = Path(out)
     (out_dir / "units").mkdir(parents=True, exist_ok=True)
     units = plan_units(spec.num_classes, cfg)
+    method = method or ("sre2l++" if cfg.committee_size == 1 else "cvdd")
+    if shard is None:
+        shard = dd.current_shard()
+    manifest = _manifest(cfg, plan, spec, seed, chash, experts, units, method)
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        if old.get("config_hash") != chash and not restart:
+            raise ArtifactError(
+                f"{out_dir} holds recover units made with another configuration ({MANIFEST}: config hash "
+                f"{old.get('config_hash')} != {chash}); pass --restart to discard them or choose another --out"
+            )
+    dd.barrier()  # every rank has read the old manifest before rank 0 replaces it
 
+    # Each job checks (and with --restart cleans) only its own units: shards never touch each other's files.
     todo = []
-    for unit in units:
-        tensors_path, meta_path = _unit_paths(out_dir, unit)
-        if meta_path.is_file() and tensors_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("config_hash") == chash:
-                try:
-                    verify_checksum(tensors_path, meta)
-                except ArtifactError as exc:
-                    if not restart:
-                        raise ArtifactError(f"{exc}; pass --restart to recompute it") from None
-                    tensors_path.unlink()
-                    meta_path.unlink()
-                    todo.append(unit)
-                continue
+    for unit in shard.take(units):
+        state = _unit_state(out_dir, unit, chash)
+        if state == "done":
+            continue
+        if state != "missing":
             if not restart:
-                raise ArtifactError(
-                    f"{out_dir} holds recover units made with another configuration (unit {unit.key}); "
-                    f"pass --restart to discard them or choose another --out"
+                why = (
+                    "another configuration"
+                    if state == "other"
+                    else "a checksum mismatch (a tampered or truncated file)"
                 )
-            tensors_path.unlink()
-            meta_path.unlink()
+                raise ArtifactError(
+                    f"{out_dir} holds recover unit {unit.key} with {why}; pass --restart to discard it "
+                    f"or choose another --out"
+                )
+            for f in _unit_paths(out_dir, unit):
+                f.unlink(missing_ok=True)
         todo.append(unit)
-    stale = out_dir / "synthetic.json"
-    if todo and stale.exists():
-        stale.unlink()  # the assembled set is stale once a unit is (re)made
+    if dd.is_main() or shard.count > 1:
+        if manifest_path.is_file() is False or json.loads(manifest_path.read_text()).get("config_hash") != chash:
+            atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
+        stale = out_dir / "synthetic.json"
+        if todo and stale.exists():
+            stale.unlink(missing_ok=True)  # the assembled set is stale once a unit is (re)made
 
     sources_note = {n: s for n, s in plan.prior_sources.items() if s != "prior"}
     if sources_note and cfg.voting == "prior" and cfg.committee_size > 1:
@@ -479,7 +563,13 @@ def recover_images(
         observer = committee.models[obs_name]
     init_cache: dict[int, torch.Tensor] = {}
     total_iters = len(todo) * cfg.iterations
-    bar = tqdm(total=total_iters, desc="recover", unit="it", disable=not progress or not todo, leave=False)
+    bar = tqdm(
+        total=total_iters,
+        desc=f"recover (shard {shard})" if shard.count > 1 else "recover",
+        unit="it",
+        disable=not progress or not todo or not dd.is_main(),
+        leave=False,
+    )
     for unit in todo:
         t_unit = time.perf_counter()
         x0 = _unit_init(unit, cfg, spec, data, observer, seed, dev, init_cache).float()
@@ -490,9 +580,8 @@ def recover_images(
         pixels = normalize.denormalize(x).clamp(0, 1)
         with torch.no_grad():
             acc = {n: float((committee.models[n](x).argmax(1) == targets).float().mean()) for n in committee.models}
-        tensors_path, meta_path = _unit_paths(out_dir, unit)
         save_tensors(
-            tensors_path,
+            _unit_paths(out_dir, unit)[0],
             {
                 "images": pixels,
                 "labels": targets,
@@ -511,36 +600,60 @@ def recover_images(
             },
         )
     bar.close()
-    return _assemble(
-        out_dir,
-        units,
-        cfg,
-        plan,
-        spec,
-        seed,
-        chash,
-        experts,
-        len(todo),
-        time.perf_counter() - t0,
-        method or ("sre2l++" if cfg.committee_size == 1 else "cvdd"),
-    )
+    if dd.active():
+        dd.barrier()  # all ranks' units are on disk
+        if dd.is_main():
+            res = _assemble(out_dir, manifest, len(todo), time.perf_counter() - t0)
+        dd.barrier()
+        if not dd.is_main():
+            images, labels, meta = load_synthetic(out_dir)
+            res = RecoverResult(out_dir / "synthetic.safetensors", images, labels, meta, len(todo), 0.0)
+        res.seconds = time.perf_counter() - t0
+        return res
+    missing = [u.key for u in units if _unit_state(out_dir, u, chash) != "done"]
+    if missing:
+        log.info(
+            "%d of %d units still to do by other shards; `cvdd merge %s` assembles them",
+            len(missing),
+            len(units),
+            out_dir,
+        )
+        empty = torch.zeros(0)
+        return RecoverResult(None, empty, empty.long(), manifest, len(todo), time.perf_counter() - t0, len(missing))
+    return _assemble(out_dir, manifest, len(todo), time.perf_counter() - t0)
 
 
-def _assemble(
-    out_dir: Path,
-    units: list[Unit],
-    cfg: RecoverConfig,
-    plan: RecoverPlan,
-    spec: DatasetSpec,
-    seed: int,
-    chash: str,
-    experts: list[Expert],
-    units_run: int,
-    seconds: float,
-    method: str,
-) -> RecoverResult:
+def merge_units(out: str | os.PathLike[str]) -> RecoverResult:
+    """Assemble the units of a recover run made by independent shards (``cvdd merge``).
+
+    Every unit listed in the run's manifest must be present with the manifest's config hash and a valid
+    checksum; the error names the first unit that is not.
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out)
+    manifest_path = out_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{out_dir} is not a recover run (no {MANIFEST}); give the --out of the recover shards")
+    manifest = json.loads(manifest_path.read_text())
+    check_kind(manifest, "recover-manifest", manifest_path)
+    units = [Unit(u["ipc_indices"], u["classes"]) for u in manifest["units"]]
+    states = {u.key: _unit_state(out_dir, u, manifest["config_hash"]) for u in units}
+    bad = {k: v for k, v in states.items() if v != "done"}
+    if bad:
+        first = next(iter(bad))
+        raise ArtifactError(
+            f"{out_dir}: {len(bad)} of {len(units)} units not finished or invalid (first: {first}, {bad[first]}); "
+            f"run the missing shards again"
+        )
+    return _assemble(out_dir, manifest, 0, time.perf_counter() - t0)
+
+
+def _assemble(out_dir: Path, manifest: dict[str, Any], units_run: int, seconds: float) -> RecoverResult:
     """Gather the finished units into one class-major synthetic set, its metadata and a PNG grid."""
-    c, ipc = spec.num_classes, cfg.ipc
+    spec = DatasetSpec.from_dict(manifest["dataset"])
+    chash = manifest["config_hash"]
+    units = [Unit(u["ipc_indices"], u["classes"]) for u in manifest["units"]]
+    c, ipc = spec.num_classes, int(manifest["ipc"])
     images = torch.zeros(c * ipc, 3, spec.image_size, spec.image_size)
     filled = torch.zeros(c * ipc, dtype=torch.bool)
     unit_meta = []
@@ -555,24 +668,12 @@ def _assemble(
     if not bool(filled.all()):
         raise ArtifactError(f"{out_dir}: some units are missing; re-run recover to finish them")
     labels = torch.arange(c).repeat_interleave(ipc)
-    stored = (images * 255).round().to(torch.uint8) if cfg.store == "uint8" else images
+    cfg = manifest["config"]
+    stored = (images * 255).round().to(torch.uint8) if cfg["store"] == "uint8" else images
     meta = base_metadata(SYNTHETIC_KIND, spec)
+    meta.update({k: v for k, v in manifest.items() if k not in ("kind", "units", "dataset", "cvdd_version", "created")})
     meta.update(
         {
-            "method": method,
-            "ipc": ipc,
-            "seed": seed,
-            "config": to_dict(cfg),
-            "config_hash": chash,
-            "committee_policy": plan.policy,
-            "pool": plan.pool,
-            "priors": plan.priors,
-            "prior_sources": plan.prior_sources,
-            "committees": plan.committees,
-            "weights": plan.weights,
-            "experts": {
-                e.name: {"arch": e.arch, "test_acc": e.test_acc, "path": str(e.meta.get("path", ""))} for e in experts
-            },
             "order": "class-major: image i has class i // ipc and IPC index i % ipc",
             "units": unit_meta,
             "seconds_this_run": seconds,
@@ -584,7 +685,7 @@ def _assemble(
     path = out_dir / "synthetic.safetensors"
     save_tensors(path, {"images": stored, "labels": labels}, meta)
     save_grid(images, spec, ipc, out_dir / "grid.png")
-    atomic_write_text(out_dir / "config.json", json.dumps({"recover": to_dict(cfg), "seed": seed}, indent=1))
+    atomic_write_text(out_dir / "config.json", json.dumps({"recover": cfg, "seed": manifest["seed"]}, indent=1))
     return RecoverResult(path, images, labels, meta, units_run, seconds)
 
 
@@ -603,7 +704,7 @@ def save_grid(
             y, x = pad + r * (s + pad), pad + k * (s + pad)
             canvas[:, y : y + s, x : x + s] = images[r * ipc + k]
     arr = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     Image.fromarray(arr).save(tmp, format="PNG")
     os.replace(tmp, path)
 
@@ -615,8 +716,6 @@ def load_synthetic(
 
     Accepts the ``synthetic.safetensors`` path or its folder; checks it fits ``spec`` when given.
     """
-    from cvdd.artifacts import check_kind
-
     p = Path(path)
     if p.is_dir():
         p = p / "synthetic.safetensors"
@@ -633,27 +732,11 @@ def load_synthetic(
 
 
 def export_imagefolder(path: str | os.PathLike[str], out: str | os.PathLike[str], fmt: str = "png") -> int:
-    """Write a synthetic set as an ImageFolder (``out/<class>/<class>_<ipc>.png``); JPEG q75 only on request.
+    """Moved to :func:`cvdd.synthesis.export.export_synthetic` (more formats); kept so old imports work.
 
     Returns:
-        Number of files written.
+        Number of images written.
     """
-    from PIL import Image
+    from cvdd.synthesis.export import export_synthetic
 
-    if fmt not in ("png", "jpeg"):
-        raise ConfigError(f"unknown export format {fmt!r}; choose png or jpeg")
-    images, labels, meta = load_synthetic(path)
-    spec = DatasetSpec.from_dict(meta["dataset"])
-    ipc = int(meta["ipc"])
-    out_dir = Path(out)
-    for i in range(len(labels)):
-        cls = spec.classes[int(labels[i])]
-        folder = out_dir / cls
-        folder.mkdir(parents=True, exist_ok=True)
-        arr = (images[i].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        name = f"{cls}_{i % ipc:04d}." + ("png" if fmt == "png" else "jpg")
-        if fmt == "png":
-            Image.fromarray(arr).save(folder / name, format="PNG")
-        else:
-            Image.fromarray(arr).save(folder / name, format="JPEG", quality=75)
-    return len(labels)
+    return export_synthetic(path, out, fmt)

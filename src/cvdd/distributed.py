@@ -1,0 +1,186 @@
+"""torch.distributed for cvdd: one process per device, started by ``torchrun`` (or any launcher that sets the
+standard ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` variables).
+
+How the stages use it:
+
+- recover and relabel split their independent units (recover: (IPC index, class block) units; relabel:
+  epochs) across ranks by position, ``unit_index % world == rank``. A unit's seed depends only on its
+  position, so a sharded run writes exactly the files a single process would; rank 0 assembles after a
+  barrier. The same split without a process group (``--shard i/n``) serves job arrays; ``cvdd merge``
+  assembles their output.
+- squeeze and evaluate are data parallel: every rank draws the same global batch order and augmentation from
+  the same seeded generator, computes the gradient of its share of each batch (whole micro-batches,
+  round-robin), and the gradients are summed with one all-reduce per step, so the update equals the
+  single-process update up to floating-point summation order. BN running statistics are averaged across
+  ranks at the end of each epoch; the test split is evaluated in shards and the counts summed.
+
+Backends: NCCL on CUDA, gloo on CPU (what CI tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cvdd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a split of independent units: ``index`` of ``count``."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """Parse ``"i/n"`` (0-based ``i``), as given to ``--shard``."""
+        try:
+            a, b = text.split("/")
+            shard = cls(int(a), int(b))
+        except ValueError:
+            raise ConfigError(f"--shard takes INDEX/COUNT such as 0/4 (got {text!r})") from None
+        if shard.count < 1 or not 0 <= shard.index < shard.count:
+            raise ConfigError(f"--shard index must be in 0..COUNT-1 (got {text!r})")
+        return shard
+
+    def take(self, items: Sequence[T]) -> list[T]:
+        """The items of this shard: every ``count``-th item from position ``index``."""
+        return [it for i, it in enumerate(items) if i % self.count == self.index]
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def init_from_env(device: str | None = None) -> bool:
+    """Join the process group described by the launcher's environment, if any.
+
+    Returns:
+        True when this process is one of several ranks (a group was created or already existed).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return False
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    log.info("rank %d of %d joined the process group (%s)", dist.get_rank(), world, dist.get_backend())
+    return True
+
+
+def shutdown() -> None:
+    """Leave the process group (after a final barrier, so no rank exits while others still talk)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    """Whether several ranks run this job."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or a single process): the one that writes shared files and shows progress."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def current_shard() -> Shard:
+    """The shard of this rank in the process group (``0/1`` without one)."""
+    return Shard(rank(), world())
+
+
+def local_device(device: str | torch.device | None) -> str | torch.device | None:
+    """With several ranks on CUDA, each rank uses its own GPU (``cuda:LOCAL_RANK``)."""
+    if active() and torch.cuda.is_available() and (device is None or str(device) in ("cuda", "auto")):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def all_reduce_gradients(model: nn.Module) -> None:
+    """Sum every parameter's gradient across ranks (one flat buffer, one collective).
+
+    Each rank's gradient is already weighted by its micro-batches' share of the global batch, so the sum is
+    the gradient of the global batch. A parameter without a gradient on this rank contributes zeros.
+    """
+    if not active():
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def average_buffers(model: nn.Module) -> None:
+    """Average floating-point buffers (BN running statistics) across ranks, so every rank holds the same model."""
+    if not active():
+        return
+    bufs = [b for b in model.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.reshape(-1) for b in bufs])
+    dist.all_reduce(flat)
+    flat /= world()
+    offset = 0
+    for b in bufs:
+        n = b.numel()
+        b.copy_(flat[offset : offset + n].view_as(b))
+        offset += n
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor across ranks (in place); identity with one process."""
+    if active():
+        dist.all_reduce(value)
+    return value
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_module(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank (all ranks then start from the same weights)."""
+    if not active():
+        return
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)

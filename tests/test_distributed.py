@@ -1,0 +1,156 @@
+"""torchrun (gloo, CPU) against one process: recover and relabel give identical files, evaluate agrees.
+
+Every command runs as a subprocess with one thread, the way torchrun starts its workers, so the single-process
+reference does the same floating-point work as each rank.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cvdd.distributed import Shard
+from cvdd.errors import ConfigError
+
+pytestmark = pytest.mark.distributed
+
+RECOVER = [
+    "--ipc",
+    "2",
+    "--iterations",
+    "4",
+    "--init",
+    "real",
+    "--set",
+    "classes_per_block=5",
+    "--set",
+    "ipc_per_block=1",
+]
+RECOVER += ["--quiet"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _run(args: list[str], nproc: int = 1) -> str:
+    if nproc > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--standalone",
+            "-m",
+            "cvdd",
+            *args,
+        ]
+    else:
+        cmd = [sys.executable, "-m", "cvdd", *args]
+    # Own session, so a hung rank is killed with its launcher instead of outliving the test.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(args[:1])} timed out: {err[-2000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def single_recover(digit_experts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    _run(["recover", "--experts", str(digit_experts), "--out", str(out), *RECOVER])
+    return out
+
+
+def test_shard_parse_and_take() -> None:
+    s = Shard.parse("1/3")
+    assert s.take(list(range(7))) == [1, 4]
+    # Shards partition the units: together they take each exactly once.
+    parts = [Shard(i, 3).take(list(range(7))) for i in range(3)]
+    assert sorted(i for part in parts for i in part) == list(range(7))
+    for bad in ("3/3", "1", "a/b", "-1/2"):
+        with pytest.raises(ConfigError, match="--shard"):
+            Shard.parse(bad)
+
+
+def test_torchrun_recover_equals_single_process(digit_experts: Path, single_recover: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    _run(["recover", "--experts", str(digit_experts), "--out", str(out), *RECOVER], nproc=2)
+    a = _tensors(single_recover / "synthetic.safetensors")
+    b = _tensors(out / "synthetic.safetensors")
+    assert torch.equal(a["images"], b["images"])
+    assert torch.equal(a["labels"], b["labels"])
+    assert len(list((out / "units").glob("*.safetensors"))) == 4
+
+
+def test_job_array_shards_then_merge_equal_single_process(
+    digit_experts: Path, single_recover: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "array"
+    first = _run(["recover", "--experts", str(digit_experts), "--out", str(out), "--shard", "1/3", *RECOVER])
+    assert "cvdd merge" in first and not (out / "synthetic.safetensors").exists()
+    done = subprocess.run([sys.executable, "-m", "cvdd", "merge", str(out)], capture_output=True, text=True, env=_env())
+    assert done.returncode == 2 and "units not finished" in done.stderr and done.stderr.count("\n") == 1
+    for i in (0, 2):
+        _run(["recover", "--experts", str(digit_experts), "--out", str(out), "--shard", f"{i}/3", *RECOVER])
+    _run(["merge", str(out)])
+    a = _tensors(single_recover / "synthetic.safetensors")
+    b = _tensors(out / "synthetic.safetensors")
+    assert torch.equal(a["images"], b["images"])
+
+
+def test_torchrun_relabel_equals_single_process(digit_experts: Path, single_recover: Path, tmp_path: Path) -> None:
+    common = ["relabel", str(single_recover), "--experts", str(digit_experts), "--set", "epochs=3", "--quiet"]
+    _run([*common, "--out", str(tmp_path / "one")])
+    _run([*common, "--out", str(tmp_path / "two")], nproc=2)
+    for e in range(3):
+        a = _tensors(tmp_path / "one" / f"epoch_{e:04d}.safetensors")
+        b = _tensors(tmp_path / "two" / f"epoch_{e:04d}.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert '"complete": true' in (tmp_path / "two" / "labels.json").read_text()
+
+
+def test_torchrun_evaluate_agrees_with_single_process(digit_experts: Path, single_recover: Path) -> None:
+    """Data parallel: the same global batches and summed gradients, so accuracy agrees within 1 point."""
+    common = [
+        "evaluate",
+        str(single_recover),
+        "--experts",
+        str(digit_experts),
+        "--epochs",
+        "8",
+        "--labels",
+        "hard",
+        "--seeds",
+        "0",
+        "--quiet",
+    ]
+    pattern = re.compile(r"top-1 on the real test set: ([0-9.]+)")
+    one = float(pattern.search(_run(common)).group(1))
+    two_out = _run(common, nproc=2)
+    assert two_out.count("top-1 on the real test set") == 1  # only rank 0 reports
+    two = float(pattern.search(two_out).group(1))
+    assert abs(one - two) <= 1.0, (one, two)
