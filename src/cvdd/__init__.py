@@ -13,10 +13,24 @@ __version__ = "0.1.0"
 # binds it as an attribute of its parent, so import them first: the functions below then win for good.
 import cvdd.evaluate
 import cvdd.relabel  # noqa: F401
-from cvdd.api import distill, evaluate, export, info, load_dataset, merge, prior, recover, relabel, report, squeeze
+from cvdd.api import (
+    ablate,
+    distill,
+    evaluate,
+    export,
+    info,
+    load_dataset,
+    merge,
+    prior,
+    recover,
+    relabel,
+    report,
+    squeeze,
+)
 
 __all__ = [
     "__version__",
+    "ablate",
     "distill",
     "evaluate",
     "export",

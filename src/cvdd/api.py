@@ -307,9 +307,9 @@ def _synthetic_or_random(
         if isinstance(source, RealDataset)
         else load_dataset(source, data=data, cache_dir=cache_dir, progress=progress)
     )
-    real.spec.check_compatible(pool[0].spec, "the experts")
+    real.spec.check_compatible(pool[0].spec, "the experts' dataset")
     if os.fspath(synthetic) == "random-real":
-        if not ipc:
+        if ipc is None:
             raise ConfigError("the random-real baseline needs --ipc")
         images, labels = random_real_set(real, ipc, seed)
     elif is_external_set(synthetic):
@@ -380,6 +380,59 @@ def evaluate(
         device=device,
         progress=progress,
         checkpoint_dir=checkpoints,
+    )
+
+
+def ablate(
+    dataset: str | os.PathLike[str] | RealDataset,
+    experts: str | os.PathLike[str],
+    out: str | os.PathLike[str] = "runs/ablate",
+    *,
+    data: str | os.PathLike[str] | None = None,
+    grid: str | os.PathLike[str] = "cifar10-cpu",
+    preset: str = "cifar10-cpu",
+    ipc: int = 10,
+    seeds: list[int] | None = None,
+    val_per_class: int = 100,
+    only: list[str] | None = None,
+    final: list[str] | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Compare configurations on a validation split carved from the training set (``cvdd ablate``).
+
+    See :func:`cvdd.ablate.run_ablation`; ``only`` restricts the grid, ``final`` evaluates the named
+    configurations once on the test split. Returns the table rows.
+    """
+    from cvdd.ablate import load_grid, run_ablation
+
+    real = (
+        dataset
+        if isinstance(dataset, RealDataset)
+        else load_dataset(dataset, data=data, cache_dir=cache_dir, download=download, progress=progress)
+    )
+    configs = load_grid(grid)
+    if only:
+        unknown = sorted(set(only) - {c.name for c in configs})
+        if unknown:
+            raise ConfigError(f"--only names unknown configurations: {', '.join(unknown)}")
+        configs = [c for c in configs if c.name in only or c.method == "random-real"]
+    return run_ablation(
+        real,
+        experts,
+        configs,
+        out,
+        ipc=ipc,
+        preset=preset,
+        seeds=seeds,
+        val_per_class=val_per_class,
+        final=final,
+        seed=seed,
+        device=device,
+        progress=progress,
     )
 
 

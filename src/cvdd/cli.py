@@ -152,6 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser(
+        "ablate",
+        help="compare configurations on a validation split carved from the training set",
+        description="Run a grid of recover/evaluate configurations (presets/ablate.yaml or a YAML file) on a "
+        "validation split carved from the training set, several seeds each, and write a table with mean ± std "
+        "and the gain over random real images (ablation-validation.md/.json). --final NAME... then evaluates "
+        "the chosen configurations' same synthetic sets once on the real test split (ablation-test.md).",
+    )
+    _add_data(p)
+    p.add_argument("--experts", required=True, help="folder of squeezed experts (pool and teacher)")
+    p.add_argument("--grid", default="cifar10-cpu", help="shipped grid name or a .yaml file (default cifar10-cpu)")
+    p.add_argument("--preset", default="cifar10-cpu", help="distill preset: recover preset and evaluation recipe")
+    p.add_argument("--ipc", type=int, default=10, help="images per class (default 10)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: the preset's)")
+    p.add_argument("--val-per-class", type=int, default=100, help="validation images per class (default 100)")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="run only these configurations")
+    p.add_argument("--final", nargs="+", default=None, metavar="NAME", help="evaluate these on the test split")
+    p.add_argument("--out", default="runs/ablate", help="output folder (default runs/ablate)")
+    _add_common(p)
+
+    p = sub.add_parser(
         "report",
         help="write an HTML (and Markdown) report of a distill run",
         description="Write RUN_DIR/report/report.html and report.md: the results table (mean ± std, IOR, "
@@ -258,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc", type=int, nargs="+", default=None, help="images per class (default: the preset's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: the preset's)")
     p.add_argument("--experts", default=None, help="reuse experts from this folder")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML/Markdown report (RUN_DIR/report)")
     p.add_argument(
         "--set",
         action="append",
@@ -397,6 +418,34 @@ def _cmd_recover(args: argparse.Namespace, progress: bool) -> int:
     return _print_recover(res)
 
 
+def _cmd_ablate(args: argparse.Namespace, progress: bool) -> int:
+    from pathlib import Path
+
+    from cvdd.api import ablate
+
+    rows = ablate(
+        args.dataset,
+        args.experts,
+        args.out,
+        data=args.data,
+        grid=args.grid,
+        preset=args.preset,
+        ipc=args.ipc,
+        seeds=args.seeds,
+        val_per_class=args.val_per_class,
+        only=args.only,
+        final=args.final,
+        seed=args.seed,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        download=args.download,
+        progress=progress,
+    )
+    split = rows[0]["split"] if rows else "validation"
+    print((Path(args.out) / f"ablation-{split}.md").read_text())
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from cvdd.api import report
 
@@ -522,6 +571,7 @@ def _cmd_evaluate(args: argparse.Namespace, progress: bool) -> int:
 def _cmd_distill(args: argparse.Namespace, progress: bool) -> int:
     from pathlib import Path
 
+    from cvdd import distributed as dd
     from cvdd.api import distill
 
     distill(
@@ -540,8 +590,15 @@ def _cmd_distill(args: argparse.Namespace, progress: bool) -> int:
         download=args.download,
         progress=progress,
     )
+    if not dd.is_main():
+        return 0
     print((Path(args.out) / "results.md").read_text())
     print(f"results: {Path(args.out) / 'results.json'}; image grids: {Path(args.out)}/<method>/ipc<N>/grid.png")
+    if not args.no_report:
+        from cvdd.api import report
+
+        paths = report(args.out)
+        print(f"report: {paths['html']} (open it in a browser; Markdown: {paths['md']})")
     return 0
 
 
@@ -689,6 +746,7 @@ _HANDLERS = {
     "prior": _cmd_prior,
     "bench": _cmd_bench,
     "merge": lambda args, progress: _cmd_merge(args),
+    "ablate": _cmd_ablate,
     "report": lambda args, progress: _cmd_report(args),
     "export": lambda args, progress: _cmd_export(args),
     "info": lambda args, progress: _cmd_info(args),

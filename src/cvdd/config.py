@@ -7,6 +7,7 @@ cannot quietly change a recipe.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import yaml
 from cvdd.errors import ConfigError
 
 T = TypeVar("T")
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
@@ -49,6 +52,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         items = [_check_type(v, inner, where) for v in value]
         return tuple(items) if origin is tuple else items
     if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string, not a number
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -113,7 +118,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: cannot parse {raw!r} ({exc})") from None
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--set {key}: cannot parse {raw!r} as YAML ({reason})") from None
     return key.strip(), value
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tarfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,8 +126,7 @@ def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
             img.load()
             rgb = img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"corrupt or unreadable image {name}: {reason}") from None
+        raise DataError(f"corrupt or unreadable image {name}: {_image_error(exc)}") from None
     if rgb.size != (size, size):
         w, h = rgb.size
         scale = size / min(w, h)
@@ -335,6 +335,35 @@ def _probe_size(first: bytes) -> int:
     return max(w, h) if max(w, h) <= 64 else 224
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _image_error(exc: BaseException) -> str:
+    """Why PIL could not read an image, in a few words (not the address of an in-memory buffer)."""
+    return "not an image format PIL can read" if isinstance(exc, UnidentifiedImageError) else _first_line(exc)
+
+
+def _probe_folder_size(
+    train: dict[str, list[str]], classes: tuple[str, ...], read: Callable[[str], bytes], samples: int = 16
+) -> int:
+    """The image size of a folder: the most common probed size of the first image of up to ``samples`` classes.
+
+    One odd-sized image (a stray 50x37 or 20x90 file sorted first) therefore does not set the size of the
+    whole dataset; it is resized like any other odd image.
+    """
+    from collections import Counter
+
+    sizes: Counter[int] = Counter()
+    for cls in classes[:: max(1, len(classes) // samples)][:samples]:
+        name = train[cls][0]
+        try:
+            sizes[_probe_size(read(name))] += 1
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"corrupt or unreadable image {name}: {_image_error(exc)}") from None
+    return sizes.most_common(1)[0][0]
+
+
 def _spec_for_folder(
     name_hint: str | None, classes: tuple[str, ...], size: int, source: Path, image_size: int | None
 ) -> DatasetSpec:
@@ -516,14 +545,22 @@ def _load_imagefolder(
         try:
             tar = tarfile.open(source, "r:*")  # noqa: SIM115 (closed in the finally below)
         except (tarfile.TarError, OSError) as exc:
-            raise DataError(f"cannot open {source} as a tarball: {exc}") from None
-        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+            reason = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
+            raise DataError(f"cannot open {source} as a tarball (.tar, .tar.gz, .tar.bz2, .tar.xz): {reason}") from None
+        try:
+            members = {m.name: m for m in tar.getmembers() if m.isfile()}
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            tar.close()
+            raise DataError(f"truncated or corrupt tarball {source}: {_first_line(exc)}") from None
         listing, _prefix = _list_tar(members)
 
         def read(name: str) -> bytes:
-            f = tar.extractfile(members[name])
-            assert f is not None
-            return f.read()
+            try:
+                f = tar.extractfile(members[name])
+                assert f is not None
+                return f.read()
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+                raise DataError(f"cannot read {name} from tarball {source}: {_first_line(exc)}") from None
 
         fingerprint = _hash_file(source)
     else:
@@ -538,11 +575,7 @@ def _load_imagefolder(
         fingerprint = _hash_listing(source, listing)
     try:
         classes = _check_classes(listing, str(source), class_order)
-        first_name = listing.splits["train"][classes[0]][0]
-        try:
-            probed = _probe_size(read(first_name))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"corrupt or unreadable image {first_name}: {exc}") from None
+        probed = _probe_folder_size(listing.splits["train"], classes, read)
         spec = _spec_for_folder(name_hint, classes, probed, source, image_size)
         fingerprint = hashlib.sha256(f"{fingerprint}:{classes}".encode()).hexdigest()[:16]
         key = hashlib.sha256(

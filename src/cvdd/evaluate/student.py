@@ -310,10 +310,16 @@ def evaluate_synthetic(
 
 
 def random_real_set(data: RealDataset, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """IPC random real training images per class (seeded), class-major: float32 (C * IPC, 3, S, S), labels."""
+    """IPC random real training images per class (seeded), class-major: float32 (C * IPC, 3, S, S), labels.
+
+    The draw is the one recover's ``init: real`` makes with the same seed, so a set recovered from real images
+    and this baseline start from the very same pixels (a paired comparison).
+    """
     from cvdd.synthesis.init import real_init
 
-    imgs = [real_init(data, c, ipc, derive_seed(seed, "random-real")) for c in range(data.spec.num_classes)]
+    if ipc < 1:
+        raise ConfigError(f"ipc must be at least 1 (got {ipc})")
+    imgs = [real_init(data, c, ipc, seed) for c in range(data.spec.num_classes)]
     images = torch.cat(imgs).float() / 255
     labels = torch.arange(data.spec.num_classes).repeat_interleave(ipc)
     return images, labels

@@ -78,6 +78,9 @@ class RecoverConfig:
         betas: Adam betas.
         r_bn: weight of the BN statistic-matching term.
         first_bn_multiplier: extra weight of each expert's first BN layer.
+        anchor: weight of a term that keeps each image near its initialisation, ``anchor * mean((x - x0)²)``
+            over normalised pixels (0 = off, the paper's loss). Not in the paper: later work in this field
+            keeps synthetic images close to real ones.
         jitter: maximum roll jitter in pixels (None: the dataset's, 4 at 32/64 px, 32 at 224 px).
         crop_scale: scale range of the per-iteration random-resized crop.
         shared_crop: one crop box and flip for the whole batch per iteration (as the official code) or one
@@ -107,6 +110,7 @@ class RecoverConfig:
     betas: tuple[float, float] = (0.5, 0.9)
     r_bn: float = 0.01
     first_bn_multiplier: float = 10.0
+    anchor: float = 0.0
     jitter: int | None = None
     crop_scale: tuple[float, float] = (0.08, 1.0)
     shared_crop: bool = True
@@ -139,6 +143,8 @@ class RecoverConfig:
         check_init_method(self.init)
         if self.iterations < 1 or self.lr <= 0:
             raise ConfigError("iterations must be >= 1 and lr > 0")
+        if self.anchor < 0:
+            raise ConfigError(f"anchor must be >= 0 (got {self.anchor})")
         if self.ipc_per_block < 1 or (self.classes_per_block is not None and self.classes_per_block < 1):
             raise ConfigError("block sizes must be at least 1")
         if self.store not in ("float32", "uint8"):
@@ -214,8 +220,13 @@ def plan_committees(experts: list[Expert], cfg: RecoverConfig, seed: int) -> Rec
 
 def config_hash(cfg: RecoverConfig, plan: RecoverPlan, spec: DatasetSpec, seed: int, experts: list[Expert]) -> str:
     """Hash of everything that determines the images; units made under another hash are never mixed in."""
+    fields = to_dict(cfg)
+    # Options added after the first release are hashed only when set, so older runs keep their hash (resume).
+    for key, default in (("anchor", 0.0),):
+        if fields.get(key) == default:
+            fields.pop(key)
     payload = {
-        "cfg": to_dict(cfg),
+        "cfg": fields,
         "seed": seed,
         "classes": list(spec.classes),
         "size": spec.image_size,
@@ -377,6 +388,10 @@ def _optimise_unit(
                 loss = loss + ce + cfg.r_bn * bn_w[name] * bn
                 parts[f"ce/{name}"] = ce.detach()
                 parts[f"bn/{name}"] = bn.detach()
+            if cfg.anchor > 0:
+                drift = (x - x0).pow(2).mean()
+                loss = loss + cfg.anchor * drift
+                parts["anchor"] = drift.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -435,6 +450,13 @@ def _manifest(
         }
     )
     return meta
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"unreadable run manifest {path}: {exc}; remove it and re-run recover") from None
 
 
 def _unit_state(out_dir: Path, unit: Unit, chash: str) -> str:
@@ -497,7 +519,7 @@ def recover_images(
     for e in experts[1:]:
         spec.check_compatible(e.spec, f"expert {e.name}")
     if data is not None:
-        data.spec.check_compatible(spec, "the experts")
+        data.spec.check_compatible(spec, "the experts' dataset")
     cfg.validate(len(experts))
     if cfg.init in ("patches", "real") and data is None:
         raise ConfigError(f"init '{cfg.init}' needs the real dataset (give --dataset)")
@@ -513,7 +535,7 @@ def recover_images(
     manifest = _manifest(cfg, plan, spec, seed, chash, experts, units, method)
     manifest_path = out_dir / MANIFEST
     if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
+        old = _read_manifest(manifest_path)
         if old.get("config_hash") != chash and not restart:
             raise ArtifactError(
                 f"{out_dir} holds recover units made with another configuration ({MANIFEST}: config hash "
@@ -542,7 +564,7 @@ def recover_images(
                 f.unlink(missing_ok=True)
         todo.append(unit)
     if dd.is_main() or shard.count > 1:
-        if manifest_path.is_file() is False or json.loads(manifest_path.read_text()).get("config_hash") != chash:
+        if not manifest_path.is_file() or _read_manifest(manifest_path).get("config_hash") != chash:
             atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
         stale = out_dir / "synthetic.json"
         if todo and stale.exists():
@@ -634,16 +656,21 @@ def merge_units(out: str | os.PathLike[str]) -> RecoverResult:
     manifest_path = out_dir / MANIFEST
     if not manifest_path.is_file():
         raise ArtifactError(f"{out_dir} is not a recover run (no {MANIFEST}); give the --out of the recover shards")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _read_manifest(manifest_path)
     check_kind(manifest, "recover-manifest", manifest_path)
     units = [Unit(u["ipc_indices"], u["classes"]) for u in manifest["units"]]
     states = {u.key: _unit_state(out_dir, u, manifest["config_hash"]) for u in units}
     bad = {k: v for k, v in states.items() if v != "done"}
     if bad:
         first = next(iter(bad))
+        why = {
+            "missing": "not finished",
+            "corrupt": "checksum mismatch (a tampered or truncated file)",
+            "other": "made with another configuration",
+        }[bad[first]]
         raise ArtifactError(
-            f"{out_dir}: {len(bad)} of {len(units)} units not finished or invalid (first: {first}, {bad[first]}); "
-            f"run the missing shards again"
+            f"{out_dir}: {len(bad)} of {len(units)} units not finished or invalid (first: {first}, {why}); "
+            f"run the missing shards again (recover --restart recomputes invalid units)"
         )
     return _assemble(out_dir, manifest, 0, time.perf_counter() - t0)
 

@@ -1,0 +1,291 @@
+"""``cvdd ablate``: compare recover/relabel configurations on a validation split, then test the chosen ones once.
+
+The validation split is carved from the training set (``val_per_class`` images per class, seeded) and removed
+from the pool that initialisation and the random-real baseline draw from; the students of every configuration
+are scored on it. The test set is touched only by ``--final NAME...``, which evaluates the named
+configurations' very same synthetic sets on the real test split and records that it did.
+
+Caveat written into every table: experts squeezed on the full training set have seen the validation images,
+so validation scores rank configurations but are not an unbiased estimate; the final test scores are.
+
+A grid is a mapping ``name -> {method, recover, evaluate}``: ``method`` is ``random-real``, ``sre2l++``
+(committee of one) or ``cvdd`` (committee of two unless ``recover.committee_size`` says otherwise), ``recover``
+and ``evaluate`` override the preset's fields. Grids ship in ``presets/ablate.yaml`` or come from a YAML file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cvdd.artifacts import atomic_write_text
+from cvdd.config import _load_yaml, apply_overrides, get_recover_preset, to_dict
+from cvdd.data.sources import RealDataset, TensorSplit
+from cvdd.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("random-real", "sre2l++", "cvdd")
+
+
+@dataclass
+class AblationConfig:
+    """One configuration of a grid.
+
+    Attributes:
+        name: row name (also its folder).
+        method: ``random-real``, ``sre2l++`` or ``cvdd``.
+        recover: RecoverConfig overrides on top of the recover preset.
+        evaluate: EvalConfig overrides on top of the distill preset's evaluation recipe.
+    """
+
+    name: str
+    method: str
+    recover: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+
+
+def load_grid(grid: str | os.PathLike[str]) -> list[AblationConfig]:
+    """A shipped grid by name (``presets/ablate.yaml``) or a YAML file of ``name: {method, recover, evaluate}``."""
+    import yaml
+
+    path = Path(grid)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"grid file not found: {path}")
+        body = yaml.safe_load(path.read_text()) or {}
+    else:
+        grids = _load_yaml("ablate.yaml")
+        if str(grid) not in grids:
+            raise ConfigError(f"unknown grid {str(grid)!r}; shipped grids: {', '.join(grids)} (or give a .yaml file)")
+        body = grids[str(grid)]["configs"]
+    if not isinstance(body, dict) or not body:
+        raise ConfigError(f"grid {grid} must map configuration names to {{method, recover, evaluate}}")
+    out = []
+    for name, cfg in body.items():
+        cfg = cfg or {}
+        unknown = set(cfg) - {"method", "recover", "evaluate"}
+        if unknown:
+            raise ConfigError(f"grid {grid}, configuration {name!r}: unknown key {sorted(unknown)[0]!r}")
+        method = cfg.get("method", "cvdd")
+        if method not in METHODS:
+            raise ConfigError(f"grid {grid}, configuration {name!r}: unknown method {method!r}")
+        out.append(AblationConfig(str(name), method, dict(cfg.get("recover") or {}), dict(cfg.get("evaluate") or {})))
+    return out
+
+
+def carve_validation(real: RealDataset, per_class: int, seed: int = 0) -> RealDataset:
+    """The dataset with ``per_class`` training images per class moved into its evaluation split.
+
+    Returns:
+        A :class:`RealDataset` whose ``train`` lacks the carved images and whose ``test`` is exactly them.
+    """
+    if not isinstance(real.train, TensorSplit):
+        raise DataError("ablate carves its validation split from in-memory datasets (<= 64 px) only")
+    labels = real.train.labels.cpu()
+    gen = torch.Generator().manual_seed(seed)
+    val_idx = []
+    for c in range(real.spec.num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        if len(idx) <= per_class:
+            raise DataError(
+                f"class {real.spec.classes[c]!r} has {len(idx)} training images; "
+                f"cannot carve {per_class} for validation"
+            )
+        val_idx.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
+    val = torch.cat(val_idx)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[val] = False
+    train = TensorSplit(real.train.images[keep], real.train.labels[keep])
+    test = TensorSplit(real.train.images[val], real.train.labels[val])
+    return RealDataset(real.spec, train, test, f"{real.source} (validation carve)", real.fingerprint)
+
+
+def _key(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_ablation(
+    real: RealDataset,
+    experts: str | os.PathLike[str],
+    configs: list[AblationConfig],
+    out: str | os.PathLike[str],
+    *,
+    ipc: int,
+    preset: str = "cifar10-cpu",
+    seeds: list[int] | None = None,
+    val_per_class: int = 100,
+    final: list[str] | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every configuration on the validation split (or the ``final`` ones on the test split).
+
+    Args:
+        real: the real dataset (its test split is used only with ``final``).
+        experts: folder of squeezed experts (the pool and the teacher).
+        configs: the grid.
+        out: output folder (``<out>/<split>/<name>/``; ``ablation-<split>.json`` and ``.md``).
+        ipc: images per class.
+        preset: distill preset naming the recover preset and the evaluation recipe.
+        seeds: student seeds (default: the preset's).
+        val_per_class: validation images carved per class from the training set.
+        final: names of configurations to evaluate on the test split (their synthetic sets are the ones made
+            for validation: the images never depend on the evaluation split).
+        seed: run seed (validation carve, recover, random-real draw).
+
+    Returns:
+        The table rows (also written as JSON and Markdown).
+    """
+    from cvdd.api import _teacher, load_pool, recover
+    from cvdd.evaluate.student import evaluate_synthetic, random_real_set
+    from cvdd.pipeline import get_distill_preset
+    from cvdd.synthesis.recover import load_synthetic
+
+    chosen = get_distill_preset(preset)
+    base_eval = chosen.evaluate
+    if seeds:
+        base_eval = apply_overrides(base_eval, {"seeds": list(seeds)}, "ablate seeds")
+    carved = carve_validation(real, val_per_class, seed)
+    split = "test" if final else "validation"
+    if final:
+        names = {c.name for c in configs}
+        missing = [n for n in final if n not in names]
+        if missing:
+            raise ConfigError(f"--final names unknown configurations: {', '.join(missing)}")
+        configs = [c for c in configs if c.name in final or c.method == "random-real"]
+    evaluation = carved if not final else RealDataset(real.spec, carved.train, real.test, real.source, real.fingerprint)
+    pool = load_pool(experts, device=device)
+    out_dir = Path(out)
+    rows: list[dict[str, Any]] = []
+    for c in configs:
+        t0 = time.perf_counter()
+        cfg = apply_overrides(base_eval, c.evaluate, f"configuration {c.name} evaluate").validate()
+        set_dir = out_dir / "sets" / c.name
+        info: dict[str, Any] = {}
+        if c.method == "random-real":
+            images, labels = random_real_set(carved, ipc, seed)
+            recover_s = 0.0
+        else:
+            over = {"ipc": ipc, "committee_size": 1 if c.method == "sre2l++" else 2, **c.recover}
+            base = get_recover_preset(chosen.recover_preset)
+            over.setdefault("ipc_per_block", min(ipc, base.ipc_per_block))
+            res = recover(
+                experts,
+                set_dir,
+                preset=chosen.recover_preset,
+                overrides=over,
+                dataset=carved,
+                seed=seed,
+                device=device,
+                progress=progress,
+            )
+            recover_s = time.perf_counter() - t0
+            images, labels, meta = load_synthetic(res.path)
+            units = meta.get("units", [])
+            info["pixel_change_255"] = statistics.fmean(u["mean_abs_change"] for u in units) if units else None
+            accs: dict[str, list[float]] = {}
+            for u in units:
+                for n, a in u["expert_accuracy"].items():
+                    accs.setdefault(n, []).append(a)
+            info["experts_on_synthetic"] = {n: statistics.fmean(a) for n, a in accs.items()}
+        digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+        key = _key({"images": digest, "eval": to_dict(cfg), "split": split, "val": [val_per_class, seed]})
+        row_path = out_dir / split / c.name / "row.json"
+        if row_path.is_file():
+            saved = json.loads(row_path.read_text())
+            if saved.get("key") == key:
+                rows.append(saved["row"])
+                log.info("%s: reusing %s", c.name, row_path)
+                continue
+        teacher = None if cfg.label_mode == "hard" else _teacher(pool, cfg)
+        label_dir = out_dir / "labels" / c.name if cfg.label_mode == "stored" else None
+        res_eval = evaluate_synthetic(
+            images,
+            labels,
+            real.spec,
+            evaluation.test,
+            cfg,
+            teacher=teacher,
+            label_dir=label_dir,
+            device=device,
+            progress=progress,
+        )
+        row = {
+            "name": c.name,
+            "method": c.method,
+            "ipc": ipc,
+            "split": split,
+            "recover": c.recover,
+            "evaluate": c.evaluate,
+            "seeds": res_eval.seeds,
+            "acc": res_eval.accs,
+            "acc_mean": res_eval.mean,
+            "acc_std": res_eval.std,
+            "seconds": {"recover": recover_s, "relabel": res_eval.label_seconds, "evaluate": res_eval.seconds},
+            "wall_seconds": time.perf_counter() - t0,
+            **info,
+        }
+        row_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(row_path, json.dumps({"key": key, "row": row}, indent=1))
+        rows.append(row)
+        log.info("%s: %.2f ± %.2f%% on %s", c.name, 100 * row["acc_mean"], 100 * row["acc_std"], split)
+    ref = [r for r in rows if r["method"] == "random-real"]
+    for r in rows:
+        r["gain_over_random_real"] = r["acc_mean"] - ref[0]["acc_mean"] if ref else None
+    header = {
+        "split": split,
+        "ipc": ipc,
+        "preset": preset,
+        "val_per_class": val_per_class,
+        "seed": seed,
+        "experts": [e.name for e in pool],
+        "eval": to_dict(base_eval),
+    }
+    atomic_write_text(out_dir / f"ablation-{split}.json", json.dumps({"header": header, "rows": rows}, indent=1))
+    atomic_write_text(out_dir / f"ablation-{split}.md", ablation_markdown(rows, header))
+    return rows
+
+
+def ablation_markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    """The table: configuration, top-1 mean ± std, gain over random real, pixel change, experts' top-1, cost."""
+    split = header["split"]
+    lines = [
+        f"# Ablation on the {split} split (IPC {header['ipc']}, preset {header['preset']}, "
+        f"{len(rows[0]['seeds']) if rows else 0} seeds)",
+        "",
+    ]
+    if split == "validation":
+        lines += [
+            f"Validation: {header['val_per_class']} training images per class carved out (seed {header['seed']}) and "
+            "excluded from initialisation and random-real draws. The experts were squeezed on the full training "
+            "set and have seen them: these scores rank configurations; the test split is touched only by --final.",
+            "",
+        ]
+    lines += [
+        "| configuration | method | overrides | top-1 % | gain vs random real | pixel change /255 | experts on set % "
+        "| wall s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        change = r.get("pixel_change_255")
+        over = ", ".join(f"{k}={v}" for k, v in {**r["recover"], **r["evaluate"]}.items()) or "-"
+        gain = r.get("gain_over_random_real")
+        exp = r.get("experts_on_synthetic")
+        lines.append(
+            f"| {r['name']} | {r['method']} | {over} | {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | "
+            f"{'' if gain is None else f'{100 * gain:+.2f}'} | "
+            f"{'-' if change is None else f'{change:.1f}'} | "
+            f"{'-' if not exp else f'{100 * statistics.fmean(exp.values()):.0f}'} | {r['wall_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,62 @@
+"""cvdd ablate: validation carve, grid loading, a tiny real run, and the test split touched only by --final."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvdd.ablate import carve_validation, load_grid
+from cvdd.cli import main
+from cvdd.errors import ConfigError
+
+GRID = """
+random-real: {method: random-real, evaluate: {epochs: 2, label_mode: online}}
+sre2l++: {method: sre2l++, recover: {iterations: 2, init: real}, evaluate: {epochs: 2, label_mode: online}}
+cvdd-real: {method: cvdd, recover: {iterations: 2, init: real, lr: 0.05}, evaluate: {epochs: 2, label_mode: online}}
+"""
+
+
+def test_carve_validation_is_disjoint_balanced_and_seeded(digits) -> None:
+    a = carve_validation(digits, 20, seed=0)
+    b = carve_validation(digits, 20, seed=0)
+    assert torch.equal(a.test.images, b.test.images)
+    assert len(a.test) == 20 * digits.spec.num_classes
+    assert torch.bincount(a.test.labels).tolist() == [20] * digits.spec.num_classes
+    assert len(a.train) + len(a.test) == len(digits.train)
+    # No validation image remains in the pool that initialisation and random real draw from.
+    train_rows = {bytes(x.numpy().tobytes()) for x in a.train.images}
+    assert not any(bytes(x.numpy().tobytes()) in train_rows for x in a.test.images[:50])
+
+
+def test_grids_load_and_reject_bad_entries(tmp_path: Path) -> None:
+    names = [c.name for c in load_grid("cifar10-cpu")]
+    assert {"random-real", "sre2l++", "cvdd"} <= set(names)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("x: {method: cvdd, recovr: {lr: 1}}\n")
+    with pytest.raises(ConfigError, match="unknown key 'recovr'"):
+        load_grid(bad)
+    with pytest.raises(ConfigError, match="unknown grid 'nope'"):
+        load_grid("nope")
+
+
+def test_ablate_validation_then_final(digit_experts: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID)
+    out = tmp_path / "abl"
+    common = ["ablate", "--experts", str(digit_experts), "--grid", str(grid), "--preset", "digits", "--ipc", "2"]
+    common += ["--seeds", "0", "1", "--val-per-class", "20", "--out", str(out), "--quiet"]
+    assert main(common) == 0
+    table = capsys.readouterr().out
+    assert "validation split" in table and "gain vs random real" in table
+    rows = json.loads((out / "ablation-validation.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["random-real", "sre2l++", "cvdd-real"]
+    assert all(len(r["acc"]) == 2 and r["split"] == "validation" for r in rows)
+    assert rows[0]["gain_over_random_real"] == 0.0
+    assert not (out / "ablation-test.json").exists()  # the test split is untouched so far
+    assert main([*common, "--final", "cvdd-real"]) == 0
+    final = json.loads((out / "ablation-test.json").read_text())["rows"]
+    assert [r["name"] for r in final] == ["random-real", "cvdd-real"] and final[1]["split"] == "test"
+    assert main([*common, "--final", "nope"]) == 2
