@@ -22,13 +22,11 @@ and times, as medians over ``--reps`` iterations:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import resource
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,197 +35,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 PRESET = "cifar10-cpu"
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 DEFAULT_EXPERTS = "/tmp/bench-c10-experts"
 MARK = "BENCH_RECOVER_JSON "
 
-from cvdd.device import PhasePeaks  # noqa: E402 - after the constants the docs refer to
-
-
-def cpu_seconds() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU-seconds all processes of the machine spent busy so far (``/proc/stat``), None where unavailable."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(values: list[float]) -> float:
-    return 1000 * statistics.median(values)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The reproduced iteration (mirrors cvdd.synthesis.recover._optimise_unit, from public pieces only)
-# --------------------------------------------------------------------------------------------------------------
-
-
-class UnitBench:
-    """One unit's optimisation state for a set of experts, each with its rows, row weights and BN weight."""
-
-    def __init__(
-        self,
-        models: dict[str, nn.Module],
-        x0: torch.Tensor,
-        targets: torch.Tensor,
-        members: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
-        n_cls: int,
-        cfg: Any,
-        spec: Any,
-        device: torch.device,
-        seed: int,
-    ) -> None:
-        from cvdd.data.augment import Normalize
-        from cvdd.device import make_generator, resolve_precision
-        from cvdd.synthesis.bn_matching import BNMatching
-
-        self.models, self.members, self.n_cls, self.cfg, self.spec, self.device = (
-            models,
-            members,
-            n_cls,
-            cfg,
-            spec,
-            device,
-        )
-        self.targets = targets
-        self.precision = resolve_precision(cfg.precision, device)
-        self.mean, self.std = Normalize(spec).stats(device)
-        self.x = x0.clone().requires_grad_(True)
-        self.opt = torch.optim.Adam([self.x], lr=cfg.lr, betas=cfg.betas, eps=1e-8)
-        self.jitter = spec.jitter if cfg.jitter is None else cfg.jitter
-        self.gen = make_generator(seed, device)
-        self.jitter_gen = self.gen if device.type == "cpu" else make_generator(seed)
-        self.hooks = {n: BNMatching(models[n], first_multiplier=cfg.first_bn_multiplier) for n in members}
-
-    def __enter__(self) -> UnitBench:
-        for h in self.hooks.values():
-            h.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.hooks.values():
-            h.__exit__(None, None, None)
-
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
-        from cvdd.synthesis.jitter import recover_augment
-
-        return recover_augment(
-            x,
-            self.gen,
-            self.spec.image_size,
-            self.jitter,
-            scale=self.cfg.crop_scale,
-            shared_crop=self.cfg.shared_crop,
-            jitter_generator=self.jitter_gen,
-        )
-
-    def loss(self, subs: dict[str, torch.Tensor], bn_hooks: bool = True) -> torch.Tensor:
-        """Σ_e CE_e + r_bn W_e BN_e over the members, each on its sub-batch (as recover's loss)."""
-        from cvdd.device import autocast
-
-        loss = self.x.new_zeros(())
-        for name, (rows, row_w, bn_w) in self.members.items():
-            with autocast(self.device, self.precision):
-                logits = self.models[name](subs[name])
-            ce_rows = nn.functional.cross_entropy(logits.float(), self.targets[rows], reduction="none")
-            loss = loss + (ce_rows * row_w).sum() / self.n_cls
-            if bn_hooks:
-                loss = loss + self.cfg.r_bn * bn_w * self.hooks[name].loss()
-        return loss
-
-    def sub_batches(self, xa: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: xa if len(r) == len(xa) else xa[r] for n, (r, _, _) in self.members.items()}
-
-    def full_step(self, t: int, total: int, label: bool = False) -> dict[str, float]:
-        """One recover iteration; returns its phase times in seconds (device synchronised at each boundary)."""
-        from torch.profiler import record_function
-
-        from cvdd.synthesis.jitter import clamp_to_valid, cosine_lr
-
-        def rf(name: str) -> Any:
-            return record_function(name) if label else contextlib.nullcontext()
-
-        d = self.device
-        t0 = time.perf_counter()
-        with rf("bench::augment"):
-            for group in self.opt.param_groups:
-                group["lr"] = cosine_lr(t, total, self.cfg.lr)
-            xa = self.augment(self.x)
-            subs = self.sub_batches(xa)
-        sync(d)
-        t1 = time.perf_counter()
-        with rf("bench::forward+loss"):
-            loss = self.loss(subs)
-        sync(d)
-        t2 = time.perf_counter()
-        with rf("bench::backward"):
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-        sync(d)
-        t3 = time.perf_counter()
-        with rf("bench::adam+clamp"):
-            self.opt.step()
-            clamp_to_valid(self.x, self.mean, self.std)
-        sync(d)
-        t4 = time.perf_counter()
-        return {"augment": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "step": t4 - t3, "total": t4 - t0}
-
-    def experts_step(self, leaves: dict[str, torch.Tensor], bn_hooks: bool) -> float:
-        """The experts' forward + loss + backward alone on fixed (already augmented) sub-batch leaves."""
-        t0 = time.perf_counter()
-        for v in leaves.values():
-            v.grad = None
-        self.loss(leaves, bn_hooks=bn_hooks).backward()
-        sync(self.device)
-        return time.perf_counter() - t0
-
-    def fixed_leaves(self) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            subs = self.sub_batches(self.augment(self.x))
-        return {n: s.detach().clone().requires_grad_(True) for n, s in subs.items()}
-
-
-def time_unit(bench: UnitBench, reps: int, warmup: int) -> dict[str, float]:
-    """Median ms of (a) the full iteration and its phases, (b) experts alone with and without BN hooks.
-
-    The three measurements are interleaved (a, b, b without hooks, a, b, ...) so that drift on a shared machine
-    (frequency, cache, other processes) affects them alike and the ratio (b) / (a) stays comparable.
-    """
-    total = warmup + reps
-    phases: dict[str, list[float]] = {}
-    with_hooks: list[float] = []
-    no_hooks: list[float] = []
-    leaves: dict[str, torch.Tensor] | None = None
-    for t in range(total):
-        with bench:  # hooks attached
-            p = bench.full_step(t, total)
-            if leaves is None:
-                leaves = bench.fixed_leaves()
-            wh = bench.experts_step(leaves, True)
-        nh = bench.experts_step(leaves, False)  # hooks removed
-        if t >= warmup:
-            for k, v in p.items():
-                phases.setdefault(k, []).append(v)
-            with_hooks.append(wh)
-            no_hooks.append(nh)
-    out = {f"full_{k}_ms": median_ms(v) for k, v in phases.items()}
-    out["experts_ms"] = median_ms(with_hooks)
-    out["experts_nohooks_ms"] = median_ms(no_hooks)
-    return out
+# The shared measurement code (also used by `cvdd bench --suite speed`) lives in the package.
+from cvdd.benchkit import (  # noqa: E402 - after the constants the docs refer to
+    UnitBench,
+    cpu_seconds,
+    machine_busy_seconds,
+    recover_phases,
+    sync,
+    time_unit,
+    unit_members,
+)
+from cvdd.device import PhasePeaks  # noqa: E402
 
 
 def profile_unit(bench: UnitBench, iters: int, top: int) -> dict[str, Any]:
@@ -264,7 +88,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     import cvdd
     from cvdd.api import load_pool
 
-    # By module path: its helpers _unit_init and _optimise_unit are wrapped below to time recover's two phases.
+    # By module path (the package also exports a function named recover): plan_committees, plan_units.
     rec = importlib.import_module("cvdd.synthesis.recover")
     from cvdd.config import apply_overrides, get_recover_preset
     from cvdd.data.augment import Normalize
@@ -281,26 +105,10 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     res["n_train"] = len(data.train)
     peaks.mark("data")
 
-    # Time the two phases of recover_images by wrapping its module-level helpers (src/ is not modified).
-    phase = {"init": 0.0, "optimise": 0.0}
-
-    def timed(fn: Any, key: str) -> Any:
-        def inner(*a: Any, **k: Any) -> Any:
-            peaks.mark("setup")  # recover's own setup (pool, plan) or, between units, the unit's bookkeeping
-            t = time.perf_counter()
-            out = fn(*a, **k)
-            sync(device)
-            phase[key] += time.perf_counter() - t
-            peaks.mark(key)
-            return out
-
-        return inner
-
-    orig = rec._unit_init, rec._optimise_unit
-    rec._unit_init, rec._optimise_unit = timed(orig[0], "init"), timed(orig[1], "optimise")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with tempfile.TemporaryDirectory(prefix="bench-recover-") as out:
+    # The two phases of recover_images, timed by wrapping its module-level helpers (src/ is not modified).
+    with tempfile.TemporaryDirectory(prefix="bench-recover-") as out, recover_phases(device, peaks) as phase:
         c0 = cpu_seconds()
         t0 = time.perf_counter()
         result = cvdd.recover(
@@ -318,7 +126,6 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
         sync(device)
         wall = time.perf_counter() - t0
         cpu = cpu_seconds() - c0
-    rec._unit_init, rec._optimise_unit = orig
     peaks.mark("assemble")
     res["rss_peaks_mib"] = peaks.peaks
     res["rss_per_phase"] = peaks.per_phase
@@ -357,20 +164,7 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     x_rows = torch.stack([result.images[c * ipc + k] for k in unit.ipc_indices for c in unit.classes])
     x0 = Normalize(spec)(x_rows.to(device))
     targets = torch.tensor([c for _ in unit.ipc_indices for c in unit.classes], device=device)
-    order = {name: i for i, name in enumerate(plan.pool)}
-    names = sorted({m for k in unit.ipc_indices for m in plan.committees[k]}, key=order.__getitem__)
-    members: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for name in names:
-        idx: list[int] = []
-        w: list[float] = []
-        bn_w = 0.0
-        for j, k in enumerate(unit.ipc_indices):
-            if name in plan.committees[k]:
-                wk = plan.weights[k][plan.committees[k].index(name)]
-                idx += range(j * n_cls, (j + 1) * n_cls)
-                w += [wk] * n_cls
-                bn_w += wk
-        members[name] = (torch.tensor(idx, device=device), torch.tensor(w, device=device), bn_w)
+    members = unit_members(plan, unit.ipc_indices, n_cls, device)
     seed = derive_seed(args.seed, "bench-recover", n)
     res["unit_images"] = len(x0)
     res["rows"] = {name: len(r) for name, (r, _, _) in members.items()}

@@ -24,7 +24,7 @@ from cvdd.config import Recipe
 from cvdd.data.augment import Normalize
 from cvdd.data.sources import FileSplit, RealDataset, TensorSplit
 from cvdd.data.specs import DatasetSpec
-from cvdd.device import derive_seed, resolve_device
+from cvdd.device import derive_seed, resolve_device, resolve_precision
 from cvdd.engine import fit
 from cvdd.engine.fit import Batch, Objective, hard_label_loss
 from cvdd.errors import ConfigError
@@ -252,6 +252,7 @@ def evaluate_synthetic(
     if teacher is not None:
         teacher.group_size = cfg.micro_batch
         teacher.bssl = cfg.bssl
+        teacher.precision = resolve_precision(cfg.precision, dev)  # the student's precision (fp32 on CPU by default)
     label_info: dict[str, Any] = {}
     if cfg.label_mode == "stored":
         from cvdd.relabel.stored import relabel_stored

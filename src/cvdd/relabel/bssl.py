@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from cvdd.device import autocast
 from cvdd.errors import ConfigError
 from cvdd.experts import Expert
 
@@ -50,6 +51,7 @@ class Teacher:
         group_size: BN group of the BSSL teacher; it must equal the student's micro-batch so that the labels
             are produced with the statistics of exactly the images the student normalises together. 0 or None
             means the whole batch passed in.
+        precision: ``fp32`` or ``bf16`` autocast of the experts' forward (the returned logits are float32).
     """
 
     def __init__(
@@ -61,13 +63,22 @@ class Teacher:
         self.weights = [float(w) for w in weights]
         self.bssl = bssl
         self.group_size = group_size or 0
+        self.precision = "fp32"
 
     @property
     def names(self) -> list[str]:
         return [e.name for e in self.experts]
 
     def describe(self) -> dict[str, object]:
-        return {"experts": self.names, "weights": self.weights, "bssl": self.bssl, "group_size": self.group_size}
+        out: dict[str, object] = {
+            "experts": self.names,
+            "weights": self.weights,
+            "bssl": self.bssl,
+            "group_size": self.group_size,
+        }
+        if self.precision != "fp32":  # stored labels made in fp32 keep their identity
+            out["precision"] = self.precision
+        return out
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +96,7 @@ class Teacher:
             total = None
             for expert, w in zip(self.experts, self.weights):
                 ctx = bssl_mode(expert.model) if self.bssl else contextlib.nullcontext()
-                with ctx:
+                with ctx, autocast(g.device, self.precision):
                     z = expert.model(g).float() * w
                 total = z if total is None else total + z
             outs.append(total)

@@ -1,0 +1,436 @@
+"""Measurement helpers shared by the benchmarks (``cvdd bench --suite speed``, ``bench/bench_recover.py``).
+
+Nothing here changes what a stage computes: the instruments observe from outside, through module hooks, by
+wrapping module-level helpers for the duration of a call, or by re-running one recover iteration from the
+public pieces.
+
+* :class:`ModelTimer`: wall-clock seconds inside models' forward and backward passes (hooks on the models).
+* :func:`measured`: wall time, CPU time, contention and peak memory (RSS on the CPU, max allocated on CUDA) of
+  a block, with :class:`cvdd.device.PhasePeaks`.
+* :func:`recover_phases`: init / optimise seconds of a ``cvdd.recover`` call.
+* :class:`UnitBench`, :func:`time_unit`, :func:`unit_members`: one recover iteration reproduced from the public
+  pieces, timed whole and with the experts' forward + loss + backward alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from cvdd.device import PhasePeaks
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device (a no-op on the CPU), so that a host timer covers the queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(values: list[float]) -> float:
+    return 1000 * statistics.median(values)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (DataLoader workers once joined)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        ru = resource.getrusage(who)
+        total += ru.ru_utime + ru.ru_stime
+    return total
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU-seconds all processes of the machine spent busy so far (``/proc/stat``), None where unavailable."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def rss_mib() -> float | None:
+    """Current resident set of this process (MiB) from ``/proc/self/statm``; None where unavailable."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def machine_line(device: torch.device) -> str:
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{gpu}; Python "
+        f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), device {device}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Time inside the models
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ModelTimer:
+    """Explicit wall-clock timers around models' forward and backward passes, installed as hooks.
+
+    * forward: from the model's forward pre-hook to its forward hook (the whole forward of the module);
+    * backward: from the moment autograd delivers the gradient of the model's output (a hook on the output
+      tensor) to the last accumulation into one of its parameters' ``.grad`` (post-accumulate-grad hooks): the
+      model's own backward, without the loss's. Models without trainable parameters (frozen teachers) only
+      have forward time.
+
+    With ``train_only`` a forward of a model in eval mode is not counted (the test evaluation that follows
+    training). On CUDA every boundary synchronises the device, which slows both pipelines of a comparison
+    alike. Hooks are removed on exit, and models can be added while the timer is active (:meth:`add`).
+
+    Attributes:
+        forward_s, backward_s: seconds inside the models' forward and backward passes.
+        forwards: forward calls counted; images: their batch sizes summed.
+    """
+
+    def __init__(
+        self, models: Iterable[nn.Module] = (), device: torch.device | None = None, train_only: bool = True
+    ) -> None:
+        self.device = device or torch.device("cpu")
+        self.train_only = train_only
+        self.forward_s = 0.0
+        self.backward_s = 0.0
+        self.forwards = 0
+        self.images = 0
+        self._handles: list[Any] = []
+        self._pending: list[nn.Module] = list(models)
+        self._active = False
+        self._t_fwd: float | None = None
+        self._t_bwd0: float | None = None
+        self._t_bwd1: float | None = None
+
+    @property
+    def total_s(self) -> float:
+        return self.forward_s + self.backward_s
+
+    def _now(self) -> float:
+        sync(self.device)
+        return time.perf_counter()
+
+    def _flush(self) -> None:
+        if self._t_bwd0 is not None and self._t_bwd1 is not None and self._t_bwd1 > self._t_bwd0:
+            self.backward_s += self._t_bwd1 - self._t_bwd0
+        self._t_bwd0 = self._t_bwd1 = None
+
+    def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self.train_only and not module.training:
+            self._t_fwd = None
+            return
+        self._flush()  # the previous backward is over once the next forward starts
+        self._t_fwd = self._now()
+
+    def _post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self._t_fwd is None:
+            return
+        self.forward_s += self._now() - self._t_fwd
+        self._t_fwd = None
+        self.forwards += 1
+        if args and isinstance(args[0], torch.Tensor):
+            self.images += int(args[0].shape[0])
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(self._bwd_start)
+
+    def _bwd_start(self, grad: torch.Tensor) -> None:
+        self._flush()
+        self._t_bwd0 = self._now()
+
+    def _bwd_end(self, param: torch.Tensor) -> None:
+        if self._t_bwd0 is not None:
+            self._t_bwd1 = self._now()
+
+    def add(self, model: nn.Module) -> nn.Module:
+        """Time ``model`` too (now if the timer is active, else from :meth:`__enter__`); returns the model."""
+        if not self._active:
+            self._pending.append(model)
+            return model
+        self._handles.append(model.register_forward_pre_hook(self._pre))
+        self._handles.append(model.register_forward_hook(self._post))
+        for p in model.parameters():
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._bwd_end))
+        return model
+
+    def __enter__(self) -> ModelTimer:
+        self._active = True
+        pending, self._pending = self._pending, []
+        for m in pending:
+            self.add(m)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._flush()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._active = False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Wall time, CPU time, contention and peak memory of a block
+# --------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def measured(peaks: PhasePeaks, name: str, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Measure a block; the yielded dict is filled on exit.
+
+    Keys: ``wall_s``; ``cpu_s`` (this process and its joined children); ``other_cores`` (busy CPU-seconds of
+    the machine minus this process's, per wall second: the contention from other work, None without
+    ``/proc/stat``); ``start_rss_mib`` and ``peak_rss_mib`` (the high-water mark of the block alone where
+    :class:`PhasePeaks` can reset it, else of the process so far); ``gpu_peak_mib`` (max allocated, CUDA only).
+    """
+    sync(device)
+    peaks.mark(f"{name}:before")  # resets the high-water marks: the next reading is this block's own peak
+    rec: dict[str, Any] = {"start_rss_mib": rss_mib()}
+    busy0, cpu0 = machine_busy_seconds(), cpu_seconds()
+    t0 = time.perf_counter()
+    yield rec
+    sync(device)
+    wall = time.perf_counter() - t0
+    busy1, cpu1 = machine_busy_seconds(), cpu_seconds()
+    peaks.mark(name)
+    rec["wall_s"] = wall
+    rec["cpu_s"] = cpu1 - cpu0
+    rec["other_cores"] = (
+        None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0 - (cpu1 - cpu0)) / max(wall, 1e-9))
+    )
+    rec["peak_rss_mib"] = peaks.peaks[name]
+    rec["gpu_peak_mib"] = peaks.peaks.get(f"{name}_gpu")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recover: phases of a call, and one iteration reproduced from the public pieces
+# --------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def recover_phases(device: torch.device, peaks: PhasePeaks | None = None) -> Iterator[dict[str, float]]:
+    """Seconds of recover's two phases (``init``, ``optimise``) during the block.
+
+    Wraps the module-level helpers ``_unit_init`` and ``_optimise_unit`` of :mod:`cvdd.synthesis.recover` for the
+    duration of the block (nothing in the package is modified; the originals are restored on exit). With
+    ``peaks``, the peak memory of each phase is recorded too (``setup`` is recover's own bookkeeping between).
+    """
+    import importlib
+
+    rec = importlib.import_module("cvdd.synthesis.recover")
+    phase = {"init": 0.0, "optimise": 0.0}
+
+    def timed(fn: Any, key: str) -> Any:
+        def inner(*a: Any, **k: Any) -> Any:
+            if peaks is not None:
+                peaks.mark("setup")  # recover's own setup (pool, plan) or, between units, the unit's bookkeeping
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            sync(device)
+            phase[key] += time.perf_counter() - t
+            if peaks is not None:
+                peaks.mark(key)
+            return out
+
+        return inner
+
+    orig = rec._unit_init, rec._optimise_unit
+    rec._unit_init, rec._optimise_unit = timed(orig[0], "init"), timed(orig[1], "optimise")
+    try:
+        yield phase
+    finally:
+        rec._unit_init, rec._optimise_unit = orig
+
+
+def unit_members(
+    plan: Any, ipc_indices: list[int], n_cls: int, device: torch.device
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Per expert of a unit: its rows (images whose IPC index has it in its committee), row weights, BN weight.
+
+    Mirrors how ``cvdd.synthesis.recover`` builds the loss of a unit (rows IPC-major, ``n_cls`` per IPC index).
+    """
+    order = {name: i for i, name in enumerate(plan.pool)}
+    names = sorted({m for k in ipc_indices for m in plan.committees[k]}, key=order.__getitem__)
+    members: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for name in names:
+        idx: list[int] = []
+        w: list[float] = []
+        bn_w = 0.0
+        for j, k in enumerate(ipc_indices):
+            if name in plan.committees[k]:
+                wk = plan.weights[k][plan.committees[k].index(name)]
+                idx += range(j * n_cls, (j + 1) * n_cls)
+                w += [wk] * n_cls
+                bn_w += wk
+        members[name] = (torch.tensor(idx, device=device), torch.tensor(w, device=device), bn_w)
+    return members
+
+
+class UnitBench:
+    """One unit's optimisation state for a set of experts, each with its rows, row weights and BN weight.
+
+    Mirrors ``cvdd.synthesis.recover._optimise_unit`` from public pieces only (``recover_augment``, the experts
+    under ``BNMatching``, cross-entropy + BN loss, backward, Adam, ``clamp_to_valid``).
+    """
+
+    def __init__(
+        self,
+        models: dict[str, nn.Module],
+        x0: torch.Tensor,
+        targets: torch.Tensor,
+        members: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+        n_cls: int,
+        cfg: Any,
+        spec: Any,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        from cvdd.data.augment import Normalize
+        from cvdd.device import make_generator, resolve_precision
+        from cvdd.synthesis.bn_matching import BNMatching
+
+        self.models, self.members, self.n_cls, self.cfg, self.spec, self.device = (
+            models,
+            members,
+            n_cls,
+            cfg,
+            spec,
+            device,
+        )
+        self.targets = targets
+        self.precision = resolve_precision(cfg.precision, device)
+        self.mean, self.std = Normalize(spec).stats(device)
+        self.x = x0.clone().requires_grad_(True)
+        self.opt = torch.optim.Adam([self.x], lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+        self.jitter = spec.jitter if cfg.jitter is None else cfg.jitter
+        self.gen = make_generator(seed, device)
+        self.jitter_gen = self.gen if device.type == "cpu" else make_generator(seed)
+        self.hooks = {n: BNMatching(models[n], first_multiplier=cfg.first_bn_multiplier) for n in members}
+
+    def __enter__(self) -> UnitBench:
+        for h in self.hooks.values():
+            h.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.hooks.values():
+            h.__exit__(None, None, None)
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        from cvdd.synthesis.jitter import recover_augment
+
+        return recover_augment(
+            x,
+            self.gen,
+            self.spec.image_size,
+            self.jitter,
+            scale=self.cfg.crop_scale,
+            shared_crop=self.cfg.shared_crop,
+            jitter_generator=self.jitter_gen,
+        )
+
+    def loss(self, subs: dict[str, torch.Tensor], bn_hooks: bool = True) -> torch.Tensor:
+        """Σ_e CE_e + r_bn W_e BN_e over the members, each on its sub-batch (as recover's loss)."""
+        from cvdd.device import autocast
+
+        loss = self.x.new_zeros(())
+        for name, (rows, row_w, bn_w) in self.members.items():
+            with autocast(self.device, self.precision):
+                logits = self.models[name](subs[name])
+            ce_rows = nn.functional.cross_entropy(logits.float(), self.targets[rows], reduction="none")
+            loss = loss + (ce_rows * row_w).sum() / self.n_cls
+            if bn_hooks:
+                loss = loss + self.cfg.r_bn * bn_w * self.hooks[name].loss()
+        return loss
+
+    def sub_batches(self, xa: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: xa if len(r) == len(xa) else xa[r] for n, (r, _, _) in self.members.items()}
+
+    def full_step(self, t: int, total: int, label: bool = False) -> dict[str, float]:
+        """One recover iteration; returns its phase times in seconds (device synchronised at each boundary)."""
+        from torch.profiler import record_function
+
+        from cvdd.synthesis.jitter import clamp_to_valid, cosine_lr
+
+        def rf(name: str) -> Any:
+            return record_function(name) if label else contextlib.nullcontext()
+
+        d = self.device
+        t0 = time.perf_counter()
+        with rf("bench::augment"):
+            for group in self.opt.param_groups:
+                group["lr"] = cosine_lr(t, total, self.cfg.lr)
+            xa = self.augment(self.x)
+            subs = self.sub_batches(xa)
+        sync(d)
+        t1 = time.perf_counter()
+        with rf("bench::forward+loss"):
+            loss = self.loss(subs)
+        sync(d)
+        t2 = time.perf_counter()
+        with rf("bench::backward"):
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+        sync(d)
+        t3 = time.perf_counter()
+        with rf("bench::adam+clamp"):
+            self.opt.step()
+            clamp_to_valid(self.x, self.mean, self.std)
+        sync(d)
+        t4 = time.perf_counter()
+        return {"augment": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "step": t4 - t3, "total": t4 - t0}
+
+    def experts_step(self, leaves: dict[str, torch.Tensor], bn_hooks: bool) -> float:
+        """The experts' forward + loss + backward alone on fixed (already augmented) sub-batch leaves."""
+        t0 = time.perf_counter()
+        for v in leaves.values():
+            v.grad = None
+        self.loss(leaves, bn_hooks=bn_hooks).backward()
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def fixed_leaves(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            subs = self.sub_batches(self.augment(self.x))
+        return {n: s.detach().clone().requires_grad_(True) for n, s in subs.items()}
+
+
+def time_unit(bench: UnitBench, reps: int, warmup: int) -> dict[str, float]:
+    """Median ms of (a) the full iteration and its phases, (b) experts alone with and without BN hooks.
+
+    The three measurements are interleaved (a, b, b without hooks, a, b, ...) so that drift on a shared machine
+    (frequency, cache, other processes) affects them alike and the ratio (b) / (a) stays comparable.
+    """
+    total = warmup + reps
+    phases: dict[str, list[float]] = {}
+    with_hooks: list[float] = []
+    no_hooks: list[float] = []
+    leaves: dict[str, torch.Tensor] | None = None
+    for t in range(total):
+        with bench:  # hooks attached
+            p = bench.full_step(t, total)
+            if leaves is None:
+                leaves = bench.fixed_leaves()
+            wh = bench.experts_step(leaves, True)
+        nh = bench.experts_step(leaves, False)  # hooks removed
+        if t >= warmup:
+            for k, v in p.items():
+                phases.setdefault(k, []).append(v)
+            with_hooks.append(wh)
+            no_hooks.append(nh)
+    out = {f"full_{k}_ms": median_ms(v) for k, v in phases.items()}
+    out["experts_ms"] = median_ms(with_hooks)
+    out["experts_nohooks_ms"] = median_ms(no_hooks)
+    return out
