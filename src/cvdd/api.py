@@ -45,6 +45,19 @@ def load_dataset(
     )
 
 
+def _real(
+    dataset: str | os.PathLike[str] | RealDataset,
+    data: str | os.PathLike[str] | None,
+    cache_dir: str | os.PathLike[str] | None,
+    download: bool,
+    progress: bool,
+) -> RealDataset:
+    """An already loaded dataset as it is, or a name/path loaded (from the cache when possible)."""
+    if isinstance(dataset, RealDataset):
+        return dataset
+    return load_dataset(dataset, data=data, cache_dir=cache_dir, download=download, progress=progress)
+
+
 def squeeze(
     dataset: str | os.PathLike[str] | RealDataset = "digits",
     archs: list[str] | None = None,
@@ -81,11 +94,7 @@ def squeeze(
     Returns:
         One :class:`SqueezeResult` per architecture, in order.
     """
-    real = (
-        dataset
-        if isinstance(dataset, RealDataset)
-        else load_dataset(dataset, data=data, cache_dir=cache_dir, download=download, progress=progress)
-    )
+    real = _real(dataset, data, cache_dir, download, progress)
     _, arch_list, recipe = resolve_squeeze_config(real, archs, preset, epochs, overrides)
     return squeeze_experts(
         real,
@@ -409,11 +418,7 @@ def ablate(
     """
     from cvdd.ablate import load_grid, run_ablation
 
-    real = (
-        dataset
-        if isinstance(dataset, RealDataset)
-        else load_dataset(dataset, data=data, cache_dir=cache_dir, download=download, progress=progress)
-    )
+    real = _real(dataset, data, cache_dir, download, progress)
     configs = load_grid(grid)
     if only:
         unknown = sorted(set(only) - {c.name for c in configs})
@@ -530,11 +535,7 @@ def distill(
     from cvdd.pipeline import distill as run_distill
     from cvdd.pipeline import get_distill_preset
 
-    real = (
-        dataset
-        if isinstance(dataset, RealDataset)
-        else load_dataset(dataset, data=data, cache_dir=cache_dir, download=download, progress=progress)
-    )
+    real = _real(dataset, data, cache_dir, download, progress)
     chosen = get_distill_preset(preset or real.spec.default_preset)
     evaluate_over = dict(overrides or {})
     if seeds is not None:

@@ -373,11 +373,16 @@ def _optimise_unit(
                 shared_crop=cfg.shared_crop,
                 jitter_generator=jitter_gen,
             )
+            # The loss is a sum over experts, so each expert's term is backpropagated as soon as it is computed
+            # (into a leaf copy of the augmented batch): its activations are freed before the next expert runs,
+            # and peak memory is that of the largest expert, not of the whole committee.
+            xa_leaf = xa.detach().requires_grad_(True)
             loss = x.new_zeros(())
             parts: dict[str, torch.Tensor] = {}
+            opt.zero_grad(set_to_none=True)
             for name in names:
                 full = len(rows[name]) == len(xa)
-                sub = xa if full else xa[rows[name]]
+                sub = xa_leaf if full else xa_leaf[rows[name]]
                 with autocast(device, precision):
                     logits = committee.models[name](sub)
                 tgt = targets if full else targets[rows[name]]
@@ -385,15 +390,18 @@ def _optimise_unit(
                 # Mean CE over each IPC index's images, weighted by that index's voter weight.
                 ce = (ce_rows * row_w[name]).sum() / n_cls
                 bn = hooks[name].loss()
-                loss = loss + ce + cfg.r_bn * bn_w[name] * bn
+                term = ce + cfg.r_bn * bn_w[name] * bn
+                term.backward()
+                loss = loss + term.detach()
                 parts[f"ce/{name}"] = ce.detach()
                 parts[f"bn/{name}"] = bn.detach()
+                del logits, ce_rows, ce, bn, term
+            xa.backward(xa_leaf.grad)  # through the crop, flip and jitter into the pixels
             if cfg.anchor > 0:
                 drift = (x - x0).pow(2).mean()
-                loss = loss + cfg.anchor * drift
+                (cfg.anchor * drift).backward()
+                loss = loss + cfg.anchor * drift.detach()
                 parts["anchor"] = drift.detach()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             opt.step()
             clamp_to_valid(x, mean, std)
             if progress_bar is not None:
