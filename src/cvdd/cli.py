@@ -21,6 +21,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="run seed; the same seed gives the same result (default 0)")
     g.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors, no progress bars")
     g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    g.add_argument(
+        "--track",
+        default=None,
+        metavar="TRACKER",
+        help="log curves to tensorboard[:DIR] or wandb[:PROJECT] (needs that package; also CVDD_TRACK)",
+    )
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -769,6 +775,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         # Under torchrun (WORLD_SIZE > 1) every rank joins the group; the stages shard or all-reduce.
+        if getattr(args, "track", None):
+            os.environ["CVDD_TRACK"] = args.track
         if dd.init_from_env(getattr(args, "device", None)) and not dd.is_main():
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - one report per job: rank 0 prints it
             progress = False

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cvdd import distributed as dd
+from cvdd import tracking
 from cvdd.artifacts import atomic_torch_save, safe_torch_load
 from cvdd.config import Recipe, to_dict
 from cvdd.data.augment import Normalize, TrainAugment
@@ -398,6 +399,8 @@ def fit(
                 workers=recipe.workers,
             )
         history.append(record)
+        if dd.is_main():
+            tracking.log(desc, record, epoch + 1)
         log.info(
             "%s epoch %d/%d: %s",
             desc,

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cvdd import __version__
+from cvdd import __version__, tracking
 from cvdd import distributed as dd
 from cvdd.artifacts import (
     atomic_write_text,
@@ -410,6 +410,7 @@ def _optimise_unit(
                 rec = {"iteration": t + 1, "loss": float(loss.detach())}
                 rec.update({k: float(v) for k, v in parts.items()})
                 records.append(rec)
+                tracking.log(f"recover {unit.key}", rec, t + 1)
                 if progress_bar is not None:
                     progress_bar.set_postfix(loss=f"{rec['loss']:.3f}")
     finally:
