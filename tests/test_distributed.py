@@ -6,6 +6,7 @@ reference does the same floating-point work as each rank.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -154,3 +155,23 @@ def test_torchrun_evaluate_agrees_with_single_process(digit_experts: Path, singl
     assert two_out.count("top-1 on the real test set") == 1  # only rank 0 reports
     two = float(pattern.search(two_out).group(1))
     assert abs(one - two) <= 1.0, (one, two)
+
+
+def test_sharded_batch_sampler_covers_each_global_batch_once() -> None:
+    from cvdd.data.loader import _ShardedBatchSampler
+
+    one = list(_ShardedBatchSampler(23, 8, True, seed=5, index=0, count=1))
+    parts = [list(_ShardedBatchSampler(23, 8, True, seed=5, index=i, count=3)) for i in range(3)]
+    assert len(one) == 3 and all(len(p) == 3 for p in parts)
+    for step, batch in enumerate(one):
+        # The ranks' slices of a step, in rank order, are exactly the single-process batch.
+        assert [i for p in parts for i in p[step]] == batch
+
+
+def test_torchrun_squeeze_trains_one_expert_written_once(tmp_path: Path) -> None:
+    out = tmp_path / "experts"
+    args = ["squeeze", "--dataset", "digits", "--arch", "convnet_d3_w32", "--epochs", "2", "--out", str(out)]
+    printed = _run([*args, "--quiet"], nproc=2)
+    meta = json.loads((out / "convnet_d3_w32.json").read_text())
+    assert meta["test_acc"] > 0.5 and printed.count("convnet_d3_w32") >= 1
+    assert not list(out.glob(".*.tmp*"))

@@ -181,6 +181,21 @@ class ModelTimer:
         self._active = False
 
 
+@contextlib.contextmanager
+def optimizer_steps() -> Iterator[dict[str, int]]:
+    """Count the optimiser steps taken by any ``torch.optim`` optimiser during the block (``counter["n"]``)."""
+    counter = {"n": 0}
+
+    def hook(*args: Any) -> None:
+        counter["n"] += 1
+
+    handle = torch.optim.optimizer.register_optimizer_step_post_hook(hook)
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Wall time, CPU time, contention and peak memory of a block
 # --------------------------------------------------------------------------------------------------------------

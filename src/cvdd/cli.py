@@ -315,10 +315,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a benchmark preset end to end and write a report with machine and timings",
         description="Run `distill` with a benchmark preset (cifar10-cpu: the CPU committee on real "
         "CIFAR-10; cifar10-gpu: the paper's architectures and recipe) and write "
-        "<out>/bench.md with the command, machine, package versions and wall time per stage.",
+        "<out>/bench.md with the command, machine, package versions and wall time per stage. "
+        "With --suite speed: time every stage (squeeze, recover, relabel, evaluate) against a deliberately naive "
+        "reference pipeline on the same data and models and print one Markdown table per stage (throughput, "
+        "peak memory, share of time inside the models, cvdd / naive ratio), also written to <out>/speed.md "
+        "(or to --out itself when it ends in .md); --set KEY=VALUE sets the suite's fields (cvdd.speed.SpeedConfig: "
+        "train_per_class, epochs, recover_iterations, stages, naive_workers, ...).",
+    )
+    p.add_argument(
+        "--suite",
+        default="pipeline",
+        choices=["pipeline", "speed"],
+        help="pipeline: distill end to end (default); speed: per-stage speed against a naive reference",
     )
     p.add_argument("--preset", default="cifar10-cpu", help="distill preset (default cifar10-cpu)")
-    p.add_argument("--data", required=True, metavar="PATH", help="CIFAR-10 as an ImageFolder folder or tarball")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="CIFAR-10 as an ImageFolder folder or tarball (required by the pipeline suite; the speed suite "
+        "defaults to $CVDD_CIFAR10_TAR or ../shared/data/cifar10-jpeg.tar.gz)",
+    )
     p.add_argument("--out", default="runs/bench", help="run folder (default: runs/bench)")
     p.add_argument(
         "--budget",
@@ -639,6 +656,25 @@ def _cmd_bench(args: argparse.Namespace, progress: bool) -> int:
     from cvdd.api import distill
     from cvdd.pipeline import get_distill_preset
 
+    if args.suite == "speed":
+        from cvdd.config import parse_override
+        from cvdd.speed import run_speed_suite, speed_config
+
+        settings = dict(parse_override(s) for s in args.set)
+        for key, value in (("data", args.data), ("experts", args.experts), ("ipcs", args.ipc), ("seed", args.seed)):
+            if value is not None:
+                settings.setdefault(key, value)
+        settings.setdefault("preset", args.preset)
+        out = Path(args.out) if args.out.endswith(".md") else Path(args.out) / "speed.md"
+        report = run_speed_suite(
+            speed_config(settings, args.budget), device=args.device, out=out, command="cvdd " + shlex.join(args._argv)
+        )
+        print(f"tables written to {report.path}")
+        return 0
+    if args.data is None:
+        from cvdd.errors import ConfigError
+
+        raise ConfigError("bench --suite pipeline needs --data PATH (CIFAR-10 as an ImageFolder folder or tarball)")
     over = _eval_overrides(args)
     preset = get_distill_preset(args.preset)
     ipcs, seeds = args.ipc, args.seeds

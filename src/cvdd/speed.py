@@ -401,7 +401,8 @@ def _stage_squeeze(ctx: _Ctx) -> None:
         "",
         f"## squeeze: one training epoch of {arch} over {rows['cvdd']['images']:,} real images",
         "",
-        f"| pipeline | images | steps | wall s | images/s | model fwd+bwd share | {MEM_HEAD} | other processes' cores |",
+        f"| pipeline | images | steps | wall s | images/s | model fwd+bwd share | {MEM_HEAD} | "
+        "other processes' cores |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     )
     for who, row in rows.items():
@@ -547,17 +548,19 @@ def _stage_relabel(ctx: _Ctx, quiet: bool = False) -> None:
         teacher = _teacher(ctx.pool, ecfg)
         teacher.group_size, teacher.bssl = ecfg.micro_batch, ecfg.bssl
         c_dir, n_dir = ctx.work / f"labels-cvdd-ipc{ipc}", ctx.work / f"labels-naive-ipc{ipc}"
-        with ModelTimer([e.model for e in teacher.experts], dev, train_only=False) as tc:
-            with measured(ctx.peaks, f"relabel-cvdd-{ipc}", dev) as mc:
-                relabel_stored(
-                    s["images"].to(dev),
-                    s["labels"].to(dev),
-                    spec,
-                    teacher,
-                    ecfg.label_settings(ecfg.seeds[0]),
-                    c_dir,
-                    progress=False,
-                )
+        with (
+            ModelTimer([e.model for e in teacher.experts], dev, train_only=False) as tc,
+            measured(ctx.peaks, f"relabel-cvdd-{ipc}", dev) as mc,
+        ):
+            relabel_stored(
+                s["images"].to(dev),
+                s["labels"].to(dev),
+                spec,
+                teacher,
+                ecfg.label_settings(ecfg.seeds[0]),
+                c_dir,
+                progress=False,
+            )
         tn = ModelTimer(device=dev, train_only=False)
         with tn, measured(ctx.peaks, f"relabel-naive-{ipc}", dev) as mn:
             naive_relabel(
@@ -631,10 +634,53 @@ def _stage_relabel(ctx: _Ctx, quiet: bool = False) -> None:
     )
 
 
-def _stage_evaluate(ctx: _Ctx) -> None:
-    import cvdd.evaluate.student as st
-    from cvdd.api import _teacher
+def _cvdd_evaluate(
+    ctx: _Ctx, s: dict[str, Any], ecfg: Any, teacher: Any, label_dir: Path, tag: str
+) -> tuple[Any, list[Any], Any, dict[str, Any]]:
+    """``evaluate_synthetic`` as it is, with timing hooks on its student and ``fit``'s results (history) kept.
+
+    The module-level names ``create_model`` and ``fit`` of :mod:`cvdd.evaluate.student` are wrapped for the call and
+    restored after it (nothing in the package is modified).
+    """
+    import importlib
+
+    st = importlib.import_module("cvdd.evaluate.student")
     from cvdd.benchkit import ModelTimer, measured
+
+    fits: list[Any] = []
+    timer = ModelTimer(device=ctx.device)
+    orig_create, orig_fit = st.create_model, st.fit
+
+    def create(*a: Any, **k: Any) -> Any:
+        return timer.add(orig_create(*a, **k))
+
+    def fit_and_keep(*a: Any, **k: Any) -> Any:
+        res = orig_fit(*a, **k)
+        fits.append(res)
+        return res
+
+    st.create_model, st.fit = create, fit_and_keep
+    try:
+        with timer, measured(ctx.peaks, f"evaluate-cvdd-{tag}", ctx.device) as m:
+            res = st.evaluate_synthetic(
+                s["images"],
+                s["labels"],
+                ctx.data.spec,
+                ctx.data.test,
+                ecfg,
+                teacher=teacher,
+                label_dir=label_dir,
+                device=ctx.device,
+                progress=False,
+            )
+    finally:
+        st.create_model, st.fit = orig_create, orig_fit
+    return res, fits, timer, m
+
+
+def _stage_evaluate(ctx: _Ctx) -> None:
+    from cvdd.api import _teacher
+    from cvdd.benchkit import ModelTimer, measured, optimizer_steps
     from cvdd.device import derive_seed, resolve_precision
     from cvdd.models import create_model
     from cvdd.naive import naive_evaluate
@@ -647,64 +693,35 @@ def _stage_evaluate(ctx: _Ctx) -> None:
     for ipc in cfg.ipcs:
         s = _synthetic_set(ctx, ipc)
         teacher = _teacher(ctx.pool, ecfg)
-        # cvdd: evaluate_synthetic as it is; its student gets timing hooks and fit's per-epoch history is kept.
-        fits: list[Any] = []
-        tc = ModelTimer(device=dev)
-        orig_create, orig_fit = st.create_model, st.fit
-
-        def create(*a: Any, _orig: Any = orig_create, **k: Any) -> Any:
-            return tc.add(_orig(*a, **k))
-
-        def fit_and_keep(*a: Any, _orig: Any = orig_fit, **k: Any) -> Any:
-            res = _orig(*a, **k)
-            fits.append(res)
-            return res
-
-        st.create_model, st.fit = create, fit_and_keep
-        steps = {"n": 0}
-        hook = torch.optim.optimizer.register_optimizer_step_post_hook(
-            lambda *a: steps.__setitem__("n", steps["n"] + 1)
-        )
-        try:
-            with tc, measured(ctx.peaks, f"evaluate-cvdd-{ipc}", dev) as mc:
-                res = st.evaluate_synthetic(
-                    s["images"],
-                    s["labels"],
-                    spec,
-                    ctx.data.test,
-                    ecfg,
-                    teacher=teacher,
-                    label_dir=ctx.work / f"labels-cvdd-ipc{ipc}",
-                    device=dev,
-                    progress=False,
-                )
-            c_steps = steps["n"]
-            steps["n"] = 0
-            epoch_s = [h["seconds"] for h in fits[0].history]
-            torch.manual_seed(derive_seed(ecfg.seeds[0], "student", ecfg.student))
-            student = create_model(ecfg.student, spec.num_classes, spec.image_size)
-            with ModelTimer([student], dev) as tn, measured(ctx.peaks, f"evaluate-naive-{ipc}", dev) as mn:
-                out = naive_evaluate(
-                    s["png"],
-                    ctx.work / f"labels-naive-ipc{ipc}",
-                    student,
-                    epochs=ecfg.epochs,
-                    batch_size=ecfg.batch_size,
-                    micro_batch=ecfg.micro_batch,
-                    lr=ecfg.lr,
-                    weight_decay=ecfg.weight_decay,
-                    temperature=ecfg.temperature,
-                    size=spec.image_size,
-                    mean=spec.mean,
-                    std=spec.std,
-                    device=dev,
-                    workers=cfg.naive_workers,
-                    precision=resolve_precision(ecfg.precision, dev),
-                )
-            n_steps = steps["n"]
-        finally:
-            st.create_model, st.fit = orig_create, orig_fit
-            hook.remove()
+        with optimizer_steps() as steps:
+            res, fits, tc, mc = _cvdd_evaluate(ctx, s, ecfg, teacher, ctx.work / f"labels-cvdd-ipc{ipc}", f"{ipc}")
+        epoch_s = [h["seconds"] for h in fits[0].history]
+        c_steps = steps["n"]
+        torch.manual_seed(derive_seed(ecfg.seeds[0], "student", ecfg.student))
+        student = create_model(ecfg.student, spec.num_classes, spec.image_size)
+        with (
+            optimizer_steps() as steps,
+            ModelTimer([student], dev) as tn,
+            measured(ctx.peaks, f"evaluate-naive-{ipc}", dev) as mn,
+        ):
+            out = naive_evaluate(
+                s["png"],
+                ctx.work / f"labels-naive-ipc{ipc}",
+                student,
+                epochs=ecfg.epochs,
+                batch_size=ecfg.batch_size,
+                micro_batch=ecfg.micro_batch,
+                lr=ecfg.lr,
+                weight_decay=ecfg.weight_decay,
+                temperature=ecfg.temperature,
+                size=spec.image_size,
+                mean=spec.mean,
+                std=spec.std,
+                device=dev,
+                workers=cfg.naive_workers,
+                precision=resolve_precision(ecfg.precision, dev),
+            )
+        n_steps = steps["n"]
         c_train, n_train = sum(epoch_s), sum(out["epoch_seconds"])
         rows.append(
             {
