@@ -184,12 +184,14 @@ class ModelTimer:
 @contextlib.contextmanager
 def optimizer_steps() -> Iterator[dict[str, int]]:
     """Count the optimiser steps taken by any ``torch.optim`` optimiser during the block (``counter["n"]``)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
     counter = {"n": 0}
 
     def hook(*args: Any) -> None:
         counter["n"] += 1
 
-    handle = torch.optim.optimizer.register_optimizer_step_post_hook(hook)
+    handle = register_optimizer_step_post_hook(hook)
     try:
         yield counter
     finally:

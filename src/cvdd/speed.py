@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from cvdd.errors import ConfigError
+from cvdd.models import create_model
 
 STAGES = ("squeeze", "recover", "relabel", "evaluate")
 DEFAULT_EXPERTS = "/tmp/bench-c10-experts"
@@ -97,7 +98,7 @@ class SpeedConfig:
     squeeze_repeats: int = 3
     recover_ipc: int = 10
     recover_committee: int = 2
-    recover_iterations: int = 50
+    recover_iterations: int = 60
     recover_init: str = "real"
     recover_reps: int = 10
     recover_warmup: int = 2
@@ -323,6 +324,34 @@ def _usable_experts(folder: str, spec: Any) -> bool:
     return True
 
 
+def _batch_sizes(n: int, batch: int, micro: int) -> list[int]:
+    """Distinct micro-batch sizes of an epoch over ``n`` images (batches of ``batch``, micro-batches of ``micro``)."""
+    sizes = set()
+    for b0 in range(0, n, batch):
+        size = min(batch, n - b0)
+        step = micro if 0 < micro < size else size
+        sizes.update(min(step, size - m0) for m0 in range(0, size, step))
+    return sorted(sizes)
+
+
+def _warm_up(ctx: _Ctx, arch: str, sizes: list[int], teacher: Any = None) -> None:
+    """Untimed forward + backward of ``arch`` (or forward of the ``teacher``) at each batch size.
+
+    Kernels and allocator caches are process-wide and keyed by shape: without this, whichever pipeline ran first
+    would pay the warm-up for both.
+    """
+    spec, dev = ctx.data.spec, ctx.device
+    model = None if teacher is not None else create_model(arch, spec.num_classes, spec.image_size).to(dev).train()
+    for b in sizes:
+        for _ in range(2):
+            x = torch.randn(b, 3, spec.image_size, spec.image_size, device=dev)
+            if teacher is not None:
+                teacher(x)
+            else:
+                assert model is not None
+                model(x).float().sum().backward()
+
+
 def _synthetic_set(ctx: _Ctx, ipc: int) -> dict[str, Any]:
     """Random real images of the slice at ``ipc``: uint8 for cvdd, the same pixels as PNG files for the naive code."""
     if ipc not in ctx.sets:
@@ -347,7 +376,6 @@ def _stage_squeeze(ctx: _Ctx) -> None:
     from cvdd.config import apply_overrides, get_squeeze_preset
     from cvdd.device import resolve_precision
     from cvdd.engine import fit
-    from cvdd.models import create_model
     from cvdd.naive import naive_squeeze_epoch
 
     cfg, dev, spec = ctx.cfg, ctx.device, ctx.data.spec
@@ -356,6 +384,7 @@ def _stage_squeeze(ctx: _Ctx) -> None:
     recipe = apply_overrides(sq.recipe, {"epochs": 1, "warmup_epochs": 0.0}, "speed suite squeeze")
     precision = resolve_precision(recipe.precision, dev)
     assert ctx.slice_root is not None
+    _warm_up(ctx, arch, _batch_sizes(len(ctx.data.train), recipe.batch_size, 0))
     runs: dict[str, list[dict[str, Any]]] = {"cvdd": [], "naive": []}
     for r in range(cfg.squeeze_repeats):  # alternate, so that drift on a shared machine affects both alike
         for who in ("cvdd", "naive"):
@@ -547,6 +576,7 @@ def _stage_relabel(ctx: _Ctx, quiet: bool = False) -> None:
         s = _synthetic_set(ctx, ipc)
         teacher = _teacher(ctx.pool, ecfg)
         teacher.group_size, teacher.bssl = ecfg.micro_batch, ecfg.bssl
+        _warm_up(ctx, "", _batch_sizes(len(s["labels"]), ecfg.batch_size, ecfg.micro_batch), teacher=teacher)
         c_dir, n_dir = ctx.work / f"labels-cvdd-ipc{ipc}", ctx.work / f"labels-naive-ipc{ipc}"
         with (
             ModelTimer([e.model for e in teacher.experts], dev, train_only=False) as tc,
@@ -682,7 +712,6 @@ def _stage_evaluate(ctx: _Ctx) -> None:
     from cvdd.api import _teacher
     from cvdd.benchkit import ModelTimer, measured, optimizer_steps
     from cvdd.device import derive_seed, resolve_precision
-    from cvdd.models import create_model
     from cvdd.naive import naive_evaluate
 
     cfg, dev, spec = ctx.cfg, ctx.device, ctx.data.spec
@@ -693,6 +722,7 @@ def _stage_evaluate(ctx: _Ctx) -> None:
     for ipc in cfg.ipcs:
         s = _synthetic_set(ctx, ipc)
         teacher = _teacher(ctx.pool, ecfg)
+        _warm_up(ctx, ecfg.student, _batch_sizes(len(s["labels"]), ecfg.batch_size, ecfg.micro_batch))
         with optimizer_steps() as steps:
             res, fits, tc, mc = _cvdd_evaluate(ctx, s, ecfg, teacher, ctx.work / f"labels-cvdd-ipc{ipc}", f"{ipc}")
         epoch_s = [h["seconds"] for h in fits[0].history]

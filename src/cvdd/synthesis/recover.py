@@ -81,6 +81,8 @@ class RecoverConfig:
         anchor: weight of a term that keeps each image near its initialisation, ``anchor * mean((x - x0)²)``
             over normalised pixels (0 = off, the paper's loss). Not in the paper: later work in this field
             keeps synthetic images close to real ones.
+        combine: how the experts' pixel gradients are combined each iteration: ``sum`` (the paper), ``gradnorm``
+            or ``pcgrad`` (see :func:`combine_gradients`). Not in the paper: rules that may let more voters help.
         jitter: maximum roll jitter in pixels (None: the dataset's, 4 at 32/64 px, 32 at 224 px).
         crop_scale: scale range of the per-iteration random-resized crop.
         shared_crop: one crop box and flip for the whole batch per iteration (as the official code) or one
@@ -111,6 +113,7 @@ class RecoverConfig:
     r_bn: float = 0.01
     first_bn_multiplier: float = 10.0
     anchor: float = 0.0
+    combine: str = "sum"
     jitter: int | None = None
     crop_scale: tuple[float, float] = (0.08, 1.0)
     shared_crop: bool = True
@@ -143,6 +146,8 @@ class RecoverConfig:
         check_init_method(self.init)
         if self.iterations < 1 or self.lr <= 0:
             raise ConfigError("iterations must be >= 1 and lr > 0")
+        if self.combine not in COMBINE_RULES:
+            raise ConfigError(f"unknown combine {self.combine!r}; choose one of {', '.join(COMBINE_RULES)}")
         if self.anchor < 0:
             raise ConfigError(f"anchor must be >= 0 (got {self.anchor})")
         if self.ipc_per_block < 1 or (self.classes_per_block is not None and self.classes_per_block < 1):
@@ -222,7 +227,7 @@ def config_hash(cfg: RecoverConfig, plan: RecoverPlan, spec: DatasetSpec, seed: 
     """Hash of everything that determines the images; units made under another hash are never mixed in."""
     fields = to_dict(cfg)
     # Options added after the first release are hashed only when set, so older runs keep their hash (resume).
-    for key, default in (("anchor", 0.0),):
+    for key, default in (("anchor", 0.0), ("combine", "sum")):
         if fields.get(key) == default:
             fields.pop(key)
     payload = {
@@ -380,6 +385,11 @@ def _optimise_unit(
             loss = x.new_zeros(())
             parts: dict[str, torch.Tensor] = {}
             opt.zero_grad(set_to_none=True)
+            logging_now = (t + 1) % cfg.log_every == 0 or t + 1 == cfg.iterations
+            # Per-expert pixel gradients are kept apart only when a combination rule needs them, or to measure
+            # the conflict between voters at a logged iteration (a committee of one has none).
+            separate = len(names) > 1 and (cfg.combine != "sum" or logging_now)
+            grads: list[torch.Tensor] = []
             for name in names:
                 full = len(rows[name]) == len(xa)
                 sub = xa_leaf if full else xa_leaf[rows[name]]
@@ -391,11 +401,18 @@ def _optimise_unit(
                 ce = (ce_rows * row_w[name]).sum() / n_cls
                 bn = hooks[name].loss()
                 term = ce + cfg.r_bn * bn_w[name] * bn
-                term.backward()
+                if separate:
+                    grads.append(torch.autograd.grad(term, xa_leaf)[0])
+                else:
+                    term.backward()
                 loss = loss + term.detach()
                 parts[f"ce/{name}"] = ce.detach()
                 parts[f"bn/{name}"] = bn.detach()
                 del logits, ce_rows, ce, bn, term
+            if separate:
+                if logging_now:
+                    parts.update(_gradient_conflict(grads, names))
+                xa_leaf.grad = combine_gradients(grads, [bn_w[n] for n in names], cfg.combine)
             xa.backward(xa_leaf.grad)  # through the crop, flip and jitter into the pixels
             if cfg.anchor > 0:
                 drift = (x - x0).pow(2).mean()
@@ -406,7 +423,7 @@ def _optimise_unit(
             clamp_to_valid(x, mean, std)
             if progress_bar is not None:
                 progress_bar.update()
-            if (t + 1) % cfg.log_every == 0 or t + 1 == cfg.iterations:
+            if logging_now:
                 rec = {"iteration": t + 1, "loss": float(loss.detach())}
                 rec.update({k: float(v) for k, v in parts.items()})
                 records.append(rec)
@@ -417,6 +434,59 @@ def _optimise_unit(
         for h in hooks.values():
             h.__exit__(None, None, None)
     return x.detach(), records
+
+
+COMBINE_RULES = ("sum", "gradnorm", "pcgrad")
+
+
+def combine_gradients(grads: list[torch.Tensor], weights: list[float], rule: str) -> torch.Tensor:
+    """Combine the experts' pixel gradients of one iteration.
+
+    Args:
+        grads: one gradient per expert, each shaped like the augmented batch (B, 3, S, S); each already carries
+            its expert's voter weight (it is the gradient of that expert's weighted term).
+        weights: each expert's total voter weight in the unit (used by ``gradnorm``).
+        rule: ``sum`` (the method: the gradient of the summed loss), ``gradnorm`` (each expert's gradient
+            scaled to unit norm and weighted by its share of the voter weight, the result scaled by the sum of
+            the norms, so that no expert dominates by gradient size alone), or ``pcgrad`` (each gradient loses
+            its component along any other expert's gradient it conflicts with, negative dot product, before
+            summing).
+
+    Returns:
+        The combined gradient (B, 3, S, S).
+    """
+    if rule == "sum" or len(grads) == 1:
+        return torch.stack(grads).sum(0)
+    if rule == "gradnorm":
+        norms = [g.norm().clamp_min(1e-12) for g in grads]
+        total = sum(weights)
+        direction = sum((w / total) * g / n for g, w, n in zip(grads, weights, norms))
+        return direction * torch.stack(norms).sum()
+    if rule == "pcgrad":
+        out = []
+        for i, g in enumerate(grads):
+            g = g.clone()
+            for j, h in enumerate(grads):
+                if i != j:
+                    dot = (g * h).sum()
+                    if dot < 0:
+                        g = g - dot / h.pow(2).sum().clamp_min(1e-12) * h
+            out.append(g)
+        return torch.stack(out).sum(0)
+    raise ConfigError(f"unknown gradient combination {rule!r}; choose one of {', '.join(COMBINE_RULES)}")
+
+
+def _gradient_conflict(grads: list[torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """Cosine between every pair of experts' pixel gradients (negative: the voters pull pixels apart)."""
+    out = {}
+    cosines = []
+    for i in range(len(grads)):
+        for j in range(i + 1, len(grads)):
+            c = nn.functional.cosine_similarity(grads[i].flatten(), grads[j].flatten(), dim=0)
+            out[f"cos/{names[i]}|{names[j]}"] = c
+            cosines.append(c)
+    out["cos/mean"] = torch.stack(cosines).mean()
+    return out
 
 
 def _unit_paths(out: Path, unit: Unit) -> tuple[Path, Path]:
