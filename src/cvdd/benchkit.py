@@ -298,8 +298,9 @@ def unit_members(
 class UnitBench:
     """One unit's optimisation state for a set of experts, each with its rows, row weights and BN weight.
 
-    Mirrors ``cvdd.synthesis.recover._optimise_unit`` from public pieces only (``recover_augment``, the experts
-    under ``BNMatching``, cross-entropy + BN loss, backward, Adam, ``clamp_to_valid``).
+    Mirrors ``cvdd.synthesis.recover._optimise_unit`` (combination rule ``sum``) from public pieces only
+    (``recover_augment``, the experts under ``BNMatching``, cross-entropy + BN loss, a per-expert backward into a
+    leaf of the augmented batch, Adam, ``clamp_to_valid``).
     """
 
     def __init__(
@@ -329,6 +330,7 @@ class UnitBench:
         self.targets = targets
         self.precision = resolve_precision(cfg.precision, device)
         self.mean, self.std = Normalize(spec).stats(device)
+        self.x0 = x0
         self.x = x0.clone().requires_grad_(True)
         self.opt = torch.optim.Adam([self.x], lr=cfg.lr, betas=cfg.betas, eps=1e-8)
         self.jitter = spec.jitter if cfg.jitter is None else cfg.jitter
@@ -358,25 +360,37 @@ class UnitBench:
             jitter_generator=self.jitter_gen,
         )
 
-    def loss(self, subs: dict[str, torch.Tensor], bn_hooks: bool = True) -> torch.Tensor:
-        """Σ_e CE_e + r_bn W_e BN_e over the members, each on its sub-batch (as recover's loss)."""
+    def terms(self, subs: dict[str, torch.Tensor], bn_hooks: bool = True) -> Iterator[torch.Tensor]:
+        """Each member's term CE_e + r_bn W_e BN_e on its sub-batch, computed (forward) when it is asked for."""
         from cvdd.device import autocast
 
-        loss = self.x.new_zeros(())
         for name, (rows, row_w, bn_w) in self.members.items():
             with autocast(self.device, self.precision):
                 logits = self.models[name](subs[name])
             ce_rows = nn.functional.cross_entropy(logits.float(), self.targets[rows], reduction="none")
-            loss = loss + (ce_rows * row_w).sum() / self.n_cls
+            term = (ce_rows * row_w).sum() / self.n_cls
             if bn_hooks:
-                loss = loss + self.cfg.r_bn * bn_w * self.hooks[name].loss()
+                term = term + self.cfg.r_bn * bn_w * self.hooks[name].loss()
+            yield term
+
+    def loss(self, subs: dict[str, torch.Tensor], bn_hooks: bool = True) -> torch.Tensor:
+        """Σ_e CE_e + r_bn W_e BN_e over the members, each on its sub-batch (as recover's loss)."""
+        loss = self.x.new_zeros(())
+        for term in self.terms(subs, bn_hooks):
+            loss = loss + term
         return loss
 
     def sub_batches(self, xa: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: xa if len(r) == len(xa) else xa[r] for n, (r, _, _) in self.members.items()}
 
     def full_step(self, t: int, total: int, label: bool = False) -> dict[str, float]:
-        """One recover iteration; returns its phase times in seconds (device synchronised at each boundary)."""
+        """One recover iteration; returns its phase times in seconds (device synchronised at each boundary).
+
+        As recover (combination rule ``sum``): each expert's term is backpropagated as soon as it is computed, into
+        a leaf copy of the augmented batch, then the leaf's gradient goes back through the augmentation into the
+        pixels. ``forward`` sums the experts' forward + loss segments, ``backward`` their backward segments and the
+        augmentation's backward.
+        """
         from torch.profiler import record_function
 
         from cvdd.synthesis.jitter import clamp_to_valid, cosine_lr
@@ -390,31 +404,47 @@ class UnitBench:
             for group in self.opt.param_groups:
                 group["lr"] = cosine_lr(t, total, self.cfg.lr)
             xa = self.augment(self.x)
-            subs = self.sub_batches(xa)
+            leaf = xa.detach().requires_grad_(True)
+            subs = self.sub_batches(leaf)
+            self.opt.zero_grad(set_to_none=True)
         sync(d)
         t1 = time.perf_counter()
-        with rf("bench::forward+loss"):
-            loss = self.loss(subs)
-        sync(d)
-        t2 = time.perf_counter()
+        fwd = bwd = 0.0
+        terms = self.terms(subs)
+        for _ in self.members:
+            ta = time.perf_counter()
+            with rf("bench::forward+loss"):
+                term = next(terms)
+            sync(d)
+            tb = time.perf_counter()
+            with rf("bench::backward"):
+                term.backward()
+            sync(d)
+            fwd += tb - ta
+            bwd += time.perf_counter() - tb
+        ta = time.perf_counter()
         with rf("bench::backward"):
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            xa.backward(leaf.grad)  # through the crop, flip and jitter into the pixels
+            anchor = float(getattr(self.cfg, "anchor", 0.0))
+            if anchor > 0:
+                (anchor * (self.x - self.x0).pow(2).mean()).backward()
         sync(d)
         t3 = time.perf_counter()
+        bwd += t3 - ta
         with rf("bench::adam+clamp"):
             self.opt.step()
             clamp_to_valid(self.x, self.mean, self.std)
         sync(d)
         t4 = time.perf_counter()
-        return {"augment": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "step": t4 - t3, "total": t4 - t0}
+        return {"augment": t1 - t0, "forward": fwd, "backward": bwd, "step": t4 - t3, "total": t4 - t0}
 
     def experts_step(self, leaves: dict[str, torch.Tensor], bn_hooks: bool) -> float:
-        """The experts' forward + loss + backward alone on fixed (already augmented) sub-batch leaves."""
+        """The experts' forward + loss + backward alone (each term backpropagated in turn) on fixed leaves."""
         t0 = time.perf_counter()
         for v in leaves.values():
             v.grad = None
-        self.loss(leaves, bn_hooks=bn_hooks).backward()
+        for term in self.terms(leaves, bn_hooks=bn_hooks):
+            term.backward()
         sync(self.device)
         return time.perf_counter() - t0
 

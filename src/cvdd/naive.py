@@ -433,7 +433,8 @@ def naive_recover(
 
     Returns:
         ``images``, ``seconds``, ``forward_s`` (experts' forward + loss), ``backward_s``, ``reloads`` (experts
-        loaded), ``iterations`` run; forward/backward timed with explicit synchronised timers.
+        loaded), ``load_s`` (loading them), ``init_s`` (initial images), ``optimise_s`` (the iterations),
+        ``iterations`` run; forward/backward timed with explicit synchronised timers.
     """
     from PIL import Image
 
@@ -454,8 +455,10 @@ def naive_recover(
     out = Path(out)
     fwd = bwd = 0.0
     reloads = its = images = 0
+    load_s = init_s = optimise_s = 0.0
     y = torch.arange(num_classes, device=device)
     for k, (members, member_w) in enumerate(zip(committees, weights)):
+        t_load = time.perf_counter()
         experts = []
         for name in members:
             model = load_expert(expert_files[name], device=device).model.eval()  # reloaded for every IPC index
@@ -464,11 +467,16 @@ def naive_recover(
             hooks = [_BNStats(mod) for mod in model.modules() if isinstance(mod, nn.BatchNorm2d)]
             experts.append((model, hooks))
             reloads += 1
+        t_init = time.perf_counter()
+        load_s += t_init - t_load
         x = torch.stack(
             [to_input(ds.loader(ds.samples[random.choice(by_class[c])][0])) for c in range(num_classes)]
         ).to(device)
         x.requires_grad_(True)
         opt = torch.optim.Adam([x], lr=lr, betas=betas, eps=1e-8)
+        _sync(device)
+        t_opt = time.perf_counter()
+        init_s += t_opt - t_init
         for it in range(iterations):
             for group in opt.param_groups:
                 group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * it / iterations))
@@ -500,6 +508,8 @@ def naive_recover(
             with torch.no_grad():
                 x.data = torch.max(torch.min(x, hi), lo)
             its += 1
+        _sync(device)
+        optimise_s += time.perf_counter() - t_opt
         pixels = (x.detach() * s + m).clamp(0, 1)
         for c in range(num_classes):
             folder = out / f"new{c:03d}"
@@ -518,5 +528,8 @@ def naive_recover(
         "forward_s": fwd,
         "backward_s": bwd,
         "reloads": reloads,
+        "load_s": load_s,
+        "init_s": init_s,
+        "optimise_s": optimise_s,
         "iterations": its,
     }

@@ -119,7 +119,12 @@ class SpeedConfig:
             raise ConfigError("recover_committee, recover_iterations, recover_reps and epochs must be >= 1")
         if not self.ipcs or min(self.ipcs) < 1:
             raise ConfigError("ipcs must list IPCs >= 1")
-        need = max([*self.ipcs, self.recover_ipc])
+        sizes = [1]  # images per class the stages run need from the slice
+        if "recover" in self.stages:
+            sizes.append(self.recover_ipc)
+        if {"relabel", "evaluate"} & set(self.stages):
+            sizes += self.ipcs
+        need = max(sizes)
         if self.train_per_class < need:
             raise ConfigError(f"train_per_class {self.train_per_class} is below the largest IPC asked for ({need})")
         if self.naive_workers < 0 or self.recover_warmup < 0:
@@ -469,6 +474,8 @@ def _stage_recover(ctx: _Ctx) -> None:
     over = {"ipc": cfg.recover_ipc, "committee_size": n, "iterations": cfg.recover_iterations, "init": cfg.recover_init}
     rcfg = apply_overrides(get_recover_preset(name), over, "speed suite recover").validate(len(ctx.pool))
     assert ctx.experts_dir is not None and ctx.slice_root is not None
+    for d in ("recover-cvdd", "recover-naive"):  # a reused work_dir must not let recover resume finished units
+        shutil.rmtree(ctx.work / d, ignore_errors=True)
     with recover_phases(dev) as phase, measured(ctx.peaks, "recover-cvdd", dev) as mc:
         result = cvdd.recover(
             str(ctx.experts_dir),
@@ -526,7 +533,14 @@ def _stage_recover(ctx: _Ctx) -> None:
     share_wall = min(1.0, it["experts_ms"] / 1000 * iters_run / mc["wall_s"])
     n_share = (naive["forward_s"] + naive["backward_s"]) / mn["wall_s"]
     ctx.results["recover"] = {
-        "cvdd": {**mc, "images": images, "s_per_image": c_spi, "share_iteration": share_it, "share_wall": share_wall},
+        "cvdd": {
+            **mc,
+            **phase,
+            "images": images,
+            "s_per_image": c_spi,
+            "share_iteration": share_it,
+            "share_wall": share_wall,
+        },
         "naive": {**mn, **naive, "s_per_image": n_spi, "share_wall": n_share},
     }
     committees = sorted({"+".join(c) for c in plan.committees})
@@ -535,17 +549,24 @@ def _stage_recover(ctx: _Ctx) -> None:
         f"## recover: IPC {rcfg.ipc}, N = {n} ({plan.policy}: {', '.join(committees)}), "
         f"{rcfg.iterations} iterations per image",
         "",
-        f"| pipeline | images | wall s | s/image | init s | experts fwd+bwd share | {MEM_HEAD} | "
-        "other processes' cores |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| pipeline | images | wall s | s/image | init s | optimise s | other s | experts fwd+bwd share | "
+        f"{MEM_HEAD} | other processes' cores |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| cvdd `recover` ({result.units_run} unit(s) of {len(targets)} images, experts loaded once) | {images} | "
-        f"{_f(mc['wall_s'])} | {_f(c_spi, 3)} | {_f(phase['init'])} | {_pct(share_it)} of an iteration; "
+        f"{_f(mc['wall_s'])} | {_f(c_spi, 3)} | {_f(phase['init'])} | {_f(phase['optimise'])} | "
+        f"{_f(mc['wall_s'] - phase['init'] - phase['optimise'])} | {_pct(share_it)} of an iteration; "
         f"~{_pct(share_wall)} of the wall | {_mem(mc)} | {_other(mc)} |",
         f"| naive (one IPC index at a time, {naive['reloads']} expert reloads, transforms rebuilt per iteration) | "
-        f"{naive['images']} | {_f(mn['wall_s'])} | {_f(n_spi, 3)} | n/a | {_pct(n_share)} of the wall | {_mem(mn)} | "
-        f"{_other(mn)} |",
+        f"{naive['images']} | {_f(mn['wall_s'])} | {_f(n_spi, 3)} | {_f(naive['init_s'])} | "
+        f"{_f(naive['optimise_s'])} | {_f(mn['wall_s'] - naive['init_s'] - naive['optimise_s'])} | "
+        f"{_pct(n_share)} of the wall | {_mem(mn)} | {_other(mn)} |",
         "",
         ctx.ratio("recover", "s/image", c_spi, n_spi, False),
+        "",
+        f"Optimisation alone (the iterations): cvdd / naive seconds **{_f(phase['optimise'] / naive['optimise_s'])}**. "
+        f"init = initial images (cvdd `{rcfg.init}`; naive: one PIL-decoded real image per class), other = the rest "
+        f"of the wall time (cvdd: plan, unit files with checksums, assembly, grid; naive: {naive['reloads']} expert "
+        f"reloads, {_f(naive['load_s'])} s, and one PNG file per image).",
         "",
         f"Same experts, committees, voter weights and hyper-parameters (lr {rcfg.lr}, r_bn {rcfg.r_bn}, first BN "
         f"x{rcfg.first_bn_multiplier}); cvdd init `{rcfg.init}`, the naive code one random real image per class "
@@ -578,6 +599,8 @@ def _stage_relabel(ctx: _Ctx, quiet: bool = False) -> None:
         teacher.group_size, teacher.bssl = ecfg.micro_batch, ecfg.bssl
         _warm_up(ctx, "", _batch_sizes(len(s["labels"]), ecfg.batch_size, ecfg.micro_batch), teacher=teacher)
         c_dir, n_dir = ctx.work / f"labels-cvdd-ipc{ipc}", ctx.work / f"labels-naive-ipc{ipc}"
+        for d in (c_dir, n_dir):  # a reused work_dir must not let relabel skip finished epochs
+            shutil.rmtree(d, ignore_errors=True)
         with (
             ModelTimer([e.model for e in teacher.experts], dev, train_only=False) as tc,
             measured(ctx.peaks, f"relabel-cvdd-{ipc}", dev) as mc,
@@ -632,7 +655,7 @@ def _stage_relabel(ctx: _Ctx, quiet: bool = False) -> None:
     teacher_names = "+".join(_teacher(ctx.pool, ecfg).names)
     ctx.emit(
         "",
-        f"## relabel: stored soft labels for {ecfg.epochs} student epochs (teacher {teacher_names}, BSSL groups "
+        f"## relabel: stored soft labels for {ecfg.epochs} student epoch(s) (teacher {teacher_names}, BSSL groups "
         f"of {ecfg.micro_batch}, batch {ecfg.batch_size})",
         "",
         f"| IPC | pipeline | images | wall s | label epochs/s | files written | bytes | teacher forward share | "
@@ -788,7 +811,7 @@ def _stage_evaluate(ctx: _Ctx) -> None:
     ctx.results["evaluate"] = rows
     ctx.emit(
         "",
-        f"## evaluate: {ecfg.student} student, {ecfg.epochs} epochs on stored soft labels (batch {ecfg.batch_size}, "
+        f"## evaluate: {ecfg.student} student, {ecfg.epochs} epoch(s) on stored soft labels (batch {ecfg.batch_size}, "
         f"micro-batches of {ecfg.micro_batch}, KL at T = {ecfg.temperature:g}, CutMix, random-resized crop + flip)",
         "",
         f"| IPC | pipeline | images | epochs | optimiser steps | micro-batches | training s | epochs/s | student "
@@ -918,9 +941,14 @@ def run_speed_suite(
             f"preset: {cfg.preset}; memory: peak RSS of the process during each run alone (high-water mark reset at "
             f"each boundary: {'yes' if ctx.peaks.per_phase else 'no, process peak so far'})"
             + ("; GPU: max allocated" if dev.type == "cuda" else "")
+            + (
+                f"; the naive pipeline's {cfg.naive_workers} DataLoader worker processes are not in its RSS"
+                if cfg.naive_workers
+                else "; the naive pipeline decodes in the measured process (naive_workers=0)"
+            )
         )
         save()
-        for stage in cfg.stages:
+        for stage in [s for s in STAGES if s in cfg.stages]:  # evaluate trains on relabel's files
             _STAGE_FUNCS[stage](ctx)
             save()
         wall = time.perf_counter() - t_start
