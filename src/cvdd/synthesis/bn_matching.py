@@ -26,7 +26,38 @@ from torch.utils.hooks import RemovableHandle
 from cvdd.errors import ModelError
 from cvdd.models import first_bn
 
-__all__ = ["BNMatching", "BNStatHook"]
+__all__ = ["BNMatching", "BNStatHook", "channel_moments"]
+
+
+class _ChannelMoments(torch.autograd.Function):
+    """Per-channel mean and biased variance over (N, H, W), in at least fp32, saving only the input itself.
+
+    Autograd through ``x.float()`` + ``var_mean`` would keep an fp32 copy of every BN input of a bf16 forward
+    until the backward pass (as much memory as the bf16 activations save). Here the backward is written out,
+    d mean/dx = 1/M and d var/dx = 2 (x - mean) / M with M = N·H·W, and only ``x`` (which the BN layer keeps
+    anyway) and the per-channel mean are saved.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+        ctx.save_for_backward(x, mean)
+        return mean, var
+
+    @staticmethod
+    def backward(ctx: Any, g_mean: torch.Tensor, g_var: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x, mean = ctx.saved_tensors
+        m = x.numel() // x.shape[1]
+        view = (1, -1, 1, 1)
+        xf = x.to(mean.dtype)
+        grad = g_mean.view(view) / m + (2.0 / m) * g_var.view(view) * (xf - mean.view(view))
+        return grad.to(x.dtype)
+
+
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance per channel of x (N, C, H, W), each (C,), in fp32 (fp64 for fp64 inputs)."""
+    return _ChannelMoments.apply(x)
 
 
 class BNMatching:
@@ -83,8 +114,7 @@ class BNMatching:
             # Autocast off and at least fp32: bf16/fp16 moments of 100-image batches lose too many digits for a
             # loss that compares them with fp32 running statistics. fp64 inputs stay fp64 (gradient checks).
             with torch.autocast(device_type=x.device.type, enabled=False):
-                xf = x.to(torch.promote_types(x.dtype, torch.float32))
-                var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+                mean, var = channel_moments(x)
             self._stats[i] = (mean, var)
 
         return hook
