@@ -202,10 +202,11 @@ def run_ablation(
         digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
         key = _key({"images": digest, "eval": to_dict(cfg), "split": split, "val": [val_per_class, seed]})
         row_path = out_dir / split / c.name / "row.json"
+        diversity = within_class_correlation(images, labels)
         if row_path.is_file():
             saved = json.loads(row_path.read_text())
             if saved.get("key") == key:
-                rows.append(saved["row"])
+                rows.append({**saved["row"], "within_class_correlation": diversity})
                 log.info("%s: reusing %s", c.name, row_path)
                 continue
         teacher = None if cfg.label_mode == "hard" else _teacher(pool, cfg)
@@ -234,6 +235,7 @@ def run_ablation(
             "acc_std": res_eval.std,
             "seconds": {"recover": recover_s, "relabel": res_eval.label_seconds, "evaluate": res_eval.seconds},
             "wall_seconds": time.perf_counter() - t0,
+            "within_class_correlation": diversity,
             **info,
         }
         row_path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,6 +259,24 @@ def run_ablation(
     return rows
 
 
+def within_class_correlation(images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean Pearson correlation between the images of a class (pixels as one vector), averaged over classes.
+
+    1 when every image of a class is the same, about 0.09 for random real CIFAR-10 images at IPC 10: it tells
+    whether a synthetic set collapsed onto one pattern per class.
+    """
+    out = []
+    for c in labels.unique():
+        g = images[labels == c].flatten(1).float()
+        if len(g) < 2:
+            continue
+        g = g - g.mean(1, keepdim=True)
+        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        n = len(g)
+        out.append(float(((g @ g.T).sum() - n) / (n * (n - 1))))
+    return statistics.fmean(out) if out else 0.0
+
+
 def ablation_markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     """The table: configuration, top-1 mean ± std, gain over random real, pixel change, experts' top-1, cost."""
     split = header["split"]
@@ -273,9 +293,9 @@ def ablation_markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str
             "",
         ]
     lines += [
-        "| configuration | method | overrides | top-1 % | gain vs random real | pixel change /255 | experts on set % "
-        "| wall s |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| configuration | method | overrides | top-1 % | gain vs random real | pixel change /255 "
+        "| within-class correlation | experts on set % | wall s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         change = r.get("pixel_change_255")
@@ -285,7 +305,7 @@ def ablation_markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str
         lines.append(
             f"| {r['name']} | {r['method']} | {over} | {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | "
             f"{'' if gain is None else f'{100 * gain:+.2f}'} | "
-            f"{'-' if change is None else f'{change:.1f}'} | "
+            f"{'-' if change is None else f'{change:.1f}'} | {r.get('within_class_correlation', 0.0):.2f} | "
             f"{'-' if not exp else f'{100 * statistics.fmean(exp.values()):.0f}'} | {r['wall_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"

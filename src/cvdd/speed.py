@@ -103,7 +103,7 @@ class SpeedConfig:
     recover_reps: int = 10
     recover_warmup: int = 2
     ipcs: list[int] = field(default_factory=lambda: [10, 50])
-    epochs: int = 4
+    epochs: int = 5
     student: str = ""
     naive_workers: int = 0
     seed: int = 0
@@ -273,6 +273,7 @@ def _setup(ctx: _Ctx) -> None:
     cfg = ctx.cfg
     src = cfg.data or default_data()
     t0 = time.perf_counter()
+    shutil.rmtree(ctx.work / "slice", ignore_errors=True)  # a reused work_dir gets exactly this slice
     ctx.slice_root = extract_slice(src, ctx.work / "slice", cfg.train_per_class, cfg.test_per_class)
     t_extract = time.perf_counter() - t0
     t0 = time.perf_counter()
