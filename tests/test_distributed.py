@@ -111,6 +111,10 @@ def test_job_array_shards_then_merge_equal_single_process(
     out = tmp_path / "array"
     first = _run(["recover", "--experts", str(digit_experts), "--out", str(out), "--shard", "1/3", *RECOVER])
     assert "cvdd merge" in first and not (out / "synthetic.safetensors").exists()
+    from cvdd.api import info
+
+    described = info(out)
+    assert described["kind"] == "recover run (not assembled)" and described["units_done"] == "1 of 4"
     done = subprocess.run([sys.executable, "-m", "cvdd", "merge", str(out)], capture_output=True, text=True, env=_env())
     assert done.returncode == 2 and "units not finished" in done.stderr and done.stderr.count("\n") == 1
     for i in (0, 2):

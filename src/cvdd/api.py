@@ -661,7 +661,13 @@ def info(artifact: str | os.PathLike[str]) -> dict[str, Any]:
     candidates = (
         [p.with_suffix(".json")]
         if p.suffix in (".safetensors", ".json")
-        else [p / "synthetic.json", p / "labels.json", p / "results.json", p / "labels" / "labels.json"]
+        else [
+            p / "synthetic.json",
+            p / "recover.json",
+            p / "labels.json",
+            p / "results.json",
+            p / "labels" / "labels.json",
+        ]
     )
     if p.is_dir() and not any(c.is_file() for c in candidates):
         experts_found = [m for m in sorted(p.glob("*.json")) if '"kind": "expert"' in m.read_text()[:200]]
@@ -726,6 +732,20 @@ def info(artifact: str | os.PathLike[str]) -> dict[str, Any]:
                 "seed": meta.get("seed"),
                 "committee_policy": meta.get("committee_policy"),
                 "committees": meta.get("committees"),
+                "config_hash": meta.get("config_hash"),
+            }
+        )
+    elif kind == "recover-manifest":  # a recover run whose units are not assembled yet (shards, or killed)
+        from cvdd.synthesis.recover import Unit, _unit_state
+
+        units = [Unit(u["ipc_indices"], u["classes"]) for u in meta["units"]]
+        done = sum(_unit_state(meta_path.parent, u, meta["config_hash"]) == "done" for u in units)
+        out.update(
+            {
+                "kind": "recover run (not assembled)",
+                "method": meta.get("method"),
+                "ipc": meta.get("ipc"),
+                "units_done": f"{done} of {len(units)}",
                 "config_hash": meta.get("config_hash"),
             }
         )
