@@ -246,3 +246,10 @@ def test_report_renders_in_headless_chromium(report: dict[str, Path], tmp_path: 
     loaded = re.search(r'data-images-loaded="(\d+)"', dom)
     assert total and loaded, dom[:500]
     assert int(total.group(1)) == int(loaded.group(1)) == len(report) - 2 > 0
+
+
+def test_info_describes_a_distill_run(run: Path) -> None:
+    import cvdd
+
+    described = cvdd.info(run)
+    assert described["kind"] == "distill results" and described["rows"] >= 1 and described["dataset"] == "digits"
