@@ -16,6 +16,7 @@ GRID = """
 random-real: {method: random-real, evaluate: {epochs: 2, label_mode: online}}
 sre2l++: {method: sre2l++, recover: {iterations: 2, init: real}, evaluate: {epochs: 2, label_mode: online}}
 cvdd-real: {method: cvdd, recover: {iterations: 2, init: real, lr: 0.05}, evaluate: {epochs: 2, label_mode: online}}
+cvdd-real-resnet8: {set: cvdd-real, evaluate: {epochs: 2, label_mode: online, teacher: resnet8}}
 """
 
 
@@ -40,6 +41,15 @@ def test_grids_load_and_reject_bad_entries(tmp_path: Path) -> None:
         load_grid(bad)
     with pytest.raises(ConfigError, match="unknown grid 'nope'"):
         load_grid("nope")
+    bad.write_text("a: {method: cvdd}\nb: {set: c}\n")
+    with pytest.raises(ConfigError, match="set 'c' is not a configuration"):
+        load_grid(bad)
+    bad.write_text("a: {method: cvdd}\nb: {set: a, recover: {lr: 1}}\n")
+    with pytest.raises(ConfigError, match="takes no method or recover"):
+        load_grid(bad)
+    bad.write_text("a: {method: sre2l++, recover: {lr: 0.5}}\nb: {set: a, evaluate: {bssl: false}}\n")
+    b = load_grid(bad)[1]
+    assert (b.method, b.recover, b.evaluate, b.set_name) == ("sre2l++", {"lr": 0.5}, {"bssl": False}, "a")
 
 
 def test_ablate_validation_then_final(digit_experts: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -52,8 +62,12 @@ def test_ablate_validation_then_final(digit_experts: Path, tmp_path: Path, capsy
     table = capsys.readouterr().out
     assert "validation split" in table and "gain vs random real" in table
     rows = json.loads((out / "ablation-validation.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["random-real", "sre2l++", "cvdd-real"]
+    assert [r["name"] for r in rows] == ["random-real", "sre2l++", "cvdd-real", "cvdd-real-resnet8"]
     assert all(len(r["acc"]) == 2 and r["split"] == "validation" for r in rows)
+    # The teacher variant evaluated cvdd-real's very images with another teacher: no set of its own.
+    assert rows[3]["set"] == "cvdd-real" and not (out / "sets" / "cvdd-real-resnet8").exists()
+    assert rows[3]["within_class_correlation"] == rows[2]["within_class_correlation"]
+    assert rows[3]["pixel_change_255"] == rows[2]["pixel_change_255"]
     assert rows[0]["gain_over_random_real"] == 0.0
     assert not (out / "ablation-test.json").exists()  # the test split is untouched so far
     assert main([*common, "--final", "cvdd-real"]) == 0

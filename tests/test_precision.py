@@ -63,3 +63,53 @@ def test_evaluate_bf16_accuracy_within_tolerance(digit_experts: Path, digits, la
         teacher = None if label_mode == "hard" else Teacher(pool, [0.5, 0.5])
         accs[p] = evaluate_synthetic(images, labels, digits.spec, digits.test, cfg, teacher=teacher).mean
     assert abs(accs["fp32"] - accs["bf16"]) <= 0.05, accs
+
+
+def _recover_pair(digit_experts: Path, digits, tmp_path: Path, over: dict, iterations: int) -> tuple[dict, dict]:
+    runs = [
+        cvdd.recover(
+            digit_experts,
+            tmp_path / name,
+            ipc=2,
+            iterations=iterations,
+            init="real",
+            dataset=digits,
+            overrides=o,
+            progress=False,
+        )
+        for name, o in (("plain", {}), ("switched", over))
+    ]
+    return runs[0].meta["units"][0], runs[1].meta["units"][0]
+
+
+@pytest.mark.parametrize("switch", ["channels_last", "compile"])
+def test_recover_layout_and_compile_match_default(digit_experts: Path, digits, tmp_path: Path, switch: str) -> None:
+    """channels_last and torch.compile change only the order of float operations: loss, BN loss and drift agree.
+
+    Measured (50 iterations): loss 0.35841 (default) vs 0.35844 (channels_last) vs 0.35850 (compile), drift
+    40.958 vs 40.965 vs 40.966 /255.
+    """
+    a, b = _recover_pair(digit_experts, digits, tmp_path, {switch: True}, iterations=50)
+    ra, rb = a["records"][-1], b["records"][-1]
+    assert abs(ra["loss"] - rb["loss"]) <= 0.01 * ra["loss"]
+    for key in (k for k in ra if k.startswith("bn/")):  # the hooks saw every BN layer through the switch
+        assert abs(ra[key] - rb[key]) <= 0.01 * ra[key], key
+    assert abs(a["mean_abs_change"] - b["mean_abs_change"]) <= 0.01 * a["mean_abs_change"]
+
+
+def test_switches_do_not_change_identities() -> None:
+    """Turning a switch on is recorded; leaving it off keeps the identities of runs made before it existed."""
+    from cvdd.config import Recipe
+
+    assert "compile" not in Recipe().identity() and Recipe(compile=True).identity()["compile"] is True
+    assert "compile" not in EvalConfig().identity() and EvalConfig(compile=True).identity()["compile"] is True
+    assert EvalConfig(compile=True).recipe().compile
+
+
+def test_evaluate_compile_accuracy_within_tolerance(digits) -> None:
+    images, labels = random_real_set(digits, 5, seed=0)
+    accs = {}
+    for c in (False, True):
+        cfg = EvalConfig(student="convnet_d3_w32", epochs=10, label_mode="hard", seeds=[0], compile=c)
+        accs[c] = evaluate_synthetic(images, labels, digits.spec, digits.test, cfg).mean
+    assert abs(accs[False] - accs[True]) <= 0.03, accs

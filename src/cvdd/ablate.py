@@ -8,9 +8,11 @@ configurations' very same synthetic sets on the real test split and records that
 Caveat written into every table: experts squeezed on the full training set have seen the validation images,
 so validation scores rank configurations but are not an unbiased estimate; the final test scores are.
 
-A grid is a mapping ``name -> {method, recover, evaluate}``: ``method`` is ``random-real``, ``sre2l++``
+A grid is a mapping ``name -> {method, recover, evaluate, set}``: ``method`` is ``random-real``, ``sre2l++``
 (committee of one) or ``cvdd`` (committee of two unless ``recover.committee_size`` says otherwise), ``recover``
-and ``evaluate`` override the preset's fields. Grids ship in ``presets/ablate.yaml`` or come from a YAML file.
+and ``evaluate`` override the preset's fields, and ``set: OTHER`` reuses configuration OTHER's synthetic set
+(its method and recover settings, the very same images) so that only the evaluation side (teacher, BSSL,
+student recipe) differs. Grids ship in ``presets/ablate.yaml`` or come from a YAML file.
 """
 
 from __future__ import annotations
@@ -46,12 +48,19 @@ class AblationConfig:
         method: ``random-real``, ``sre2l++`` or ``cvdd``.
         recover: RecoverConfig overrides on top of the recover preset.
         evaluate: EvalConfig overrides on top of the distill preset's evaluation recipe.
+        set: name of the configuration whose synthetic set this one evaluates (None: its own).
     """
 
     name: str
     method: str
     recover: dict[str, Any] = field(default_factory=dict)
     evaluate: dict[str, Any] = field(default_factory=dict)
+    set: str | None = None
+
+    @property
+    def set_name(self) -> str:
+        """The folder of the synthetic set under ``<out>/sets``."""
+        return self.set or self.name
 
 
 def load_grid(grid: str | os.PathLike[str]) -> list[AblationConfig]:
@@ -73,13 +82,32 @@ def load_grid(grid: str | os.PathLike[str]) -> list[AblationConfig]:
     out = []
     for name, cfg in body.items():
         cfg = cfg or {}
-        unknown = set(cfg) - {"method", "recover", "evaluate"}
+        unknown = set(cfg) - {"method", "recover", "evaluate", "set"}
         if unknown:
             raise ConfigError(f"grid {grid}, configuration {name!r}: unknown key {sorted(unknown)[0]!r}")
+        ref = cfg.get("set")
+        if ref is not None:
+            if ref not in body or (body[ref] or {}).get("set") is not None:
+                raise ConfigError(
+                    f"grid {grid}, configuration {name!r}: set {ref!r} is not a configuration with its own set"
+                )
+            if "method" in cfg or "recover" in cfg:
+                raise ConfigError(
+                    f"grid {grid}, configuration {name!r}: a configuration with set takes no method or recover"
+                )
+            cfg = {**(body[ref] or {}), "evaluate": cfg.get("evaluate"), "set": str(ref)}
         method = cfg.get("method", "cvdd")
         if method not in METHODS:
             raise ConfigError(f"grid {grid}, configuration {name!r}: unknown method {method!r}")
-        out.append(AblationConfig(str(name), method, dict(cfg.get("recover") or {}), dict(cfg.get("evaluate") or {})))
+        out.append(
+            AblationConfig(
+                str(name),
+                method,
+                dict(cfg.get("recover") or {}),
+                dict(cfg.get("evaluate") or {}),
+                cfg.get("set"),
+            )
+        )
     return out
 
 
@@ -163,7 +191,7 @@ def run_ablation(
         missing = [n for n in final if n not in names]
         if missing:
             raise ConfigError(f"--final names unknown configurations: {', '.join(missing)}")
-        configs = [c for c in configs if c.name in final or c.method == "random-real"]
+        configs = [c for c in configs if c.name in final or (c.method == "random-real" and c.set is None)]
     evaluation = carved if not final else RealDataset(real.spec, carved.train, real.test, real.source, real.fingerprint)
     pool = load_pool(experts, device=device)
     out_dir = Path(out)
@@ -171,7 +199,7 @@ def run_ablation(
     for c in configs:
         t0 = time.perf_counter()
         cfg = apply_overrides(base_eval, c.evaluate, f"configuration {c.name} evaluate").validate()
-        set_dir = out_dir / "sets" / c.name
+        set_dir = out_dir / "sets" / c.set_name
         info: dict[str, Any] = {}
         if c.method == "random-real":
             images, labels = random_real_set(carved, ipc, seed)
@@ -200,7 +228,7 @@ def run_ablation(
                     accs.setdefault(n, []).append(a)
             info["experts_on_synthetic"] = {n: statistics.fmean(a) for n, a in accs.items()}
         digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
-        key = _key({"images": digest, "eval": to_dict(cfg), "split": split, "val": [val_per_class, seed]})
+        key = _key({"images": digest, "eval": cfg.identity(), "split": split, "val": [val_per_class, seed]})
         row_path = out_dir / split / c.name / "row.json"
         diversity = within_class_correlation(images, labels)
         if row_path.is_file():
@@ -229,6 +257,7 @@ def run_ablation(
             "split": split,
             "recover": c.recover,
             "evaluate": c.evaluate,
+            **({"set": c.set} if c.set else {}),
             "seeds": res_eval.seeds,
             "acc": res_eval.accs,
             "acc_mean": res_eval.mean,

@@ -146,6 +146,8 @@ class Recipe:
         padding: zero padding of ``crop_flip``.
         precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
         channels_last: memory format; None means channels_last on CUDA only.
+        compile: train through ``torch.compile(model)`` (the checkpoints and the returned model stay the plain
+            module). Pays a compilation at the start (about a minute on a CPU); worth it for long GPU runs.
         eval_every: evaluate on the test split every N epochs (0: only after the last epoch).
         workers: DataLoader workers for streamed (large) datasets.
         micro_batch: split each batch into micro-batches of this many images, accumulating gradients into one
@@ -169,9 +171,18 @@ class Recipe:
     padding: int = 4
     precision: str = "auto"
     channels_last: bool | None = None
+    compile: bool = False
     eval_every: int = 0
     workers: int = 4
     micro_batch: int = 0
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define a trained model (checkpoint and expert reuse); execution switches added later
+        (``compile``) count only when set, so experts and checkpoints made before them are still recognised."""
+        out = to_dict(self)
+        if not self.compile:
+            out.pop("compile")
+        return out
 
     def validate(self) -> Recipe:
         """Check value ranges; return self."""

@@ -307,7 +307,7 @@ def _row_key(images: Any, labels: Any, cfg: EvalConfig, full_real_hard: float, e
     h = hashlib.sha256()
     h.update(images.detach().cpu().float().contiguous().numpy().tobytes())
     h.update(labels.detach().cpu().contiguous().numpy().tobytes())
-    h.update(json.dumps({"cfg": to_dict(cfg), "ref": full_real_hard, "experts": experts}, sort_keys=True).encode())
+    h.update(json.dumps({"cfg": cfg.identity(), "ref": full_real_hard, "experts": experts}, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 

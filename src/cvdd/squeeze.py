@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from cvdd.artifacts import base_metadata
-from cvdd.config import Recipe, SqueezePreset, apply_overrides, get_squeeze_preset, to_dict
+from cvdd.config import Recipe, SqueezePreset, apply_overrides, get_squeeze_preset
 from cvdd.data.sources import RealDataset
 from cvdd.device import derive_seed, resolve_device
 from cvdd.engine import fit
@@ -92,7 +92,7 @@ def squeeze_experts(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    recipe_dict = to_dict(recipe)
+    recipe_dict = recipe.identity()
     for arch in archs:
         weights, meta_path = expert_paths(out_dir, arch)
         if meta_path.is_file() and weights.is_file() and not force:

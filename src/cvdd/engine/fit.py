@@ -25,7 +25,7 @@ from torch import nn
 from cvdd import distributed as dd
 from cvdd import tracking
 from cvdd.artifacts import atomic_torch_save, safe_torch_load
-from cvdd.config import Recipe, to_dict
+from cvdd.config import Recipe
 from cvdd.data.augment import Normalize, TrainAugment
 from cvdd.data.loader import make_batches
 from cvdd.data.sources import FileSplit, TensorSplit
@@ -240,7 +240,7 @@ def _my_micro_batches(batch: Batch, micro_batch: int, rank: int, world: int, sha
 
 
 def _recipe_hash(recipe: Recipe, extra: dict[str, Any]) -> str:
-    text = json.dumps({"recipe": to_dict(recipe), **extra}, sort_keys=True)
+    text = json.dumps({"recipe": recipe.identity(), **extra}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -291,6 +291,8 @@ def fit(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    # The compiled wrapper shares the module's parameters and buffers: checkpoints and the result use `model`.
+    forward = torch.compile(model, dynamic=False) if recipe.compile else model
     dd.broadcast_module(model)  # every rank starts from rank 0's weights
     ranks, me = dd.world(), dd.rank()
     progress = progress and dd.is_main()
@@ -345,7 +347,7 @@ def fit(
                 if channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 with autocast(device, precision):
-                    logits = model(inputs)
+                    logits = forward(inputs)
                 loss = objective(logits.float(), micro) * (len(micro) / batch_total)
                 loss.backward()
                 # Accumulate on the device; the host only synchronises when the progress bar is refreshed.

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cvdd.config import Recipe
+from cvdd.config import Recipe, to_dict
 from cvdd.data.augment import Normalize
 from cvdd.data.sources import FileSplit, RealDataset, TensorSplit
 from cvdd.data.specs import DatasetSpec
@@ -62,6 +62,7 @@ class EvalConfig:
         label_dtype: ``fp16`` or ``fp32`` logits in stored mode.
         topk: keep only the top-k logits in stored mode (0 = all).
         precision: ``auto``, ``fp32`` or ``bf16`` for the student's forward.
+        compile: train the student through ``torch.compile`` (see :class:`cvdd.config.Recipe`).
     """
 
     student: str = "resnet18"
@@ -83,6 +84,14 @@ class EvalConfig:
     label_dtype: str = "fp16"
     topk: int = 0
     precision: str = "auto"
+    compile: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define an evaluation (result caches); ``compile`` counts only when set."""
+        out = to_dict(self)
+        if not self.compile:
+            out.pop("compile")
+        return out
 
     def validate(self) -> EvalConfig:
         if self.label_mode not in LABEL_MODES:
@@ -108,6 +117,7 @@ class EvalConfig:
             augment="none",
             micro_batch=self.micro_batch,
             precision=self.precision,
+            compile=self.compile,
         ).validate()
 
     def label_settings(self, seed: int) -> LabelSettings:
