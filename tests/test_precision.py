@@ -103,13 +103,15 @@ def test_switches_do_not_change_identities() -> None:
 
     assert "compile" not in Recipe().identity() and Recipe(compile=True).identity()["compile"] is True
     assert "compile" not in EvalConfig().identity() and EvalConfig(compile=True).identity()["compile"] is True
-    assert EvalConfig(compile=True).recipe().compile
+    assert "channels_last" not in EvalConfig().identity() and EvalConfig(channels_last=False).identity()
+    assert EvalConfig(compile=True).recipe().compile and EvalConfig(channels_last=True).recipe().channels_last
 
 
-def test_evaluate_compile_accuracy_within_tolerance(digits) -> None:
+def test_evaluate_compile_and_channels_last_accuracy_within_tolerance(digits) -> None:
     images, labels = random_real_set(digits, 5, seed=0)
     accs = {}
-    for c in (False, True):
-        cfg = EvalConfig(student="convnet_d3_w32", epochs=10, label_mode="hard", seeds=[0], compile=c)
-        accs[c] = evaluate_synthetic(images, labels, digits.spec, digits.test, cfg).mean
-    assert abs(accs[False] - accs[True]) <= 0.03, accs
+    for name, over in (("plain", {}), ("compile", {"compile": True}), ("channels_last", {"channels_last": True})):
+        cfg = EvalConfig(student="convnet_d3_w32", epochs=10, label_mode="hard", seeds=[0], **over)
+        accs[name] = evaluate_synthetic(images, labels, digits.spec, digits.test, cfg).mean
+    assert abs(accs["plain"] - accs["compile"]) <= 0.03, accs
+    assert abs(accs["plain"] - accs["channels_last"]) <= 0.03, accs

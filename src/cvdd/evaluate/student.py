@@ -62,6 +62,7 @@ class EvalConfig:
         label_dtype: ``fp16`` or ``fp32`` logits in stored mode.
         topk: keep only the top-k logits in stored mode (0 = all).
         precision: ``auto``, ``fp32`` or ``bf16`` for the student's forward.
+        channels_last: the student's memory format (None: channels_last on CUDA only).
         compile: train the student through ``torch.compile`` (see :class:`cvdd.config.Recipe`).
     """
 
@@ -84,13 +85,15 @@ class EvalConfig:
     label_dtype: str = "fp16"
     topk: int = 0
     precision: str = "auto"
+    channels_last: bool | None = None
     compile: bool = False
 
     def identity(self) -> dict[str, Any]:
-        """The fields that define an evaluation (result caches); ``compile`` counts only when set."""
+        """The fields that define an evaluation (result caches); switches added later count only when set."""
         out = to_dict(self)
-        if not self.compile:
-            out.pop("compile")
+        for key, default in (("compile", False), ("channels_last", None)):
+            if out[key] == default:
+                out.pop(key)
         return out
 
     def validate(self) -> EvalConfig:
@@ -117,6 +120,7 @@ class EvalConfig:
             augment="none",
             micro_batch=self.micro_batch,
             precision=self.precision,
+            channels_last=self.channels_last,
             compile=self.compile,
         ).validate()
 
