@@ -110,6 +110,19 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return {k: conv(v) for k, v in dataclasses.asdict(obj).items()}
 
 
+def identity_dict(obj: Any, late: dict[str, Any]) -> dict[str, Any]:
+    """``to_dict(obj)`` without the ``late`` fields (added after the first release) that hold their default.
+
+    Identities (hashes of runs, checkpoints, cached results) are built from this, so a run made before a field
+    existed keeps its identity as long as the new field is left at its default.
+    """
+    out = to_dict(obj)
+    for key, default in late.items():
+        if out.get(key) == default:
+            out.pop(key, None)
+    return out
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key=value`` from ``--set``; the value is read as YAML (``lr=0.1``, ``archs=[a, b]``)."""
     if "=" not in text:
@@ -179,10 +192,7 @@ class Recipe:
     def identity(self) -> dict[str, Any]:
         """The fields that define a trained model (checkpoint and expert reuse); execution switches added later
         (``compile``) count only when set, so experts and checkpoints made before them are still recognised."""
-        out = to_dict(self)
-        if not self.compile:
-            out.pop("compile")
-        return out
+        return identity_dict(self, {"compile": False})
 
     def validate(self) -> Recipe:
         """Check value ranges; return self."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cvdd.config import Recipe, to_dict
+from cvdd.config import Recipe, identity_dict
 from cvdd.data.augment import Normalize
 from cvdd.data.sources import FileSplit, RealDataset, TensorSplit
 from cvdd.data.specs import DatasetSpec
@@ -90,11 +90,7 @@ class EvalConfig:
 
     def identity(self) -> dict[str, Any]:
         """The fields that define an evaluation (result caches); switches added later count only when set."""
-        out = to_dict(self)
-        for key, default in (("compile", False), ("channels_last", None)):
-            if out[key] == default:
-                out.pop(key)
-        return out
+        return identity_dict(self, {"compile": False, "channels_last": None})
 
     def validate(self) -> EvalConfig:
         if self.label_mode not in LABEL_MODES:

@@ -40,7 +40,7 @@ from cvdd.artifacts import (
     save_tensors,
     verify_checksum,
 )
-from cvdd.config import to_dict
+from cvdd.config import identity_dict, to_dict
 from cvdd.data.augment import Normalize
 from cvdd.data.sources import RealDataset
 from cvdd.data.specs import DatasetSpec
@@ -231,11 +231,8 @@ def plan_committees(experts: list[Expert], cfg: RecoverConfig, seed: int) -> Rec
 
 def config_hash(cfg: RecoverConfig, plan: RecoverPlan, spec: DatasetSpec, seed: int, experts: list[Expert]) -> str:
     """Hash of everything that determines the images; units made under another hash are never mixed in."""
-    fields = to_dict(cfg)
     # Options added after the first release are hashed only when set, so older runs keep their hash (resume).
-    for key, default in (("anchor", 0.0), ("combine", "sum"), ("channels_last", None), ("compile", False)):
-        if fields.get(key) == default:
-            fields.pop(key)
+    fields = identity_dict(cfg, {"anchor": 0.0, "combine": "sum", "channels_last": None, "compile": False})
     payload = {
         "cfg": fields,
         "seed": seed,
