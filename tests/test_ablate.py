@@ -16,7 +16,7 @@ GRID = """
 random-real: {method: random-real, evaluate: {epochs: 2, label_mode: online}}
 sre2l++: {method: sre2l++, recover: {iterations: 2, init: real}, evaluate: {epochs: 2, label_mode: online}}
 cvdd-real: {method: cvdd, recover: {iterations: 2, init: real, lr: 0.05}, evaluate: {epochs: 2, label_mode: online}}
-cvdd-real-resnet8: {set: cvdd-real, evaluate: {epochs: 2, label_mode: online, teacher: resnet8}}
+cvdd-real-resnet8: {set: cvdd-real, evaluate: {teacher: resnet8}}
 """
 
 
@@ -50,6 +50,8 @@ def test_grids_load_and_reject_bad_entries(tmp_path: Path) -> None:
     bad.write_text("a: {method: sre2l++, recover: {lr: 0.5}}\nb: {set: a, evaluate: {bssl: false}}\n")
     b = load_grid(bad)[1]
     assert (b.method, b.recover, b.evaluate, b.set_name) == ("sre2l++", {"lr": 0.5}, {"bssl": False}, "a")
+    bad.write_text("a: {method: cvdd, evaluate: {epochs: 3, bssl: true}}\nb: {set: a, evaluate: {bssl: false}}\n")
+    assert load_grid(bad)[1].evaluate == {"epochs": 3, "bssl": False}
 
 
 def test_ablate_validation_then_final(digit_experts: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -66,6 +68,8 @@ def test_ablate_validation_then_final(digit_experts: Path, tmp_path: Path, capsy
     assert all(len(r["acc"]) == 2 and r["split"] == "validation" for r in rows)
     # The teacher variant evaluated cvdd-real's very images with another teacher: no set of its own.
     assert rows[3]["set"] == "cvdd-real" and not (out / "sets" / "cvdd-real-resnet8").exists()
+    assert rows[3]["evaluate"] == {"epochs": 2, "label_mode": "online", "teacher": "resnet8"}  # merged
+    assert rows[3]["random_real_reference"] == "random-real"
     assert rows[3]["within_class_correlation"] == rows[2]["within_class_correlation"]
     assert rows[3]["pixel_change_255"] == rows[2]["pixel_change_255"]
     assert rows[0]["gain_over_random_real"] == 0.0

@@ -65,7 +65,9 @@ def test_evaluate_bf16_accuracy_within_tolerance(digit_experts: Path, digits, la
     assert abs(accs["fp32"] - accs["bf16"]) <= 0.05, accs
 
 
-def _recover_pair(digit_experts: Path, digits, tmp_path: Path, over: dict, iterations: int) -> tuple[dict, dict]:
+def _recover_pair(digit_experts: Path, digits, tmp_path: Path, over: dict, iterations: int) -> tuple[list, list]:
+    """The units of a default run and of a run with ``over``; two units (one per IPC index), so that the BN hooks
+    are registered again on already-compiled experts for the second unit."""
     runs = [
         cvdd.recover(
             digit_experts,
@@ -74,12 +76,12 @@ def _recover_pair(digit_experts: Path, digits, tmp_path: Path, over: dict, itera
             iterations=iterations,
             init="real",
             dataset=digits,
-            overrides=o,
+            overrides={"ipc_per_block": 1, **o},
             progress=False,
         )
         for name, o in (("plain", {}), ("switched", over))
     ]
-    return runs[0].meta["units"][0], runs[1].meta["units"][0]
+    return runs[0].meta["units"], runs[1].meta["units"]
 
 
 @pytest.mark.parametrize("switch", ["channels_last", "compile"])
@@ -89,12 +91,14 @@ def test_recover_layout_and_compile_match_default(digit_experts: Path, digits, t
     Measured (50 iterations): loss 0.35841 (default) vs 0.35844 (channels_last) vs 0.35850 (compile), drift
     40.958 vs 40.965 vs 40.966 /255.
     """
-    a, b = _recover_pair(digit_experts, digits, tmp_path, {switch: True}, iterations=50)
-    ra, rb = a["records"][-1], b["records"][-1]
-    assert abs(ra["loss"] - rb["loss"]) <= 0.01 * ra["loss"]
-    for key in (k for k in ra if k.startswith("bn/")):  # the hooks saw every BN layer through the switch
-        assert abs(ra[key] - rb[key]) <= 0.01 * ra[key], key
-    assert abs(a["mean_abs_change"] - b["mean_abs_change"]) <= 0.01 * a["mean_abs_change"]
+    units_a, units_b = _recover_pair(digit_experts, digits, tmp_path, {switch: True}, iterations=50)
+    assert len(units_a) == len(units_b) == 2
+    for a, b in zip(units_a, units_b):
+        ra, rb = a["records"][-1], b["records"][-1]
+        assert abs(ra["loss"] - rb["loss"]) <= 0.01 * ra["loss"]
+        for key in (k for k in ra if k.startswith("bn/")):  # the hooks saw every BN layer through the switch
+            assert abs(ra[key] - rb[key]) <= 0.01 * ra[key], key
+        assert abs(a["mean_abs_change"] - b["mean_abs_change"]) <= 0.01 * a["mean_abs_change"]
 
 
 def test_switches_do_not_change_identities() -> None:
@@ -103,7 +107,8 @@ def test_switches_do_not_change_identities() -> None:
 
     assert "compile" not in Recipe().identity() and Recipe(compile=True).identity()["compile"] is True
     assert "compile" not in EvalConfig().identity() and EvalConfig(compile=True).identity()["compile"] is True
-    assert "channels_last" not in EvalConfig().identity() and EvalConfig(channels_last=False).identity()
+    assert "channels_last" not in EvalConfig().identity()
+    assert EvalConfig(channels_last=False).identity()["channels_last"] is False
     assert EvalConfig(compile=True).recipe().compile and EvalConfig(channels_last=True).recipe().channels_last
 
 

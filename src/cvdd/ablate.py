@@ -11,8 +11,11 @@ so validation scores rank configurations but are not an unbiased estimate; the f
 A grid is a mapping ``name -> {method, recover, evaluate, set}``: ``method`` is ``random-real``, ``sre2l++``
 (committee of one) or ``cvdd`` (committee of two unless ``recover.committee_size`` says otherwise), ``recover``
 and ``evaluate`` override the preset's fields, and ``set: OTHER`` reuses configuration OTHER's synthetic set
-(its method and recover settings, the very same images) so that only the evaluation side (teacher, BSSL,
-student recipe) differs. Grids ship in ``presets/ablate.yaml`` or come from a YAML file.
+(its method and recover settings, the very same images; its ``evaluate`` overrides with this one's on top) so
+that only the evaluation side (teacher, BSSL, student recipe) differs. Each row's gain is measured against
+the random-real row with the same ``evaluate`` overrides when the grid has one (a teacher variant of the
+random-real set), else against the plain random-real row. Grids ship in ``presets/ablate.yaml`` or come from
+a YAML file.
 """
 
 from __future__ import annotations
@@ -95,7 +98,9 @@ def load_grid(grid: str | os.PathLike[str]) -> list[AblationConfig]:
                 raise ConfigError(
                     f"grid {grid}, configuration {name!r}: a configuration with set takes no method or recover"
                 )
-            cfg = {**(body[ref] or {}), "evaluate": cfg.get("evaluate"), "set": str(ref)}
+            # The referenced configuration's evaluation settings, with this one's on top.
+            evaluate = {**((body[ref] or {}).get("evaluate") or {}), **(cfg.get("evaluate") or {})}
+            cfg = {**(body[ref] or {}), "evaluate": evaluate, "set": str(ref)}
         method = cfg.get("method", "cvdd")
         if method not in METHODS:
             raise ConfigError(f"grid {grid}, configuration {name!r}: unknown method {method!r}")
@@ -271,9 +276,14 @@ def run_ablation(
         atomic_write_text(row_path, json.dumps({"key": key, "row": row}, indent=1))
         rows.append(row)
         log.info("%s: %.2f ± %.2f%% on %s", c.name, 100 * row["acc_mean"], 100 * row["acc_std"], split)
-    ref = [r for r in rows if r["method"] == "random-real"]
+    # Each row is compared with the random-real row evaluated the same way (same evaluate overrides: teacher,
+    # BSSL...) when the grid has one, otherwise with the plain random-real row.
+    same_eval = {json.dumps(r["evaluate"], sort_keys=True): r for r in rows if r["method"] == "random-real"}
+    plain = next((r for r in rows if r["method"] == "random-real" and "set" not in r), None)
     for r in rows:
-        r["gain_over_random_real"] = r["acc_mean"] - ref[0]["acc_mean"] if ref else None
+        ref = same_eval.get(json.dumps(r["evaluate"], sort_keys=True), plain)
+        r["gain_over_random_real"] = r["acc_mean"] - ref["acc_mean"] if ref else None
+        r["random_real_reference"] = ref["name"] if ref else None
     header = {
         "split": split,
         "ipc": ipc,
@@ -330,10 +340,12 @@ def ablation_markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str
         change = r.get("pixel_change_255")
         over = ", ".join(f"{k}={v}" for k, v in {**r["recover"], **r["evaluate"]}.items()) or "-"
         gain = r.get("gain_over_random_real")
+        ref = r.get("random_real_reference")
+        vs = f" (vs {ref})" if ref and ref != "random-real" and ref != r["name"] else ""
         exp = r.get("experts_on_synthetic")
         lines.append(
             f"| {r['name']} | {r['method']} | {over} | {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | "
-            f"{'' if gain is None else f'{100 * gain:+.2f}'} | "
+            f"{'' if gain is None else f'{100 * gain:+.2f}'}{vs} | "
             f"{'-' if change is None else f'{change:.1f}'} | {r.get('within_class_correlation', 0.0):.2f} | "
             f"{'-' if not exp else f'{100 * statistics.fmean(exp.values()):.0f}'} | {r['wall_seconds']:.0f} |"
         )

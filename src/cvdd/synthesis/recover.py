@@ -96,8 +96,8 @@ class RecoverConfig:
         classes_per_block: classes per unit (None: all classes, at most 100).
         ipc_per_block: IPC indices per unit (the paper uses 1; more makes bigger, faster CPU batches).
         precision: ``fp32`` or ``bf16`` autocast for the experts' forward (pixels and BN statistics stay fp32).
-        channels_last: run the experts in channels_last memory format (None: on CUDA only). The pixels stay
-            contiguous NCHW; only the experts' copy of each augmented batch is converted.
+        channels_last: run the experts in channels_last memory format (off unless set, also on CUDA, so that
+            runs stay bit-identical to earlier ones). The pixels stay NCHW; only the experts' input is converted.
         compile: wrap each expert in ``torch.compile`` (the BN-matching hooks are traced with it). Pays a
             compilation on the first iterations; worth it for long runs on GPUs.
         store: ``float32`` (lossless, default) or ``uint8`` pixels in the output file.
@@ -130,7 +130,7 @@ class RecoverConfig:
     classes_per_block: int | None = None
     ipc_per_block: int = 1
     precision: str = "fp32"
-    channels_last: bool | None = None
+    channels_last: bool = False
     compile: bool = False
     store: str = "float32"
     log_every: int = 100
@@ -232,7 +232,7 @@ def plan_committees(experts: list[Expert], cfg: RecoverConfig, seed: int) -> Rec
 def config_hash(cfg: RecoverConfig, plan: RecoverPlan, spec: DatasetSpec, seed: int, experts: list[Expert]) -> str:
     """Hash of everything that determines the images; units made under another hash are never mixed in."""
     # Options added after the first release are hashed only when set, so older runs keep their hash (resume).
-    fields = identity_dict(cfg, {"anchor": 0.0, "combine": "sum", "channels_last": None, "compile": False})
+    fields = identity_dict(cfg, {"anchor": 0.0, "combine": "sum", "channels_last": False, "compile": False})
     payload = {
         "cfg": fields,
         "seed": seed,
@@ -679,8 +679,11 @@ def recover_images(
             "prior not measured for %s: using test accuracy as the voting prior (run `cvdd prior` later)",
             ", ".join(sorted(sources_note)),
         )
-    channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
-    committee = _Committee(experts, dev, cfg.first_bn_multiplier, channels_last=channels_last, compile=cfg.compile)
+    # channels_last is opt-in here (unlike training): runs made without the switch stay bit-identical to runs made
+    # before it existed, which resume and job arrays rely on.
+    committee = _Committee(
+        experts, dev, cfg.first_bn_multiplier, channels_last=bool(cfg.channels_last), compile=cfg.compile
+    )
     observer = None
     if cfg.init == "patches":
         obs_name = cfg.observer or max(plan.pool, key=lambda n: plan.priors[n])
