@@ -160,7 +160,8 @@ class Recipe:
         precision: ``auto`` (bf16 on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
         channels_last: memory format; None means channels_last on CUDA only.
         compile: train through ``torch.compile(model)`` (the checkpoints and the returned model stay the plain
-            module). Pays a compilation at the start (about a minute on a CPU); worth it for long GPU runs.
+            module). Pays a compilation at the start (under a minute on a CPU); a student epoch then took
+            0.70x the time on a 2-core CPU (``docs/benchmarks/switches-cpu.md``).
         eval_every: evaluate on the test split every N epochs (0: only after the last epoch).
         workers: DataLoader workers for streamed (large) datasets.
         micro_batch: split each batch into micro-batches of this many images, accumulating gradients into one

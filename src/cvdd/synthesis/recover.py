@@ -99,7 +99,8 @@ class RecoverConfig:
         channels_last: run the experts in channels_last memory format (off unless set, also on CUDA, so that
             runs stay bit-identical to earlier ones). The pixels stay NCHW; only the experts' input is converted.
         compile: wrap each expert in ``torch.compile`` (the BN-matching hooks are traced with it). Pays a
-            compilation on the first iterations; worth it for long runs on GPUs.
+            compilation first (~45 s on a 2-core CPU), then ran 3.3x faster per iteration there
+            (``docs/benchmarks/switches-cpu.md``): worth it from a few hundred iterations on.
         store: ``float32`` (lossless, default) or ``uint8`` pixels in the output file.
         log_every: iterations between loss records (the only host synchronisations of the loop).
     """
