@@ -61,6 +61,11 @@ class AblationConfig:
     set: str | None = None
 
     @property
+    def is_baseline(self) -> bool:
+        """The plain random-real row, which every selection (``--only``, ``--final``) keeps."""
+        return self.method == "random-real" and self.set is None
+
+    @property
     def set_name(self) -> str:
         """The folder of the synthetic set under ``<out>/sets``."""
         return self.set or self.name
@@ -196,7 +201,7 @@ def run_ablation(
         missing = [n for n in final if n not in names]
         if missing:
             raise ConfigError(f"--final names unknown configurations: {', '.join(missing)}")
-        configs = [c for c in configs if c.name in final or (c.method == "random-real" and c.set is None)]
+        configs = [c for c in configs if c.name in final or c.is_baseline]
     evaluation = carved if not final else RealDataset(real.spec, carved.train, real.test, real.source, real.fingerprint)
     pool = load_pool(experts, device=device)
     out_dir = Path(out)

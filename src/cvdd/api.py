@@ -424,7 +424,7 @@ def ablate(
         unknown = sorted(set(only) - {c.name for c in configs})
         if unknown:
             raise ConfigError(f"--only names unknown configurations: {', '.join(unknown)}")
-        configs = [c for c in configs if c.name in only or (c.method == "random-real" and c.set is None)]
+        configs = [c for c in configs if c.name in only or c.is_baseline]
     return run_ablation(
         real,
         experts,
