@@ -176,3 +176,40 @@ def test_distill_runs_sre2l_with_one_expert_under_a_named_committee(
             distill(digits, tmp_path, preset, experts_dir=digit_experts, progress=False, recover_overrides=fixed)
     assert (seen[0]["committee"], seen[0]["committee_size"]) == ("single", 1)
     assert (seen[1]["committee"], seen[1]["fixed"], seen[1]["committee_size"]) == ("fixed", fixed["fixed"], 2)
+
+
+def test_small_budget_overrides_are_validated_and_reach_every_stage(
+    digits: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bench --budget small`: the preset's small_budget is checked at load and its overrides reach each stage."""
+    from cvdd.config import from_dict
+    from cvdd.errors import ConfigError
+    from cvdd.pipeline import distill
+
+    gpu = distill_presets()["cifar10-gpu"].small_overrides()
+    assert gpu["squeeze"]["epochs"] < 200 and gpu["recover"]["bn_groups"] == "ipc" and gpu["evaluate"]["epochs"] == 50
+    assert distill_presets()["digits"].small_overrides() == {"squeeze": {}, "recover": {}, "evaluate": {"epochs": 50}}
+    for bad, match in (
+        ({"squeeze": {"epoch": 1}}, "small_budget.squeeze"),
+        ({"recover": {"bn_groups": "x"}}, "bn_groups"),
+        ({"relabel": {}}, "unknown stage 'relabel'"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            from_dict(DistillPreset, {"recover_preset": "digits", "small_budget": bad}, "p").validate("p")
+
+    import cvdd.api
+
+    seen: dict[str, Any] = {}
+
+    class _StopError(Exception):
+        pass
+
+    def fake_squeeze(*args: Any, overrides: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        seen["squeeze"] = overrides
+        raise _StopError
+
+    monkeypatch.setattr(cvdd.api, "squeeze", fake_squeeze)
+    preset = distill_presets()["digits"]
+    with pytest.raises(_StopError):
+        distill(digits, tmp_path, preset, progress=False, squeeze_overrides={"epochs": 1})
+    assert seen["squeeze"] == {"epochs": 1}

@@ -507,6 +507,7 @@ def distill(
     seeds: list[int] | None = None,
     overrides: dict[str, Any] | None = None,
     recover_overrides: dict[str, Any] | None = None,
+    squeeze_overrides: dict[str, Any] | None = None,
     experts: str | os.PathLike[str] | None = None,
     seed: int = 0,
     device: str | None = None,
@@ -525,6 +526,7 @@ def distill(
         seeds: student seeds.
         overrides: evaluation recipe fields (``epochs``, ``student``, ``label_mode``...).
         recover_overrides: recover fields applied to every synthesised set (``iterations``, ``lr``...).
+        squeeze_overrides: squeeze recipe fields for the experts trained here (``epochs``...).
         experts: reuse experts from this folder (default: ``<out>/experts``, trained if missing).
         seed: run seed (squeeze, recover, random-real draw).
 
@@ -554,6 +556,7 @@ def distill(
         device=device,
         progress=progress,
         recover_overrides=recover_overrides,
+        squeeze_overrides=squeeze_overrides,
     )
 
 

@@ -341,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         default="full",
         choices=["full", "small"],
-        help="small: first IPC and first seed only, 50 student epochs (a smoke run)",
+        help="small: first IPC and first seed only, and the preset's small_budget (default: 50 student epochs; "
+        "cifar10-gpu also shortens squeeze and recover to fit minutes on one GPU)",
     )
     p.add_argument("--ipc", type=int, nargs="+", default=None, help="override the preset's IPCs")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
@@ -678,10 +679,14 @@ def _cmd_bench(args: argparse.Namespace, progress: bool) -> int:
     over = _eval_overrides(args)
     preset = get_distill_preset(args.preset)
     ipcs, seeds = args.ipc, args.seeds
+    squeeze_over: dict[str, Any] = {}
+    recover_over: dict[str, Any] = {}
     if args.budget == "small":
         ipcs = ipcs or preset.ipcs[:1]
         seeds = seeds or preset.evaluate.seeds[:1]
-        over.setdefault("epochs", 50)
+        small = preset.small_overrides()
+        squeeze_over, recover_over = small["squeeze"], small["recover"]
+        over = {**small["evaluate"], **over}
     t0 = time.perf_counter()
     rows = distill(
         args.data,
@@ -690,6 +695,8 @@ def _cmd_bench(args: argparse.Namespace, progress: bool) -> int:
         ipcs=ipcs,
         seeds=seeds,
         overrides=over,
+        recover_overrides=recover_over,
+        squeeze_overrides=squeeze_over,
         experts=args.experts,
         seed=args.seed,
         device=args.device,
@@ -712,6 +719,11 @@ def _cmd_bench(args: argparse.Namespace, progress: bool) -> int:
         "",
         f"Wall time {wall:.0f} s; per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + ".",
         "",
+        *(
+            [f"Small budget: squeeze {squeeze_over or '-'}, recover {recover_over or '-'}, evaluate {over}.", ""]
+            if args.budget == "small"
+            else []
+        ),
         (Path(args.out) / "results.md").read_text(),
     ]
     (Path(args.out) / "bench.md").write_text("\n".join(lines))

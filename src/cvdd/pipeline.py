@@ -20,7 +20,7 @@ from typing import Any
 from cvdd import __version__
 from cvdd import distributed as dd
 from cvdd.artifacts import atomic_write_text
-from cvdd.config import _load_yaml, apply_overrides, from_dict, get_recover_preset, to_dict
+from cvdd.config import Recipe, _load_yaml, apply_overrides, from_dict, get_recover_preset, to_dict
 from cvdd.data.sources import RealDataset
 from cvdd.device import PhasePeaks
 from cvdd.errors import ConfigError
@@ -42,6 +42,9 @@ class DistillPreset:
         methods: among ``random-real``, ``sre2l++`` (N = 1), ``cvdd`` (N = 2).
         ipcs: images per class to distil.
         evaluate: the frozen evaluation recipe shared by every method.
+        small_budget: what ``cvdd bench --budget small`` changes, as override mappings under ``squeeze`` (recipe
+            fields), ``recover`` and ``evaluate`` (default: 50 student epochs), besides keeping the first IPC and
+            seed. Validated when the preset loads.
     """
 
     description: str = ""
@@ -50,15 +53,33 @@ class DistillPreset:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     ipcs: list[int] = field(default_factory=lambda: [1, 10])
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    small_budget: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def validate(self, where: str = "distill preset") -> DistillPreset:
+        """Check the evaluation recipe and every small-budget override; raise :class:`ConfigError` naming the key."""
+        self.evaluate.validate()
+        small = self.small_overrides()
+        apply_overrides(self.evaluate, small["evaluate"], f"{where} small_budget.evaluate").validate()
+        apply_overrides(Recipe(), small["squeeze"], f"{where} small_budget.squeeze").validate()
+        recover = get_recover_preset(self.recover_preset)
+        apply_overrides(recover, small["recover"], f"{where} small_budget.recover").validate()
+        return self
+
+    def small_overrides(self) -> dict[str, dict[str, Any]]:
+        """The small budget's overrides per stage (``squeeze``, ``recover``, ``evaluate``), each a mapping."""
+        unknown = sorted(set(self.small_budget) - {"squeeze", "recover", "evaluate"})
+        if unknown:
+            raise ConfigError(f"small_budget: unknown stage {unknown[0]!r}; choose squeeze, recover or evaluate")
+        out = {k: dict(self.small_budget.get(k) or {}) for k in ("squeeze", "recover", "evaluate")}
+        out["evaluate"].setdefault("epochs", 50)
+        return out
 
 
 def distill_presets() -> dict[str, DistillPreset]:
     """The shipped distill presets, validated."""
     out = {}
     for name, body in _load_yaml("distill.yaml").items():
-        preset = from_dict(DistillPreset, body, f"distill preset '{name}'")
-        preset.evaluate.validate()
-        out[name] = preset
+        out[name] = from_dict(DistillPreset, body, f"distill preset '{name}'").validate(f"distill preset '{name}'")
     return out
 
 
@@ -103,6 +124,7 @@ def distill(
     device: str | None = None,
     progress: bool = True,
     recover_overrides: dict[str, Any] | None = None,
+    squeeze_overrides: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the pipeline and write ``results.json``, ``results.md``, grids and the resolved config to ``out``."""
     from cvdd.api import load_pool, recover, squeeze
@@ -140,7 +162,15 @@ def distill(
             )
     else:
         exp_dir = Path(experts_dir) if experts_dir is not None else out_dir / "experts"
-        squeezed = squeeze(data, out=exp_dir, preset=preset.squeeze_preset, seed=seed, device=device, progress=progress)
+        squeezed = squeeze(
+            data,
+            out=exp_dir,
+            preset=preset.squeeze_preset,
+            overrides=squeeze_overrides,
+            seed=seed,
+            device=device,
+            progress=progress,
+        )
     squeeze_s = time.perf_counter() - t0
     squeeze_peaks.mark("squeeze")
     pool = load_pool([r.path for r in squeezed], device=device)
@@ -162,6 +192,7 @@ def distill(
             archs=[cfg.student],
             out=out_dir / "reference",
             preset=preset.squeeze_preset,
+            overrides=squeeze_overrides,
             seed=seed,
             device=device,
             progress=progress,

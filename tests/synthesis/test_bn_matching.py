@@ -184,3 +184,58 @@ def test_channel_moments_gradient_is_exact() -> None:
     (m.sum() + (v * torch.arange(3.0)).sum()).backward()
     assert xb.grad.dtype == torch.bfloat16
     assert torch.allclose(xb.grad.float(), ref.grad, rtol=1e-2, atol=1e-3)
+
+
+def test_grouped_moments_are_each_groups_own_with_exact_gradient() -> None:
+    """channel_moments(x, G) equals the ungrouped moments of each of the G consecutive groups."""
+    from cvdd.synthesis.bn_matching import channel_moments
+
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    mean, var = channel_moments(x, 3)
+    assert mean.shape == var.shape == (3, 3)
+    for g in range(3):
+        m, v = channel_moments(x[2 * g : 2 * g + 2])
+        assert torch.allclose(mean[g], m) and torch.allclose(var[g], v)
+    xg = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: channel_moments(t, 3), (xg,))
+    xcl = x.contiguous(memory_format=torch.channels_last)  # a view of the batch split works in any memory format
+    assert torch.allclose(channel_moments(xcl, 2)[1], channel_moments(x, 2)[1])
+    with pytest.raises(ValueError, match="4 equal groups"):
+        channel_moments(x, 4)
+
+
+def test_grouped_loss_equals_weighted_sum_of_separate_forwards() -> None:
+    """Σ_g w_g · loss(group g alone), in value and in gradient, from a single forward of the whole batch."""
+    torch.manual_seed(0)
+    model = ConvBN()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(64, 3, 6, 6) * 2 + 0.5)  # running statistics away from the defaults
+    model.eval()
+    x = torch.randn(6, 3, 6, 6, dtype=torch.float64)
+    model.double()
+    w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+
+    xa = x.clone().requires_grad_(True)
+    with BNMatching(model, first_multiplier=10.0) as bn:
+        bn.set_groups(w)
+        model(xa)
+        grouped = bn.loss()
+    grouped.backward()
+
+    xb = x.clone().requires_grad_(True)
+    expected = xb.new_zeros(())
+    with BNMatching(model, first_multiplier=10.0) as bn:
+        for g in range(3):
+            model(xb[2 * g : 2 * g + 2])
+            expected = expected + w[g] * bn.loss()
+    expected.backward()
+    assert torch.allclose(grouped, expected, rtol=1e-12)
+    assert torch.allclose(xa.grad, xb.grad, rtol=1e-10, atol=1e-12)
+
+    with BNMatching(model) as bn:
+        bn.set_groups(w)
+        model(xa.detach())
+        bn.set_groups(torch.ones(2, dtype=torch.float64))
+        with pytest.raises(RuntimeError, match="set_groups"):
+            bn.loss()

@@ -152,3 +152,25 @@ def test_recover_cli(digit_experts: Path, tmp_path: Path, capsys: pytest.Capture
     out = capsys.readouterr().out
     assert "IPC 0:" in out and "synthetic.safetensors" in out
     assert main(["export", str(tmp_path / "cli"), "--out", str(tmp_path / "png"), "--quiet"]) == 0
+
+
+def test_bn_groups_ipc_is_the_per_index_loss(digit_experts: Path, digits, tmp_path: Path) -> None:
+    """bn_groups=ipc: one BN statistic per IPC index of a unit; with one index per unit it changes nothing."""
+    base = {"init": "real", "classes_per_block": 10}
+    one_block = _recover(digit_experts, tmp_path / "b1", digits, ipc=2, overrides={**base, "ipc_per_block": 1})
+    one_ipc = _recover(
+        digit_experts, tmp_path / "i1", digits, ipc=2, overrides={**base, "ipc_per_block": 1, "bn_groups": "ipc"}
+    )
+    # The same loss up to where the voter weight multiplies (inside the BN sum instead of outside): rounding only.
+    assert torch.allclose(one_block.images, one_ipc.images, atol=1e-5)
+    two_block = _recover(digit_experts, tmp_path / "b2", digits, ipc=2, overrides={**base, "ipc_per_block": 2})
+    two_ipc = _recover(
+        digit_experts, tmp_path / "i2", digits, ipc=2, overrides={**base, "ipc_per_block": 2, "bn_groups": "ipc"}
+    )
+    assert two_ipc.images.shape == two_block.images.shape == (20, 3, 32, 32)
+    assert not torch.equal(two_block.images, two_ipc.images)
+    # The default keeps the configuration hash of runs made before the field existed; the other value changes it.
+    hashes = {r.meta["config_hash"] for r in (one_block, one_ipc, two_block, two_ipc)}
+    assert len(hashes) == 4
+    with pytest.raises(ConfigError, match="bn_groups"):
+        _recover(digit_experts, tmp_path / "bad", digits, ipc=2, overrides={"bn_groups": "layer"})

@@ -30,34 +30,47 @@ __all__ = ["BNMatching", "BNStatHook", "channel_moments"]
 
 
 class _ChannelMoments(torch.autograd.Function):
-    """Per-channel mean and biased variance over (N, H, W), in at least fp32, saving only the input itself.
+    """Per-channel mean and biased variance over (N/G, H, W) of each of G batch groups, in at least fp32.
 
     Autograd through ``x.float()`` + ``var_mean`` would keep an fp32 copy of every BN input of a bf16 forward
     until the backward pass (as much memory as the bf16 activations save). Here the backward is written out,
-    d mean/dx = 1/M and d var/dx = 2 (x - mean) / M with M = N·H·W, and only ``x`` (which the BN layer keeps
-    anyway) and the per-channel mean are saved.
+    d mean/dx = 1/M and d var/dx = 2 (x - mean) / M with M = (N/G)·H·W, and only ``x`` (which the BN layer keeps
+    anyway) and the per-group, per-channel mean are saved.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+        # Splitting the batch dimension is a view for any memory format (channels_last included).
+        var, mean = torch.var_mean(xf.view(groups, -1, *x.shape[1:]), dim=(1, 3, 4), correction=0)
         ctx.save_for_backward(x, mean)
         return mean, var
 
     @staticmethod
-    def backward(ctx: Any, g_mean: torch.Tensor, g_var: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, g_mean: torch.Tensor, g_var: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         x, mean = ctx.saved_tensors
-        m = x.numel() // x.shape[1]
-        view = (1, -1, 1, 1)
-        xf = x.to(mean.dtype)
+        groups = mean.shape[0]
+        m = x.numel() // (x.shape[1] * groups)
+        view = (groups, 1, -1, 1, 1)
+        xf = x.to(mean.dtype).view(groups, -1, *x.shape[1:])
         grad = g_mean.view(view) / m + (2.0 / m) * g_var.view(view) * (xf - mean.view(view))
-        return grad.to(x.dtype)
+        return grad.view(x.shape).to(x.dtype), None
 
 
-def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and biased variance per channel of x (N, C, H, W), each (C,), in fp32 (fp64 for fp64 inputs)."""
-    return _ChannelMoments.apply(x)
+def channel_moments(x: torch.Tensor, groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance per channel of x (N, C, H, W), in fp32 (fp64 for fp64 inputs).
+
+    Args:
+        x: the batch (N, C, H, W).
+        groups: None: one statistic over the whole batch, each (C,). G: the batch is G consecutive groups of
+            N/G images ("ghost batches") and each gets its own statistics, each (G, C).
+    """
+    if groups is None:
+        mean, var = _ChannelMoments.apply(x, 1)
+        return mean[0], var[0]
+    if groups < 1 or x.shape[0] % groups:
+        raise ValueError(f"a batch of {x.shape[0]} images does not split into {groups} equal groups")
+    return _ChannelMoments.apply(x, groups)
 
 
 class BNMatching:
@@ -105,6 +118,20 @@ class BNMatching:
         # (mean, var) of each layer's input in the latest forward, or None when the layer has not run yet.
         self._stats: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
         self._handles: list[RemovableHandle] = []
+        self._group_weights: torch.Tensor | None = None
+
+    def set_groups(self, weights: torch.Tensor | None) -> None:
+        """Match the statistics of G consecutive equal groups of the next forwards' batches separately.
+
+        The loss then becomes Σ_g w_g Σ_l c_l BN_l(group g): what G separate forwards of the groups would give,
+        in one forward. Recover uses it to optimise several IPC indices in one batch while each index keeps its
+        own BN statistics, as in the paper where each index is its own batch (an expert in eval mode treats every
+        image independently, so only the statistics couple the images).
+
+        Args:
+            weights: (G,) weight per group, or None for one statistic over the whole batch (weight 1).
+        """
+        self._group_weights = None if weights is None else weights.detach().flatten()
 
     def _make_hook(self, i: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         """Forward hook of layer ``i``: store the fp32 mean and biased variance of its input, with graph."""
@@ -113,8 +140,9 @@ class BNMatching:
             x = inputs[0]
             # Autocast off and at least fp32: bf16/fp16 moments of 100-image batches lose too many digits for a
             # loss that compares them with fp32 running statistics. fp64 inputs stay fp64 (gradient checks).
+            groups = None if self._group_weights is None else len(self._group_weights)
             with torch.autocast(device_type=x.device.type, enabled=False):
-                mean, var = channel_moments(x)
+                mean, var = channel_moments(x, groups)
             self._stats[i] = (mean, var)
 
         return hook
@@ -150,6 +178,9 @@ class BNMatching:
     def per_layer(self) -> list[torch.Tensor]:
         """Unweighted terms ‖μ_l − μ̂_l‖₂ + ‖σ²_l − σ̂²_l‖₂ of the latest forward, one scalar per BN layer.
 
+        With groups (:meth:`set_groups`), each layer's term is the group-weighted sum Σ_g w_g (‖μ_lg − μ̂_l‖₂ +
+        ‖σ²_lg − σ̂²_l‖₂).
+
         Returns:
             A list aligned with :attr:`layers`, each a 0-d tensor (fp32, or fp64 for an fp64 input) with gradient
             to the input of the forward.
@@ -166,7 +197,12 @@ class BNMatching:
             mean, var = stats
             ref_mean = layer.running_mean.to(device=mean.device, dtype=mean.dtype)
             ref_var = layer.running_var.to(device=var.device, dtype=var.dtype)
-            out.append(torch.linalg.vector_norm(mean - ref_mean) + torch.linalg.vector_norm(var - ref_var))
+            term = torch.linalg.vector_norm(mean - ref_mean, dim=-1) + torch.linalg.vector_norm(var - ref_var, dim=-1)
+            if term.dim():
+                if self._group_weights is None or len(self._group_weights) != len(term):
+                    raise RuntimeError("BN groups changed between the forward and the loss; call set_groups first")
+                term = (term * self._group_weights.to(device=term.device, dtype=term.dtype)).sum()
+            out.append(term)
         return out
 
     def loss(self) -> torch.Tensor:

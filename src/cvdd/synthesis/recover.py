@@ -94,7 +94,11 @@ class RecoverConfig:
         init_rank_offset: first rank of the kept window of lowest-loss crops.
         observer: expert scoring the patches (None: the highest prior).
         classes_per_block: classes per unit (None: all classes, at most 100).
-        ipc_per_block: IPC indices per unit (the paper uses 1; more makes bigger, faster CPU batches).
+        ipc_per_block: IPC indices per unit (the paper uses 1; more makes bigger, faster batches).
+        bn_groups: whose input statistics each expert's BN loss matches when a unit holds several IPC indices:
+            ``block`` (all of the unit's images that have the expert in their committee, as one batch) or ``ipc``
+            (each IPC index's images separately, weighted by its voter weight: the paper's loss, where each index
+            is its own batch, computed in one larger batch; with ``ipc_per_block`` 1 both are the same).
         precision: ``fp32`` or ``bf16`` autocast for the experts' forward (pixels and BN statistics stay fp32).
         channels_last: run the experts in channels_last memory format (off unless set, also on CUDA, so that
             runs stay bit-identical to earlier ones). The pixels stay NCHW; only the experts' input is converted.
@@ -130,6 +134,7 @@ class RecoverConfig:
     observer: str | None = None
     classes_per_block: int | None = None
     ipc_per_block: int = 1
+    bn_groups: str = "block"
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
@@ -159,6 +164,8 @@ class RecoverConfig:
             raise ConfigError(f"anchor must be >= 0 (got {self.anchor})")
         if self.ipc_per_block < 1 or (self.classes_per_block is not None and self.classes_per_block < 1):
             raise ConfigError("block sizes must be at least 1")
+        if self.bn_groups not in ("block", "ipc"):
+            raise ConfigError(f"unknown bn_groups {self.bn_groups!r}; choose block or ipc")
         if self.store not in ("float32", "uint8"):
             raise ConfigError(f"unknown store {self.store!r}; choose float32 or uint8")
         if self.precision not in ("fp32", "bf16", "auto"):
@@ -233,7 +240,8 @@ def plan_committees(experts: list[Expert], cfg: RecoverConfig, seed: int) -> Rec
 def config_hash(cfg: RecoverConfig, plan: RecoverPlan, spec: DatasetSpec, seed: int, experts: list[Expert]) -> str:
     """Hash of everything that determines the images; units made under another hash are never mixed in."""
     # Options added after the first release are hashed only when set, so older runs keep their hash (resume).
-    fields = identity_dict(cfg, {"anchor": 0.0, "combine": "sum", "channels_last": False, "compile": False})
+    late = {"anchor": 0.0, "combine": "sum", "channels_last": False, "compile": False, "bn_groups": "block"}
+    fields = identity_dict(cfg, late)
     payload = {
         "cfg": fields,
         "seed": seed,
@@ -375,19 +383,28 @@ def _optimise_unit(
     rows: dict[str, torch.Tensor] = {}
     row_w: dict[str, torch.Tensor] = {}
     bn_w: dict[str, float] = {}
+    index_w: dict[str, list[float]] = {}  # voter weight of each IPC index of the unit that has the expert
     for name in names:
         idx, w = [], []
-        bn_w[name] = 0.0
+        index_w[name] = []
         for j, k in enumerate(unit.ipc_indices):
             if name in plan.committees[k]:
                 wk = plan.weights[k][plan.committees[k].index(name)]
                 idx += range(j * n_cls, (j + 1) * n_cls)
                 w += [wk] * n_cls
-                bn_w[name] += wk
+                index_w[name].append(wk)
+        bn_w[name] = sum(index_w[name])
         rows[name] = torch.tensor(idx, device=device)
         row_w[name] = torch.tensor(w, device=device)
     records: list[dict[str, float]] = []
     hooks = {name: BNMatching(committee.models[name], first_multiplier=cfg.first_bn_multiplier) for name in names}
+    if cfg.bn_groups == "ipc":
+        # One BN statistic per IPC index (n_cls consecutive rows), each weighted inside the loss by its index's
+        # voter weight; the loss's BN part is then Σ_k w_k BN(index k), as separate per-index batches give.
+        for name in names:
+            hooks[name].set_groups(torch.tensor(index_w[name], device=device))
+    # Factor of each expert's BN loss in its term: its total voter weight, unless the groups carry the weights.
+    bn_scale = {name: 1.0 if cfg.bn_groups == "ipc" else bn_w[name] for name in names}
     for h in hooks.values():
         h.__enter__()
     try:
@@ -425,7 +442,7 @@ def _optimise_unit(
                 # Mean CE over each IPC index's images, weighted by that index's voter weight.
                 ce = (ce_rows * row_w[name]).sum() / n_cls
                 bn = hooks[name].loss()
-                term = ce + cfg.r_bn * bn_w[name] * bn
+                term = ce + cfg.r_bn * bn_scale[name] * bn
                 if separate:
                     grads.append(torch.autograd.grad(term, xa_leaf)[0])
                 else:
