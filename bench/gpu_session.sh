@@ -36,15 +36,17 @@ timeout 330 $PY -m cvdd bench --preset cifar10-gpu --budget small --data "$DATA"
 echo "exit $?"
 cp "$WORK/pipe/bench.md" "$OUT/" 2>/dev/null && cat "$OUT/bench.md" || tail -30 "$OUT/pipeline.log"
 
-step recover: ten IPC indices in one batch vs one per batch
-[ -d "$WORK/pipe/experts" ] && timeout 120 $PY bench/bench_fused.py --experts "$WORK/pipe/experts" --data "$DATA" \
-  --device cuda --short 20 --long 120 2>&1 | grep -v "prior not measured" | tee "$OUT/fused.md"
-
 step speed suite on CUDA
-timeout 170 $PY -m cvdd bench --suite speed --preset cifar10-gpu --device cuda --data "$DATA" \
+EXPERTS=auto
+[ -d "$WORK/pipe/experts" ] && EXPERTS="$WORK/pipe/experts"  # the GPU preset's pool, trained in the step above
+timeout 170 $PY -m cvdd bench --suite speed --preset cifar10-gpu --device cuda --data "$DATA" --experts "$EXPERTS" \
   --out "$OUT/speed-gpu.md" >"$OUT/speed.log" 2>&1
 echo "exit $?"
 cat "$OUT/speed-gpu.md" 2>/dev/null || tail -30 "$OUT/speed.log"
+
+step recover: ten IPC indices in one batch vs one per batch
+[ -d "$WORK/pipe/experts" ] && timeout 120 $PY bench/bench_fused.py --experts "$WORK/pipe/experts" --data "$DATA" \
+  --device cuda --short 20 --long 120 2>&1 | grep -v "prior not measured" | tee "$OUT/fused.md"
 
 step memory: 224 px recover, ResNet-18 + ResNet-50, 100 images
 timeout 90 $PY bench/bench_memory224.py --device cuda --iterations 2 2>&1 | tee "$OUT/memory224.log" | tail -12
