@@ -6,11 +6,15 @@ per-operator overhead, not by arithmetic: on an H200, DenseNet-121 on 100 images
 kernel, so the count of such operators in one forward + backward, which any CPU can measure with torch.profiler,
 tells how much of that overhead the BN-matching hooks add.
 
+With ``--device cuda`` it also times the step on the GPU (median of ``--reps`` synchronised steps after a warm-up),
+so the count can be checked against what the launches cost there.
+
 Counted: profiler events of ``aten::`` operators that do work themselves (no child operator that does work), leaving
 out views, allocations and no-op conversions. Printed per architecture: the plain network (cross-entropy only),
 the network with BN matching, and the ratio.
 
     python bench/bench_ops.py [--archs densenet121 resnet50 ...] [--batch 10] [--code /other/checkout/src]
+    python bench/bench_ops.py --device cuda          # counts, and milliseconds per step on the GPU
 """
 
 from __future__ import annotations
@@ -53,8 +57,17 @@ NO_WORK = {
 PAPER = ["resnet18", "resnet50", "densenet121", "mobilenetv2", "shufflenetv2"]
 
 
-def count_ops(arch: str, batch: int, bn_matching: bool) -> tuple[int, collections.Counter[str]]:
-    """Working operators of one forward + cross-entropy (+ BN loss) + backward of ``arch`` on ``batch`` images."""
+def count_ops(
+    arch: str, batch: int, bn_matching: bool, device: str = "cpu", reps: int = 20
+) -> tuple[int, collections.Counter[str], float]:
+    """Working operators of one forward + cross-entropy (+ BN loss) + backward of ``arch`` on ``batch`` images.
+
+    Returns:
+        The count, the count per operator, and the median milliseconds of a step on ``device``.
+    """
+    import statistics
+    import time
+
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -62,13 +75,13 @@ def count_ops(arch: str, batch: int, bn_matching: bool) -> tuple[int, collection
     from cvdd.synthesis.bn_matching import BNMatching
 
     torch.manual_seed(0)
-    model = create_model(arch, num_classes=10, image_size=32).eval()
+    dev = torch.device(device)
+    model = create_model(arch, num_classes=10, image_size=32).eval().to(dev)
     for p in model.parameters():
         p.requires_grad_(False)
-    x = torch.randn(batch, 3, 32, 32, requires_grad=True)
-    y = torch.arange(batch) % 10
-
-    # One BN-matching context for both steps, as recover keeps one per unit for all its iterations.
+    x = torch.randn(batch, 3, 32, 32, device=dev, requires_grad=True)
+    y = torch.arange(batch, device=dev) % 10
+    # One BN-matching context for all steps, as recover keeps one per unit for all its iterations.
     bn = BNMatching(model)
 
     def step() -> None:
@@ -77,10 +90,21 @@ def count_ops(arch: str, batch: int, bn_matching: bool) -> tuple[int, collection
             loss = loss + 0.01 * bn.loss()
         loss.backward()
 
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    times = []
     with bn if bn_matching else contextlib.nullcontext():
         step()  # warm-up: one-time initialisation is not counted
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
+        for _ in range(reps):
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
     counts: collections.Counter[str] = collections.Counter()
     for e in prof.events():
         if not e.name.startswith("aten::") or e.name in NO_WORK:
@@ -88,41 +112,47 @@ def count_ops(arch: str, batch: int, bn_matching: bool) -> tuple[int, collection
         if any(k.name.startswith("aten::") and k.name not in NO_WORK for k in e.cpu_children):
             continue
         counts[e.name] += 1
-    return sum(counts.values()), counts
+    return sum(counts.values()), counts, 1000 * statistics.median(times)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", nargs="+", default=PAPER)
     ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reps", type=int, default=20, help="timed steps (median)")
     ap.add_argument("--code", default=None, help="PYTHONPATH of the cvdd to measure (default: the installed one)")
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         arch, mode = args.child
-        total, _ = count_ops(arch, args.batch, mode == "bn")
-        print(total)
+        total, _, ms = count_ops(arch, args.batch, mode == "bn", args.device, args.reps)
+        print(total, ms)
         return
     env = dict(os.environ)
     if args.code:
         env["PYTHONPATH"] = args.code
-    print(f"# Working operators per forward + backward, batch {args.batch}, 32 px, 10 classes")
+    print(f"# Working operators per forward + backward, batch {args.batch}, 32 px, 10 classes, device {args.device}")
     print()
-    print("| expert | plain (CE only) | with BN matching | ratio |")
-    print("|---|---:|---:|---:|")
+    print("| expert | plain (CE only) | with BN matching | ratio | ms plain | ms with BN matching |")
+    print("|---|---:|---:|---:|---:|---:|")
+    child_args = [sys.executable, __file__, "--batch", str(args.batch), "--device", args.device]
+    child_args += ["--reps", str(args.reps)]
     for arch in args.archs:
         row = []
         for mode in ("plain", "bn"):
             # A fresh process per count: profiler state and lazy initialisation do not leak between counts.
             out = subprocess.run(
-                [sys.executable, __file__, "--batch", str(args.batch), "--child", arch, mode],
+                [*child_args, "--child", arch, mode],
                 env=env,
                 capture_output=True,
                 text=True,
                 check=True,
             ).stdout
-            row.append(int(out.strip().splitlines()[-1]))
-        print(f"| {arch} | {row[0]:,} | {row[1]:,} | {row[1] / row[0]:.2f} |")
+            count, ms = out.strip().splitlines()[-1].split()
+            row.append((int(count), float(ms)))
+        (n0, t0), (n1, t1) = row
+        print(f"| {arch} | {n0:,} | {n1:,} | {n1 / n0:.2f} | {t0:.1f} | {t1:.1f} |")
 
 
 if __name__ == "__main__":

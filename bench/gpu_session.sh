@@ -1,55 +1,74 @@
 #!/usr/bin/env bash
-# The one GPU check of a session, in priority order, each step time-boxed so that a slow step cannot eat the
-# next ones; every log lands in $OUT. Fails fast: a CUDA smoke run of the whole pipeline goes first.
+# The GPU checks of a session, in two parts that each fit one device call (the device tool allows 600 s per
+# command and about 14 minutes per session): run part 1, then part 2 at once on the still-warm machine.
+# Every step is time-boxed so that a slow step cannot eat the next ones; every log lands in $OUT.
 #
-#   OUT=/tmp/gpu bash bench/gpu_session.sh [CIFAR10_TARBALL]
+#   OUT=/tmp/gpu bash bench/gpu_session.sh 1 [CIFAR10_TARBALL]   # smoke + GPU preset (~6 min on an H200)
+#   OUT=/tmp/gpu bash bench/gpu_session.sh 2 [CIFAR10_TARBALL]   # speed suite, fused recover, 224 px memory, tests
 #
-# Steps: smoke (digits distill on CUDA), `cvdd bench --preset cifar10-gpu --budget small` (the GPU preset),
-# the speed suite on CUDA (paper architectures), recover with ten IPC indices fused into one batch against one
-# index per batch (bn_groups=ipc), the 224 px memory benchmark, and the GPU-marked tests.
+# Part 1: a CUDA smoke run of the whole pipeline on the embedded digits (fails fast), then
+# `cvdd bench --preset cifar10-gpu --budget small`. Part 2 reuses part 1's experts (kept under $WORK, which
+# survives between the calls of a warm machine): the speed suite on CUDA, recover with ten IPC indices fused into
+# one batch against one index per batch (bench/bench_fused.py), the 224 px memory benchmark and `pytest -m gpu`.
+# Figures of 2026-11-26 (H200): docs/benchmarks/gpu-h200.md.
 set -u
+PART=${1:-1}
 OUT=${OUT:-/tmp/cvdd-gpu}
-DATA=${1:-${CVDD_CIFAR10_TAR:-.gpu/cifar10-jpeg.tar.gz}}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+DATA=${2:-${CVDD_CIFAR10_TAR:-.gpu/cifar10-jpeg.tar.gz}}
+WORK=${CVDD_GPU_WORK:-/tmp/cvdd-gpu-work}
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export CVDD_CACHE=${CVDD_CACHE:-/tmp/cvdd-cache}
 PY=${PYTHON:-python3}
-WORK=$(mktemp -d)
 step() { echo "=== $(date +%T) $*"; }
+# Log lines without the progress bars (tqdm redraws with carriage returns).
+summary() { tr '\r' '\n' <"$1" | grep -v -E '%\||^ *$' | grep -v -E 'epoch [0-9]+/[0-9]+:' | tail -"${2:-20}"; }
 
-step environment
+step "part $PART: environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-$PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
-torch.cuda.get_device_name(0), 'cpus', __import__('os').cpu_count())"
+$PY -c "import os, torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
+torch.cuda.get_device_name(0), 'cpus', os.cpu_count())"
 
-step smoke: digits distill on CUDA
-if ! timeout 150 $PY -m cvdd distill --device cuda --ipc 1 --seeds 0 --set epochs=2 --out "$WORK/smoke" \
-    >"$OUT/smoke.log" 2>&1; then
-  tail -40 "$OUT/smoke.log"
-  exit 1
+if [ "$PART" = 1 ]; then
+  step smoke: digits distill on CUDA
+  if ! timeout 120 $PY -m cvdd distill --device cuda --ipc 1 --seeds 0 --set epochs=2 --out "$WORK/smoke" \
+      >"$OUT/smoke.log" 2>&1; then
+    summary "$OUT/smoke.log" 40
+    exit 1
+  fi
+  grep -E "^\| (random-real|sre2l|cvdd)" "$OUT/smoke.log"
+
+  step pipeline: cvdd bench --preset cifar10-gpu --budget small
+  timeout 440 $PY -m cvdd bench --preset cifar10-gpu --budget small --data "$DATA" --out "$WORK/pipe" \
+    --device cuda >"$OUT/pipeline.log" 2>&1
+  echo "exit $?"
+  summary "$OUT/pipeline.log" 30
+  cp "$WORK/pipe/bench.md" "$OUT/" 2>/dev/null && cat "$OUT/bench.md"
+  step done
+  exit 0
 fi
-grep -E "^\| (random-real|sre2l|cvdd)" "$OUT/smoke.log"
 
-step pipeline: cvdd bench --preset cifar10-gpu --budget small
-timeout 330 $PY -m cvdd bench --preset cifar10-gpu --budget small --data "$DATA" --out "$WORK/pipe" --device cuda \
-  >"$OUT/pipeline.log" 2>&1
-echo "exit $?"
-cp "$WORK/pipe/bench.md" "$OUT/" 2>/dev/null && cat "$OUT/bench.md" || tail -30 "$OUT/pipeline.log"
+EXPERTS=auto
+[ -d "$WORK/pipe/experts" ] && EXPERTS="$WORK/pipe/experts"  # the GPU preset's pool, trained in part 1
 
 step speed suite on CUDA
-EXPERTS=auto
-[ -d "$WORK/pipe/experts" ] && EXPERTS="$WORK/pipe/experts"  # the GPU preset's pool, trained in the step above
-timeout 170 $PY -m cvdd bench --suite speed --preset cifar10-gpu --device cuda --data "$DATA" --experts "$EXPERTS" \
-  --out "$OUT/speed-gpu.md" >"$OUT/speed.log" 2>&1
+timeout 200 $PY -m cvdd bench --suite speed --preset cifar10-gpu --device cuda --data "$DATA" --experts "$EXPERTS" \
+  --set recover_iterations=20 --set recover_reps=5 --set squeeze_repeats=1 --out "$OUT/speed-gpu.md" \
+  >"$OUT/speed.log" 2>&1
 echo "exit $?"
-cat "$OUT/speed-gpu.md" 2>/dev/null || tail -30 "$OUT/speed.log"
+cat "$OUT/speed-gpu.md" 2>/dev/null || summary "$OUT/speed.log" 30
 
-step recover: ten IPC indices in one batch vs one per batch
-[ -d "$WORK/pipe/experts" ] && timeout 120 $PY bench/bench_fused.py --experts "$WORK/pipe/experts" --data "$DATA" \
-  --device cuda --short 20 --long 120 2>&1 | grep -v "prior not measured" | tee "$OUT/fused.md"
+if [ "$EXPERTS" != auto ]; then
+  step recover: ten IPC indices in one batch vs one per batch
+  timeout 100 $PY bench/bench_fused.py --experts "$EXPERTS" --data "$DATA" --device cuda --short 5 --long 25 2>&1 \
+    | grep -v "prior not measured" | tee "$OUT/fused.md"
+fi
 
 step memory: 224 px recover, ResNet-18 + ResNet-50, 100 images
 timeout 90 $PY bench/bench_memory224.py --device cuda --iterations 2 2>&1 | tee "$OUT/memory224.log" | tail -12
+
+step operators per expert step
+timeout 60 $PY bench/bench_ops.py 2>&1 | grep -v -E "USDT|ERROR" | tee "$OUT/ops.md"
 
 step GPU tests
 timeout 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
