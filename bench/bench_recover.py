@@ -49,9 +49,9 @@ from cvdd.benchkit import (  # noqa: E402 - after the constants the docs refer t
     recover_phases,
     sync,
     time_unit,
-    unit_members,
 )
 from cvdd.device import PhasePeaks  # noqa: E402
+from cvdd.synthesis.recover import UnitMember, unit_members  # noqa: E402
 
 
 def profile_unit(bench: UnitBench, iters: int, top: int) -> dict[str, Any]:
@@ -167,16 +167,15 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     members = unit_members(plan, unit.ipc_indices, n_cls, device)
     seed = derive_seed(args.seed, "bench-recover", n)
     res["unit_images"] = len(x0)
-    res["rows"] = {name: len(r) for name, (r, _, _) in members.items()}
+    res["rows"] = {name: len(m.rows) for name, m in members.items()}
     res["committee"] = time_unit(
         UnitBench(models, x0, targets, members, n_cls, cfg, spec, device, seed), args.reps, args.warmup
     )
     if len(members) > 1:  # each member alone, on exactly the images the committee sends to it
         singles = {}
-        for name, (rows, row_w, bn_w) in members.items():
-            local = torch.arange(len(rows), device=device)
-            one = {name: (local, row_w, bn_w)}
-            b = UnitBench(models, x0[rows], targets[rows], one, n_cls, cfg, spec, device, seed)
+        for name, m in members.items():
+            one = {name: UnitMember(torch.arange(len(m.rows), device=device), m.row_weights, m.index_weights)}
+            b = UnitBench(models, x0[m.rows], targets[m.rows], one, n_cls, cfg, spec, device, seed)
             singles[name] = time_unit(b, args.reps, args.warmup)
         res["singles"] = singles
     if args.profile_iters > 0:

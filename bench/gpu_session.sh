@@ -53,7 +53,8 @@ EXPERTS=auto
 
 step speed suite on CUDA
 timeout 200 $PY -m cvdd bench --suite speed --preset cifar10-gpu --device cuda --data "$DATA" --experts "$EXPERTS" \
-  --set recover_iterations=20 --set recover_reps=5 --set squeeze_repeats=1 --out "$OUT/speed-gpu.md" \
+  --set recover_iterations=20 --set recover_reps=5 --set squeeze_repeats=1 \
+  --set "recover_overrides={ipc_per_block: 10, bn_groups: ipc}" --out "$OUT/speed-gpu.md" \
   >"$OUT/speed.log" 2>&1
 echo "exit $?"
 cat "$OUT/speed-gpu.md" 2>/dev/null || summary "$OUT/speed.log" 30
@@ -68,7 +69,7 @@ step memory: 224 px recover, ResNet-18 + ResNet-50, 100 images
 timeout 90 $PY bench/bench_memory224.py --device cuda --iterations 2 2>&1 | tee "$OUT/memory224.log" | tail -12
 
 step operators per expert step
-timeout 60 $PY bench/bench_ops.py 2>&1 | grep -v -E "USDT|ERROR" | tee "$OUT/ops.md"
+timeout 90 $PY bench/bench_ops.py --device cuda 2>&1 | grep -v -E "USDT|ERROR" | tee "$OUT/ops.md"
 
 step GPU tests
 timeout 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15

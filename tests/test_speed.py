@@ -137,3 +137,19 @@ def test_cli_speed_suite_writes_its_tables(cifar_slice: Path, tmp_path: Path, ca
 def test_pipeline_suite_still_needs_data(capsys) -> None:
     assert main(["bench", "--out", "unused"]) == 2
     assert "needs --data" in capsys.readouterr().err
+
+
+def test_recover_overrides_reach_cvdd_recover(cifar_slice: Path, tmp_path: Path) -> None:
+    """recover_overrides reach cvdd's recover: one unit per IPC index, or all indices fused with per-index BN."""
+    base = {**TINY, "recover_ipc": 2, "stages": ["recover"], "data": str(cifar_slice)}
+    for i, (over, expected) in enumerate(
+        (
+            ({"ipc_per_block": 1}, "(2 unit(s) of 10 images"),
+            ({"ipc_per_block": 2, "bn_groups": "ipc"}, "(1 unit(s) of 20 images"),
+        )
+    ):
+        cfg = speed_config({**base, "recover_overrides": over, "work_dir": str(tmp_path / f"work{i}")})
+        with num_threads(1):
+            report = run_speed_suite(cfg, device="cpu", out=tmp_path / "speed.md", echo=False)
+        text = report.path.read_text()
+        assert f"cvdd `recover` {expected}" in text and "naive (one IPC index at a time" in text

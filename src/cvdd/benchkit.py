@@ -8,7 +8,8 @@ public pieces.
 * :func:`measured`: wall time, CPU time, contention and peak memory (RSS on the CPU, max allocated on CUDA) of
   a block, with :class:`cvdd.device.PhasePeaks`.
 * :func:`recover_phases`: init / optimise seconds of a ``cvdd.recover`` call.
-* :class:`UnitBench`, :func:`time_unit`, :func:`unit_members`: one recover iteration reproduced from the public
+* :class:`UnitBench`, :func:`time_unit`: one recover iteration (members from
+  :func:`cvdd.synthesis.recover.unit_members`) reproduced from the public
   pieces, timed whole and with the experts' forward + loss + backward alone.
 """
 
@@ -21,12 +22,15 @@ import resource
 import statistics
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from cvdd.device import PhasePeaks
+
+if TYPE_CHECKING:
+    from cvdd.synthesis.recover import UnitMember
 
 
 def sync(device: torch.device) -> None:
@@ -271,30 +275,6 @@ def recover_phases(device: torch.device, peaks: PhasePeaks | None = None) -> Ite
         rec._unit_init, rec._optimise_unit = orig
 
 
-def unit_members(
-    plan: Any, ipc_indices: list[int], n_cls: int, device: torch.device
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Per expert of a unit: its rows (images whose IPC index has it in its committee), row weights, BN weight.
-
-    Mirrors how ``cvdd.synthesis.recover`` builds the loss of a unit (rows IPC-major, ``n_cls`` per IPC index).
-    """
-    order = {name: i for i, name in enumerate(plan.pool)}
-    names = sorted({m for k in ipc_indices for m in plan.committees[k]}, key=order.__getitem__)
-    members: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for name in names:
-        idx: list[int] = []
-        w: list[float] = []
-        bn_w = 0.0
-        for j, k in enumerate(ipc_indices):
-            if name in plan.committees[k]:
-                wk = plan.weights[k][plan.committees[k].index(name)]
-                idx += range(j * n_cls, (j + 1) * n_cls)
-                w += [wk] * n_cls
-                bn_w += wk
-        members[name] = (torch.tensor(idx, device=device), torch.tensor(w, device=device), bn_w)
-    return members
-
-
 class UnitBench:
     """One unit's optimisation state for a set of experts, each with its rows, row weights and BN weight.
 
@@ -308,7 +288,7 @@ class UnitBench:
         models: dict[str, nn.Module],
         x0: torch.Tensor,
         targets: torch.Tensor,
-        members: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+        members: dict[str, UnitMember],
         n_cls: int,
         cfg: Any,
         spec: Any,
@@ -337,6 +317,8 @@ class UnitBench:
         self.gen = make_generator(seed, device)
         self.jitter_gen = self.gen if device.type == "cpu" else make_generator(seed)
         self.hooks = {n: BNMatching(models[n], first_multiplier=cfg.first_bn_multiplier) for n in members}
+        # The factor of each member's BN loss (W_e, or 1 with per-index groups set on its hook), as recover.
+        self.bn_scale = {n: m.bn_factor(self.hooks[n], getattr(cfg, "bn_groups", "block")) for n, m in members.items()}
 
     def __enter__(self) -> UnitBench:
         for h in self.hooks.values():
@@ -364,13 +346,13 @@ class UnitBench:
         """Each member's term CE_e + r_bn W_e BN_e on its sub-batch, computed (forward) when it is asked for."""
         from cvdd.device import autocast
 
-        for name, (rows, row_w, bn_w) in self.members.items():
+        for name, m in self.members.items():
             with autocast(self.device, self.precision):
                 logits = self.models[name](subs[name])
-            ce_rows = nn.functional.cross_entropy(logits.float(), self.targets[rows], reduction="none")
-            term = (ce_rows * row_w).sum() / self.n_cls
+            ce_rows = nn.functional.cross_entropy(logits.float(), self.targets[m.rows], reduction="none")
+            term = (ce_rows * m.row_weights).sum() / self.n_cls
             if bn_hooks:
-                term = term + self.cfg.r_bn * bn_w * self.hooks[name].loss()
+                term = term + self.cfg.r_bn * self.bn_scale[name] * self.hooks[name].loss()
             yield term
 
     def loss(self, subs: dict[str, torch.Tensor], bn_hooks: bool = True) -> torch.Tensor:
@@ -381,7 +363,7 @@ class UnitBench:
         return loss
 
     def sub_batches(self, xa: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: xa if len(r) == len(xa) else xa[r] for n, (r, _, _) in self.members.items()}
+        return {n: xa if len(m.rows) == len(xa) else xa[m.rows] for n, m in self.members.items()}
 
     def full_step(self, t: int, total: int, label: bool = False) -> dict[str, float]:
         """One recover iteration; returns its phase times in seconds (device synchronised at each boundary).

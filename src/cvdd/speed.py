@@ -79,6 +79,8 @@ class SpeedConfig:
         recover_iterations: iterations per image (per unit for cvdd, per IPC index for the naive code).
         recover_init: initialisation of cvdd's recover (``real``, as the naive code; ``patches`` adds the observer's
             scoring to cvdd's time).
+        recover_overrides: further recover options for cvdd (``{ipc_per_block: 10, bn_groups: ipc}`` fuses the IPC
+            indices of the paper presets into one batch, the same loss; the naive code stays one index per batch).
         recover_reps, recover_warmup: iterations of cvdd's per-iteration micro-benchmark (median after warm-up).
         ipcs: IPCs of the relabel and evaluate stages.
         epochs: student epochs (and stored label epochs) per evaluation.
@@ -100,6 +102,7 @@ class SpeedConfig:
     recover_committee: int = 2
     recover_iterations: int = 60
     recover_init: str = "real"
+    recover_overrides: dict[str, Any] = field(default_factory=dict)
     recover_reps: int = 10
     recover_warmup: int = 2
     ipcs: list[int] = field(default_factory=lambda: [10, 50])
@@ -462,7 +465,7 @@ def _stage_recover(ctx: _Ctx) -> None:
     import importlib
 
     import cvdd
-    from cvdd.benchkit import UnitBench, measured, recover_phases, time_unit, unit_members
+    from cvdd.benchkit import UnitBench, measured, recover_phases, time_unit
     from cvdd.config import apply_overrides, get_recover_preset
     from cvdd.data.augment import Normalize
     from cvdd.device import derive_seed, resolve_precision
@@ -472,7 +475,13 @@ def _stage_recover(ctx: _Ctx) -> None:
     cfg, dev, spec = ctx.cfg, ctx.device, ctx.data.spec
     name = ctx.preset().recover_preset
     n = min(cfg.recover_committee, len(ctx.pool))
-    over = {"ipc": cfg.recover_ipc, "committee_size": n, "iterations": cfg.recover_iterations, "init": cfg.recover_init}
+    over = {
+        **cfg.recover_overrides,
+        "ipc": cfg.recover_ipc,
+        "committee_size": n,
+        "iterations": cfg.recover_iterations,
+        "init": cfg.recover_init,
+    }
     rcfg = apply_overrides(get_recover_preset(name), over, "speed suite recover").validate(len(ctx.pool))
     assert ctx.experts_dir is not None and ctx.slice_root is not None
     for d in ("recover-cvdd", "recover-naive"):  # a reused work_dir must not let recover resume finished units
@@ -486,6 +495,7 @@ def _stage_recover(ctx: _Ctx) -> None:
             committee_size=n,
             iterations=cfg.recover_iterations,
             init=cfg.recover_init,
+            overrides=dict(cfg.recover_overrides),
             dataset=ctx.data,
             seed=cfg.seed,
             device=str(dev),
@@ -502,7 +512,7 @@ def _stage_recover(ctx: _Ctx) -> None:
     x_rows = torch.stack([result.images[c * rcfg.ipc + k] for k in unit.ipc_indices for c in unit.classes])
     x0 = Normalize(spec)(x_rows.to(dev))
     targets = torch.tensor([c for _ in unit.ipc_indices for c in unit.classes], device=dev)
-    members = unit_members(plan, unit.ipc_indices, n_cls, dev)
+    members = rec.unit_members(plan, unit.ipc_indices, n_cls, dev)
     bench = UnitBench(models, x0, targets, members, n_cls, rcfg, spec, dev, derive_seed(cfg.seed, "speed-recover"))
     it = time_unit(bench, cfg.recover_reps, cfg.recover_warmup)
     iters_run = result.units_run * rcfg.iterations

@@ -310,6 +310,59 @@ class _Committee:
         return self._calls[name](x)
 
 
+@dataclass
+class UnitMember:
+    """One expert's share of a unit's loss.
+
+    Attributes:
+        rows: (R,) rows of the unit (IPC-major, ``n_cls`` per IPC index) whose IPC index has this expert in its
+            committee.
+        row_weights: (R,) the voter weight of each row's IPC index.
+        index_weights: the voter weight of each of those IPC indices, in order.
+    """
+
+    rows: torch.Tensor
+    row_weights: torch.Tensor
+    index_weights: list[float]
+
+    @property
+    def voter_weight(self) -> float:
+        """W_e: the expert's total voter weight over the unit's IPC indices."""
+        return sum(self.index_weights)
+
+    def bn_factor(self, hook: BNMatching, bn_groups: str) -> float:
+        """Set up ``hook`` for ``bn_groups`` and return the factor of its BN loss in the expert's term.
+
+        ``block``: one statistic over all the expert's rows, weighted by W_e. ``ipc``: one statistic per IPC index
+        (``n_cls`` consecutive rows), each weighted inside the loss by its index's voter weight, so the BN part is
+        Σ_k w_k BN(index k), what separate per-index batches give; the factor is then 1.
+        """
+        if bn_groups == "ipc":
+            hook.set_groups(torch.tensor(self.index_weights, device=self.rows.device))
+            return 1.0
+        return self.voter_weight
+
+
+def unit_members(plan: RecoverPlan, ipc_indices: list[int], n_cls: int, device: torch.device) -> dict[str, UnitMember]:
+    """Each expert of a unit (in pool order) with its rows and voter weights; the one definition of a unit's loss
+    terms, shared by recover and the benchmarks that reproduce its iteration (:class:`cvdd.benchkit.UnitBench`)."""
+    order = {name: i for i, name in enumerate(plan.pool)}
+    names = sorted({m for k in ipc_indices for m in plan.committees[k]}, key=order.__getitem__)
+    members = {}
+    for name in names:
+        idx: list[int] = []
+        row_w: list[float] = []
+        index_w: list[float] = []
+        for j, k in enumerate(ipc_indices):
+            if name in plan.committees[k]:
+                wk = plan.weights[k][plan.committees[k].index(name)]
+                idx += range(j * n_cls, (j + 1) * n_cls)
+                row_w += [wk] * n_cls
+                index_w.append(wk)
+        members[name] = UnitMember(torch.tensor(idx, device=device), torch.tensor(row_w, device=device), index_w)
+    return members
+
+
 def _unit_init(
     unit: Unit,
     cfg: RecoverConfig,
@@ -377,34 +430,14 @@ def _optimise_unit(
     jitter = spec.jitter if cfg.jitter is None else cfg.jitter
     jitter_gen = gen if gen.device.type == "cpu" else torch.Generator().manual_seed(int(gen.initial_seed()))
     n_cls = len(unit.classes)
-    # Per expert: the rows (images) whose IPC index has it in its committee, and their voter weights.
-    order = {name: i for i, name in enumerate(plan.pool)}
-    names = sorted({m for k in unit.ipc_indices for m in plan.committees[k]}, key=order.__getitem__)
-    rows: dict[str, torch.Tensor] = {}
-    row_w: dict[str, torch.Tensor] = {}
-    bn_w: dict[str, float] = {}
-    index_w: dict[str, list[float]] = {}  # voter weight of each IPC index of the unit that has the expert
-    for name in names:
-        idx, w = [], []
-        index_w[name] = []
-        for j, k in enumerate(unit.ipc_indices):
-            if name in plan.committees[k]:
-                wk = plan.weights[k][plan.committees[k].index(name)]
-                idx += range(j * n_cls, (j + 1) * n_cls)
-                w += [wk] * n_cls
-                index_w[name].append(wk)
-        bn_w[name] = sum(index_w[name])
-        rows[name] = torch.tensor(idx, device=device)
-        row_w[name] = torch.tensor(w, device=device)
+    members = unit_members(plan, unit.ipc_indices, n_cls, device)
+    names = list(members)
+    rows = {n: m.rows for n, m in members.items()}
+    row_w = {n: m.row_weights for n, m in members.items()}
+    bn_w = {n: m.voter_weight for n, m in members.items()}
     records: list[dict[str, float]] = []
     hooks = {name: BNMatching(committee.models[name], first_multiplier=cfg.first_bn_multiplier) for name in names}
-    if cfg.bn_groups == "ipc":
-        # One BN statistic per IPC index (n_cls consecutive rows), each weighted inside the loss by its index's
-        # voter weight; the loss's BN part is then Σ_k w_k BN(index k), as separate per-index batches give.
-        for name in names:
-            hooks[name].set_groups(torch.tensor(index_w[name], device=device))
-    # Factor of each expert's BN loss in its term: its total voter weight, unless the groups carry the weights.
-    bn_scale = {name: 1.0 if cfg.bn_groups == "ipc" else bn_w[name] for name in names}
+    bn_scale = {name: members[name].bn_factor(hooks[name], cfg.bn_groups) for name in names}
     for h in hooks.values():
         h.__enter__()
     try:
