@@ -6,7 +6,7 @@ initialised: memory does not depend on the weights), 1,000 classes, one unit of 
 Each configuration runs in a fresh subprocess and reports its own ``ru_maxrss`` (CPU) or
 ``torch.cuda.max_memory_allocated`` (GPU), so the figures do not mix.
 
-    python bench/bench_memory224.py --iterations 2                 # fp32 and bf16, this checkout
+    python bench/bench_memory224.py --iterations 2                 # fp32, bf16, each with and without checkpoint
     python bench/bench_memory224.py --code /tmp/old/src            # the same against another checkout
 """
 
@@ -24,8 +24,8 @@ from pathlib import Path
 MARK = "BENCH_MEMORY224_JSON "
 
 
-def child(precision: str, iterations: int, device: str) -> None:
-    """Run one recover unit and print its peak memory as one JSON line."""
+def child(setting: str, iterations: int, device: str) -> None:
+    """Run one recover unit and print its peak memory as one JSON line (``setting``: ``fp32``, ``bf16+checkpoint``)."""
     import torch
 
     from cvdd.data.specs import DatasetSpec, known_constants
@@ -35,6 +35,8 @@ def child(precision: str, iterations: int, device: str) -> None:
     from cvdd.models import create_model
     from cvdd.synthesis.recover import RecoverConfig, recover_images
 
+    precision, *flags = setting.split("+")
+    checkpoint = "checkpoint" in flags
     spec = DatasetSpec(
         name="imagenet1k", classes=tuple(f"c{i:04d}" for i in range(1000)), **known_constants("imagenet1k")
     )
@@ -52,6 +54,7 @@ def child(precision: str, iterations: int, device: str) -> None:
         init="gaussian",
         classes_per_block=100,
         precision=precision,
+        checkpoint=checkpoint,
         log_every=1,
     )
     rss_before = peak_rss_mib()
@@ -64,7 +67,7 @@ def child(precision: str, iterations: int, device: str) -> None:
         MARK
         + json.dumps(
             {
-                "precision": precision,
+                "precision": setting,
                 "iterations": iterations,
                 "seconds": seconds,
                 "peak_rss_mib": peak_rss_mib(),
@@ -79,7 +82,12 @@ def child(precision: str, iterations: int, device: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iterations", type=int, default=2)
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32", "bf16", "fp32+checkpoint", "bf16+checkpoint"],
+        help="settings: fp32 or bf16, +checkpoint for activation checkpointing of the experts' blocks",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--code", default=None, help="PYTHONPATH of the cvdd to measure (default: the installed one)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -98,7 +106,7 @@ def main() -> None:
         if line is None:
             sys.exit(f"child {p} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(line[len(MARK) :]))
-    print("| precision | iterations | s/iteration (incl. build) | peak RSS GiB | GPU max allocated GiB |")
+    print("| setting | iterations | s/iteration (incl. build) | peak RSS GiB | GPU max allocated GiB |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
         gpu = "-" if r["gpu_max_allocated_mib"] is None else f"{r['gpu_max_allocated_mib'] / 1024:.2f}"

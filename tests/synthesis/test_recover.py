@@ -174,3 +174,14 @@ def test_bn_groups_ipc_is_the_per_index_loss(digit_experts: Path, digits, tmp_pa
     assert len(hashes) == 4
     with pytest.raises(ConfigError, match="bn_groups"):
         _recover(digit_experts, tmp_path / "bad", digits, ipc=2, overrides={"bn_groups": "layer"})
+
+
+def test_checkpointed_experts_recover_the_same_images(digit_experts: Path, digits, tmp_path: Path) -> None:
+    """checkpoint=True: the experts' blocks are recomputed in the backward pass; the pixels do not change."""
+    over = {"init": "real", "classes_per_block": 10, "ipc_per_block": 2, "log_every": 4}
+    plain = _recover(digit_experts, tmp_path / "plain", digits, ipc=2, overrides=over)
+    ckpt = _recover(digit_experts, tmp_path / "ckpt", digits, ipc=2, overrides={**over, "checkpoint": True})
+    assert torch.allclose(plain.images, ckpt.images, atol=1e-6)
+    assert plain.meta["config_hash"] != ckpt.meta["config_hash"]
+    with pytest.raises(ConfigError, match="checkpoint and compile"):
+        _recover(digit_experts, tmp_path / "bad", digits, ipc=2, overrides={"checkpoint": True, "compile": True})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 # Imported for their side effect: each module registers its builders at import time.
 from cvdd.models import cifar, convnet, imagenet  # noqa: F401
+from cvdd.models.checkpointing import checkpoint_blocks_of, checkpointed
 from cvdd.models.registry import (
     ModelInfo,
     count_parameters,
@@ -21,6 +22,8 @@ from cvdd.models.registry import (
 
 __all__ = [
     "ModelInfo",
+    "checkpoint_blocks_of",
+    "checkpointed",
     "count_parameters",
     "create_model",
     "first_bn",

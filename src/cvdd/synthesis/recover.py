@@ -17,6 +17,7 @@ Each image therefore receives the CE gradient it would receive alone; the BN sta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,6 +48,7 @@ from cvdd.data.specs import DatasetSpec
 from cvdd.device import autocast, derive_seed, make_generator, resolve_device, resolve_precision
 from cvdd.errors import ArtifactError, ConfigError
 from cvdd.experts import Expert
+from cvdd.models import checkpointed
 from cvdd.synthesis.bn_matching import BNMatching
 from cvdd.synthesis.committee import COMMITTEE_POLICIES, select_committee
 from cvdd.synthesis.init import check_init_method, gaussian_init, patch_init, real_init
@@ -105,6 +107,9 @@ class RecoverConfig:
         compile: wrap each expert in ``torch.compile`` (the BN-matching hooks are traced with it). Pays a
             compilation first (~45 s on a 2-core CPU), then ran 3.3x faster per iteration there
             (``docs/benchmarks/switches-cpu.md``): worth it from a few hundred iterations on.
+        checkpoint: activation checkpointing of the experts' blocks (:func:`cvdd.models.checkpointed`): only the
+            blocks' inputs are kept for the backward pass and each block runs twice, for large images on small
+            memory (``docs/benchmarks/memory-224.md``). Same gradients; not combined with ``compile``.
         store: ``float32`` (lossless, default) or ``uint8`` pixels in the output file.
         log_every: iterations between loss records (the only host synchronisations of the loop).
     """
@@ -138,6 +143,7 @@ class RecoverConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    checkpoint: bool = False
     store: str = "float32"
     log_every: int = 100
 
@@ -164,6 +170,8 @@ class RecoverConfig:
             raise ConfigError(f"anchor must be >= 0 (got {self.anchor})")
         if self.ipc_per_block < 1 or (self.classes_per_block is not None and self.classes_per_block < 1):
             raise ConfigError("block sizes must be at least 1")
+        if self.checkpoint and self.compile:
+            raise ConfigError("checkpoint and compile cannot be combined; choose one")
         if self.bn_groups not in ("block", "ipc"):
             raise ConfigError(f"unknown bn_groups {self.bn_groups!r}; choose block or ipc")
         if self.store not in ("float32", "uint8"):
@@ -240,7 +248,14 @@ def plan_committees(experts: list[Expert], cfg: RecoverConfig, seed: int) -> Rec
 def config_hash(cfg: RecoverConfig, plan: RecoverPlan, spec: DatasetSpec, seed: int, experts: list[Expert]) -> str:
     """Hash of everything that determines the images; units made under another hash are never mixed in."""
     # Options added after the first release are hashed only when set, so older runs keep their hash (resume).
-    late = {"anchor": 0.0, "combine": "sum", "channels_last": False, "compile": False, "bn_groups": "block"}
+    late = {
+        "anchor": 0.0,
+        "combine": "sum",
+        "channels_last": False,
+        "compile": False,
+        "bn_groups": "block",
+        "checkpoint": False,
+    }
     fields = identity_dict(cfg, late)
     payload = {
         "cfg": fields,
@@ -438,9 +453,13 @@ def _optimise_unit(
     records: list[dict[str, float]] = []
     hooks = {name: BNMatching(committee.models[name], first_multiplier=cfg.first_bn_multiplier) for name in names}
     bn_scale = {name: members[name].bn_factor(hooks[name], cfg.bn_groups) for name in names}
+    stack = contextlib.ExitStack()
     for h in hooks.values():
-        h.__enter__()
-    try:
+        stack.enter_context(h)
+    if cfg.checkpoint:  # entered after the hooks, so the recomputation in the backward pass replays them
+        for name in names:
+            stack.enter_context(checkpointed(committee.models[name]))
+    with stack:
         for t in range(cfg.iterations):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(t, cfg.iterations, cfg.lr)
@@ -505,9 +524,6 @@ def _optimise_unit(
                 tracking.log(f"recover {unit.key}", rec, t + 1)
                 if progress_bar is not None:
                     progress_bar.set_postfix(loss=f"{rec['loss']:.3f}")
-    finally:
-        for h in hooks.values():
-            h.__exit__(None, None, None)
     return x.detach(), records
 
 
