@@ -67,3 +67,16 @@ def test_forwards_restored_when_the_block_raises() -> None:
         raise RuntimeError("inside")
     assert all("forward" not in b.__dict__ for b in checkpoint_blocks_of(model))
     assert checkpoint_blocks_of(create_model("convnet_d3_w32", 10, 32)) == []  # no blocks: runs plainly
+
+
+def test_recomputation_does_not_replace_the_recorded_statistics() -> None:
+    """The backward's recomputation runs the BN hooks again; what they compute then is dropped, not kept alive."""
+    model = create_model("resnet18", 10, 32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    with BNMatching(model) as bn, checkpointed(model):
+        loss = model(x).sum() + bn.loss()
+        before = [id(st[0]) for st in bn._stats]
+        loss.backward()
+        assert [id(st[0]) for st in bn._stats] == before

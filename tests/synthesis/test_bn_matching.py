@@ -239,3 +239,22 @@ def test_grouped_loss_equals_weighted_sum_of_separate_forwards() -> None:
         bn.set_groups(torch.ones(2, dtype=torch.float64))
         with pytest.raises(RuntimeError, match="set_groups"):
             bn.loss()
+
+
+def test_a_second_call_in_the_same_forward_is_ignored() -> None:
+    """A BN layer that runs twice in one forward (a checkpointed block's recomputation) keeps its first statistics."""
+    model, x = _hand_case()
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            out = self.inner(t)
+            self.inner(torch.randn_like(t))  # a second call of the same layers within one forward
+            return out
+
+    with BNMatching(Twice()) as bn:
+        bn.model(x)
+        assert float(bn.loss()) == pytest.approx(10 * (math.sqrt(20) + math.sqrt(17)) + 5.0, rel=1e-6)

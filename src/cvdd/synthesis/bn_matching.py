@@ -96,8 +96,11 @@ class BNMatching:
 
     Only the most recent forward pass of ``model`` counts: a pre-hook on ``model`` itself forgets the
     statistics of the previous call, so a layer that did not run in the latest call is reported instead of
-    silently contributing stale numbers. A BN module that runs several times in one forward (weight
-    sharing) contributes the statistics of its last call.
+    silently contributing stale numbers. A BN module that runs several times in one forward contributes the
+    statistics of its first call: the later ones are the recomputation of an activation-checkpointed block during
+    the backward pass (:func:`cvdd.models.checkpointed`), whose statistics must not be kept (they would hold that
+    block's activations alive, the memory checkpointing is meant to free), or weight sharing, which no model of
+    the zoo uses.
 
     The hooks do not touch the model: in eval mode (which recover uses) the running statistics are read,
     never updated, and the model's parameters need no gradient for the loss to reach the input.
@@ -155,9 +158,12 @@ class BNMatching:
             # Autocast off and at least fp32: bf16/fp16 moments of 100-image batches lose too many digits for a
             # loss that compares them with fp32 running statistics. fp64 inputs stay fp64 (gradient checks).
             groups = None if self._group_weights is None else len(self._group_weights)
+            # Computed on every call, so that a checkpointed block's recomputation saves the same tensors as its
+            # first run did (torch.utils.checkpoint checks that); kept only from the first call of the forward.
             with torch.autocast(device_type=x.device.type, enabled=False):
                 mean, var = channel_moments(x, groups)
-            self._stats[i] = (mean, var)
+            if self._stats[i] is None:
+                self._stats[i] = (mean, var)
 
         return hook
 
