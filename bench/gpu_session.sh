@@ -53,8 +53,7 @@ EXPERTS=auto
 
 step speed suite on CUDA
 timeout 200 $PY -m cvdd bench --suite speed --preset cifar10-gpu --device cuda --data "$DATA" --experts "$EXPERTS" \
-  --set recover_iterations=20 --set recover_reps=5 --set squeeze_repeats=1 \
-  --set "recover_overrides={ipc_per_block: 10, bn_groups: ipc}" --out "$OUT/speed-gpu.md" \
+  --set recover_iterations=20 --set recover_reps=5 --set squeeze_repeats=1 --out "$OUT/speed-gpu.md" \
   >"$OUT/speed.log" 2>&1
 echo "exit $?"
 cat "$OUT/speed-gpu.md" 2>/dev/null || summary "$OUT/speed.log" 30
