@@ -3,9 +3,10 @@
 With ``ipc_per_block=1`` (the paper) each IPC index is its own unit and batch: CIFAR-10 IPC 10 makes ten batches of
 ten images, each pushed through its committee ``iterations`` times. ``ipc_per_block=K`` with ``bn_groups=ipc``
 optimises K indices in one batch while each index keeps its own BN statistics and voter weights, which is the same
-loss (tests/synthesis/test_bn_matching.py checks it in value and gradient); only the random augmentation draws
-differ. On a GPU, where a batch of ten 32 px images leaves the device idle between kernel launches, this is the
-"larger fused step" the recipe allows.
+loss with the default ``combine: sum`` (tests/synthesis/test_bn_matching.py checks it in value and gradient). The
+augmentation differs: the fused indices share one crop and flip per iteration (``shared_crop``). On a GPU,
+where a batch of ten 32 px images leaves the device idle between kernel launches, this is the "larger fused
+step" the recipe allows.
 
 The time per iteration of all the indices is the difference of a long and a short run divided by the difference of
 their iterations, so initialisation and warm-up cancel out.
@@ -63,7 +64,7 @@ def main() -> None:
         return time.perf_counter() - t0
 
     configs = {
-        "one index per batch (ipc_per_block 1)": {"ipc_per_block": 1},
+        "one index per batch (ipc_per_block 1)": {"ipc_per_block": 1, "bn_groups": "block"},
         f"{args.ipc} indices fused (ipc_per_block {args.ipc}, bn_groups ipc)": {
             "ipc_per_block": args.ipc,
             "bn_groups": "ipc",

@@ -13,6 +13,7 @@
 # Figures of 2026-11-26 (H200): docs/benchmarks/gpu-h200.md.
 set -u
 PART=${1:-1}
+case $PART in 1 | 2) ;; *) echo "usage: OUT=DIR bash bench/gpu_session.sh 1|2 [CIFAR10_TARBALL]" >&2; exit 2 ;; esac
 OUT=${OUT:-/tmp/cvdd-gpu}
 DATA=${2:-${CVDD_CIFAR10_TAR:-.gpu/cifar10-jpeg.tar.gz}}
 WORK=${CVDD_GPU_WORK:-/tmp/cvdd-gpu-work}
@@ -31,7 +32,7 @@ torch.cuda.get_device_name(0), 'cpus', os.cpu_count())"
 
 if [ "$PART" = 1 ]; then
   step smoke: digits distill on CUDA
-  if ! timeout 120 $PY -m cvdd distill --device cuda --ipc 1 --seeds 0 --set epochs=2 --out "$WORK/smoke" \
+  if ! timeout -k 10 110 $PY -m cvdd distill --device cuda --ipc 1 --seeds 0 --set epochs=2 --out "$WORK/smoke" \
       >"$OUT/smoke.log" 2>&1; then
     summary "$OUT/smoke.log" 40
     exit 1
@@ -39,7 +40,7 @@ if [ "$PART" = 1 ]; then
   grep -E "^\| (random-real|sre2l|cvdd)" "$OUT/smoke.log"
 
   step pipeline: cvdd bench --preset cifar10-gpu --budget small
-  timeout 440 $PY -m cvdd bench --preset cifar10-gpu --budget small --data "$DATA" --out "$WORK/pipe" \
+  timeout -k 10 420 $PY -m cvdd bench --preset cifar10-gpu --budget small --data "$DATA" --out "$WORK/pipe" \
     --device cuda >"$OUT/pipeline.log" 2>&1
   echo "exit $?"
   summary "$OUT/pipeline.log" 30
@@ -49,10 +50,11 @@ if [ "$PART" = 1 ]; then
 fi
 
 EXPERTS=auto
-[ -d "$WORK/pipe/experts" ] && EXPERTS="$WORK/pipe/experts"  # the GPU preset's pool, trained in part 1
+# The GPU preset's pool, trained in part 1: only when all five experts are there (part 1 may have been cut short).
+if [ "$(ls "$WORK"/pipe/experts/*.safetensors 2>/dev/null | wc -l)" -ge 5 ]; then EXPERTS="$WORK/pipe/experts"; fi
 
 step speed suite on CUDA
-timeout 200 $PY -m cvdd bench --suite speed --preset cifar10-gpu --device cuda --data "$DATA" --experts "$EXPERTS" \
+timeout -k 10 190 $PY -m cvdd bench --suite speed --preset cifar10-gpu --device cuda --data "$DATA" --experts "$EXPERTS" \
   --set recover_iterations=20 --set recover_reps=5 --set squeeze_repeats=1 --out "$OUT/speed-gpu.md" \
   >"$OUT/speed.log" 2>&1
 echo "exit $?"
@@ -60,16 +62,16 @@ cat "$OUT/speed-gpu.md" 2>/dev/null || summary "$OUT/speed.log" 30
 
 if [ "$EXPERTS" != auto ]; then
   step recover: ten IPC indices in one batch vs one per batch
-  timeout 100 $PY bench/bench_fused.py --experts "$EXPERTS" --data "$DATA" --device cuda --short 5 --long 25 2>&1 \
+  timeout -k 10 90 $PY bench/bench_fused.py --experts "$EXPERTS" --data "$DATA" --device cuda --short 5 --long 25 2>&1 \
     | grep -v "prior not measured" | tee "$OUT/fused.md"
 fi
 
 step memory: 224 px recover, ResNet-18 + ResNet-50, 100 images
-timeout 90 $PY bench/bench_memory224.py --device cuda --iterations 2 2>&1 | tee "$OUT/memory224.log" | tail -12
+timeout -k 10 80 $PY bench/bench_memory224.py --device cuda --iterations 2 2>&1 | tee "$OUT/memory224.log" | tail -12
 
 step operators per expert step
-timeout 90 $PY bench/bench_ops.py --device cuda 2>&1 | grep -v -E "USDT|ERROR" | tee "$OUT/ops.md"
+timeout -k 10 70 $PY bench/bench_ops.py --device cuda 2>&1 | grep -v -E "USDT|ERROR" | tee "$OUT/ops.md"
 
 step GPU tests
-timeout 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
+timeout -k 10 60 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
 step done

@@ -79,8 +79,10 @@ class SpeedConfig:
         recover_iterations: iterations per image (per unit for cvdd, per IPC index for the naive code).
         recover_init: initialisation of cvdd's recover (``real``, as the naive code; ``patches`` adds the observer's
             scoring to cvdd's time).
-        recover_overrides: further recover options for cvdd (``{ipc_per_block: 10, bn_groups: ipc}`` fuses the IPC
-            indices of the paper presets into one batch, the same loss; the naive code stays one index per batch).
+        recover_overrides: further recover options for cvdd (``{ipc_per_block: 1}`` gives the CIFAR-10 paper presets
+            one IPC index per batch again, ``{ipc_per_block: 10, bn_groups: ipc}`` fuses ten with per-index BN
+            statistics); the suite's own fields (ipc, committee size, iterations, init) take precedence. The naive
+            code always runs one index per batch.
         recover_reps, recover_warmup: iterations of cvdd's per-iteration micro-benchmark (median after warm-up).
         ipcs: IPCs of the relabel and evaluate stages.
         epochs: student epochs (and stored label epochs) per evaluation.
@@ -495,7 +497,7 @@ def _stage_recover(ctx: _Ctx) -> None:
             committee_size=n,
             iterations=cfg.recover_iterations,
             init=cfg.recover_init,
-            overrides=dict(cfg.recover_overrides),
+            overrides=over,  # the suite's own keys win, exactly as in `rcfg` that the naive code and UnitBench use
             dataset=ctx.data,
             seed=cfg.seed,
             device=str(dev),

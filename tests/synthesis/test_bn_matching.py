@@ -258,3 +258,24 @@ def test_a_second_call_in_the_same_forward_is_ignored() -> None:
     with BNMatching(Twice()) as bn:
         bn.model(x)
         assert float(bn.loss()) == pytest.approx(10 * (math.sqrt(20) + math.sqrt(17)) + 5.0, rel=1e-6)
+
+
+def test_reference_statistics_follow_running_updates_and_groups_are_checked() -> None:
+    """In train mode each forward updates the running statistics: the loss compares with the current ones."""
+    torch.manual_seed(0)
+    model = ConvBN().train()
+    x = torch.randn(4, 3, 5, 5)
+    with BNMatching(model) as bn:
+        model(x)
+        first = float(bn.loss().detach())
+        model(x * 3 + 1)
+        model(x)
+        model.eval()
+        model(x)
+        fresh = float(bn.loss().detach())
+    with BNMatching(model) as bn:
+        model(x)
+        assert fresh == pytest.approx(float(bn.loss().detach()), rel=1e-6) and fresh != pytest.approx(first, rel=1e-3)
+        bn.set_groups(torch.ones(2))  # groups asked for after an ungrouped forward: an error, not ignored weights
+        with pytest.raises(RuntimeError, match="set_groups"):
+            bn.loss()

@@ -182,6 +182,9 @@ def test_checkpointed_experts_recover_the_same_images(digit_experts: Path, digit
     plain = _recover(digit_experts, tmp_path / "plain", digits, ipc=2, overrides=over)
     ckpt = _recover(digit_experts, tmp_path / "ckpt", digits, ipc=2, overrides={**over, "checkpoint": True})
     assert torch.allclose(plain.images, ckpt.images, atol=1e-6)
-    assert plain.meta["config_hash"] != ckpt.meta["config_hash"]
+    # Not part of the identity: a finished (or interrupted) run is resumed with checkpointing turned on.
+    assert plain.meta["config_hash"] == ckpt.meta["config_hash"]
+    resumed = _recover(digit_experts, tmp_path / "plain", digits, ipc=2, overrides={**over, "checkpoint": True})
+    assert resumed.units_run == 0 and torch.equal(resumed.images, plain.images)
     with pytest.raises(ConfigError, match="checkpoint and compile"):
         _recover(digit_experts, tmp_path / "bad", digits, ipc=2, overrides={"checkpoint": True, "compile": True})

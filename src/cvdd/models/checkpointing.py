@@ -6,7 +6,7 @@ blocks are found by shape, so the same code serves every architecture of the zoo
 
 * a *block* is a module that holds both a ``BatchNorm2d`` and a convolution, is not itself an ``nn.Sequential``,
   and sits directly in an ``nn.Sequential`` (ResNet's residual blocks, MobileNetV2's inverted residuals, ShuffleNet's
-  units, DenseNet's dense blocks);
+  units; DenseNet's bottleneck layers in the CIFAR version, its four dense blocks in torchvision's);
 * other modules are searched below; blocks are not (no nested checkpoints).
 
 BN-matching hooks inside a block fire twice, in the forward and again in the recomputation. The loss uses the
@@ -77,7 +77,7 @@ def checkpointed(model: nn.Module) -> Iterator[int]:
             patched.append((block, own))
         yield len(blocks)
     finally:
-        for block, own in patched:
+        for block, own in reversed(patched):  # a module reached twice unwinds to its own forward
             if own is None:
                 del block.forward  # the class's forward is visible again
             else:

@@ -44,8 +44,8 @@ class _ChannelMoments(torch.autograd.Function):
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         if groups == 0:  # one statistic over the whole batch: (C,)
             var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
-        else:  # splitting the batch dimension is a view for any memory format (channels_last included): (G, C)
-            var, mean = torch.var_mean(xf.view(groups, -1, *x.shape[1:]), dim=(1, 3, 4), correction=0)
+        else:  # splitting the batch dimension is a view for NCHW and channels_last alike (no copy): (G, C)
+            var, mean = torch.var_mean(xf.reshape(groups, -1, *x.shape[1:]), dim=(1, 3, 4), correction=0)
         ctx.save_for_backward(x, mean)
         return mean, var
 
@@ -60,13 +60,13 @@ class _ChannelMoments(torch.autograd.Function):
             groups = mean.shape[0]
             m = x.numel() // (x.shape[1] * groups)
             view = (groups, 1, -1, 1, 1)
-            xf = xf.view(groups, -1, *x.shape[1:])
+            xf = xf.reshape(groups, -1, *x.shape[1:])
         # grad = g_mean/m + (2/m) g_var (x - mean), written as x * scale + shift so that only one operation
         # runs over the whole activation (the rest is per channel): fewer kernels on a GPU, less memory traffic.
         scale = g_var * (2.0 / m)
         shift = torch.addcmul(g_mean / m, scale, mean, value=-1.0)
         grad = torch.addcmul(shift.view(view), xf, scale.view(view))
-        return grad.view(x.shape).to(x.dtype), None
+        return grad.reshape(x.shape).to(x.dtype), None
 
 
 def channel_moments(x: torch.Tensor, groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +212,11 @@ class BNMatching:
         terms = self.layer_terms()
         if terms is None:
             return []
-        return list(terms.unbind(-1)) if terms.dim() == 1 else list((terms * self._weights_like(terms)).sum(0).unbind())
+        if terms.dim() == 1:
+            if self._group_weights is not None:
+                raise RuntimeError("BN groups changed between the forward and the loss; call set_groups first")
+            return list(terms.unbind(-1))
+        return list((terms * self._weights_like(terms)).sum(0).unbind())
 
     def _weights_like(self, terms: torch.Tensor) -> torch.Tensor:
         """The group weights as a (G, 1) column matching ``terms`` (G, L)."""
@@ -223,15 +227,20 @@ class BNMatching:
     def _layout(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reference statistics of all layers concatenated (ΣC,), and where each channel goes in an (L, C_max) grid.
 
-        Cached per context (the running statistics of an expert in eval mode do not change).
+        Cached per context while every layer is in eval mode (its running statistics do not change then).
         """
+        # A BN layer in train mode updates its running statistics at every forward (in place, without bumping the
+        # tensors' version counters), so they are re-read then; recover's experts are in eval mode: read once.
         key = (device, dtype)
-        if self._layout_cache is None or self._layout_cache[0] != key:
+        training = any(m.training for m in self.layers)
+        if training or self._layout_cache is None or self._layout_cache[0] != key:
             ref_mean = torch.cat([m.running_mean for m in self.layers]).to(device=device, dtype=dtype)
             ref_var = torch.cat([m.running_var for m in self.layers]).to(device=device, dtype=dtype)
             widest = self._widest
             pos = torch.cat([torch.arange(m.num_features) + i * widest for i, m in enumerate(self.layers)])
-            self._layout_cache = (key, (ref_mean, ref_var, pos.to(device)))
+            layout = (ref_mean, ref_var, pos.to(device))
+            self._layout_cache = None if training else (key, layout)
+            return layout
         ref_mean, ref_var, pos = self._layout_cache[1]
         return ref_mean, ref_var, pos
 
@@ -276,6 +285,8 @@ class BNMatching:
         weighted = terms * self._multipliers_t.to(terms.dtype)
         if terms.dim() == 2:
             weighted = weighted * self._weights_like(terms)
+        elif self._group_weights is not None:
+            raise RuntimeError("BN groups changed between the forward and the loss; call set_groups first")
         return weighted.sum()
 
 

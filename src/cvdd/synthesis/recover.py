@@ -109,7 +109,8 @@ class RecoverConfig:
             (``docs/benchmarks/switches-cpu.md``): worth it from a few hundred iterations on.
         checkpoint: activation checkpointing of the experts' blocks (:func:`cvdd.models.checkpointed`): only the
             blocks' inputs are kept for the backward pass and each block runs twice, for large images on small
-            memory (``docs/benchmarks/memory-224.md``). Same gradients; not combined with ``compile``.
+            memory (``docs/benchmarks/memory-224.md``). Same gradients, so not part of the run's identity (a run
+            that ran out of memory resumes with it on); not combined with ``compile``.
         store: ``float32`` (lossless, default) or ``uint8`` pixels in the output file.
         log_every: iterations between loss records (the only host synchronisations of the loop).
     """
@@ -254,9 +255,11 @@ def config_hash(cfg: RecoverConfig, plan: RecoverPlan, spec: DatasetSpec, seed: 
         "channels_last": False,
         "compile": False,
         "bn_groups": "block",
-        "checkpoint": False,
     }
     fields = identity_dict(cfg, late)
+    # Activation checkpointing recomputes the same operations (same pixels), so it is no part of the identity: a
+    # run that ran out of memory resumes with it turned on.
+    fields.pop("checkpoint", None)
     payload = {
         "cfg": fields,
         "seed": seed,
@@ -453,13 +456,12 @@ def _optimise_unit(
     records: list[dict[str, float]] = []
     hooks = {name: BNMatching(committee.models[name], first_multiplier=cfg.first_bn_multiplier) for name in names}
     bn_scale = {name: members[name].bn_factor(hooks[name], cfg.bn_groups) for name in names}
-    stack = contextlib.ExitStack()
-    for h in hooks.values():
-        stack.enter_context(h)
-    if cfg.checkpoint:  # entered after the hooks, so the recomputation in the backward pass replays them
-        for name in names:
-            stack.enter_context(checkpointed(committee.models[name]))
-    with stack:
+    with contextlib.ExitStack() as stack:  # whatever was entered is left again, also when a later entry raises
+        for h in hooks.values():
+            stack.enter_context(h)
+        if cfg.checkpoint:  # entered after the hooks, so the recomputation in the backward pass replays them
+            for name in names:
+                stack.enter_context(checkpointed(committee.models[name]))
         for t in range(cfg.iterations):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(t, cfg.iterations, cfg.lr)
@@ -501,7 +503,9 @@ def _optimise_unit(
                     term.backward()
                 loss = loss + term.detach()
                 parts[f"ce/{name}"] = ce.detach()
-                parts[f"bn/{name}"] = bn.detach()
+                # Logged as the voter-weighted mean BN loss per index (with groups the hook's loss carries the
+                # weights, Σ_k w_k BN_k), so that the curves of bn_groups=block and =ipc read alike.
+                parts[f"bn/{name}"] = bn.detach() * (bn_scale[name] / bn_w[name])
                 del logits, ce_rows, ce, bn, term
             if separate:
                 if logging_now:
