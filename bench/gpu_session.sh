@@ -67,11 +67,14 @@ if [ "$EXPERTS" != auto ]; then
 fi
 
 step memory: 224 px recover, ResNet-18 + ResNet-50, 100 images
-timeout -k 10 80 $PY bench/bench_memory224.py --device cuda --iterations 2 2>&1 | tee "$OUT/memory224.log" | tail -12
+timeout -k 10 70 $PY bench/bench_memory224.py --device cuda --iterations 2 2>&1 | tee "$OUT/memory224.log" | tail -12
 
 step operators per expert step
-timeout -k 10 70 $PY bench/bench_ops.py --device cuda 2>&1 | grep -v -E "USDT|ERROR" | tee "$OUT/ops.md"
+timeout -k 10 60 $PY bench/bench_ops.py --device cuda 2>&1 | grep -v -E "USDT|ERROR" | tee "$OUT/ops.md"
+
+step student step: micro-batch forwards vs one ghost-BN forward
+timeout -k 10 60 $PY bench/bench_ghost.py --device cuda --data "$DATA" 2>&1 | tee "$OUT/ghost.md"
 
 step GPU tests
-timeout -k 10 60 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
+timeout -k 10 50 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
 step done

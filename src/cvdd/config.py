@@ -166,6 +166,9 @@ class Recipe:
         workers: DataLoader workers for streamed (large) datasets.
         micro_batch: split each batch into micro-batches of this many images, accumulating gradients into one
             optimiser step (0: no split). The student's BN (and a BSSL teacher's) sees one micro-batch.
+        ghost_bn: run a step's micro-batches as one forward whose BN layers normalise each micro-batch separately
+            (:func:`cvdd.engine.ghost.ghost_batchnorm`): the same step up to rounding, with a fraction of the
+            kernel launches (for GPUs; one process only, not with ``compile``).
     """
 
     epochs: int = 10
@@ -189,11 +192,12 @@ class Recipe:
     eval_every: int = 0
     workers: int = 4
     micro_batch: int = 0
+    ghost_bn: bool = False
 
     def identity(self) -> dict[str, Any]:
         """The fields that define a trained model (checkpoint and expert reuse); execution switches added later
         (``compile``) count only when set, so experts and checkpoints made before them are still recognised."""
-        return identity_dict(self, {"compile": False})
+        return identity_dict(self, {"compile": False, "ghost_bn": False})
 
     def validate(self) -> Recipe:
         """Check value ranges; return self."""
@@ -205,6 +209,8 @@ class Recipe:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose cosine, periodic or constant")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive (got {self.lr})")
+        if self.ghost_bn and self.compile:
+            raise ConfigError("ghost_bn and compile cannot be combined; choose one")
         return self
 
 

@@ -8,6 +8,7 @@ a resumed run replays exactly what an uninterrupted one would have done.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ from cvdd.data.loader import make_batches
 from cvdd.data.sources import FileSplit, TensorSplit
 from cvdd.data.specs import DatasetSpec
 from cvdd.device import autocast, derive_seed, make_generator, resolve_precision
+from cvdd.engine.ghost import ghost_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -321,108 +323,114 @@ def fit(
 
     t_start = time.perf_counter()
     seen = 0
-    for epoch in range(start_epoch, recipe.epochs):
-        model.train()
-        gen = make_generator(derive_seed(seed, "epoch", epoch), device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        n_epoch = 0  # images this rank trained on
-        t_epoch = time.perf_counter()
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"{desc} {epoch + 1}/{recipe.epochs}",
-            leave=False,
-            disable=not progress,
-            unit="step",
-        )
-        for i, batch in enumerate(source.epoch(epoch, gen)):
-            step = epoch * steps_per_epoch + i
-            lr = recipe.lr * lr_factor(recipe, step, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            micros, batch_total = _my_micro_batches(batch, recipe.micro_batch, me, ranks, sharded)
-            for micro in micros:
-                inputs = micro.inputs
-                if channels_last:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                with autocast(device, precision):
-                    logits = forward(inputs)
-                loss = objective(logits.float(), micro) * (len(micro) / batch_total)
-                loss.backward()
-                # Accumulate on the device; the host only synchronises when the progress bar is refreshed.
-                loss_sum += loss.detach() * batch_total
-                correct += (logits.detach().argmax(1) == micro.labels).sum()
-                n_epoch += len(micro)
-            dd.all_reduce_gradients(model)
-            optimizer.step()
-            bar.update()
-            if progress and (i % 20 == 0 or i == steps_per_epoch - 1):
-                el = time.perf_counter() - t_epoch
-                bar.set_postfix(
-                    loss=f"{loss_sum.item() / n_epoch:.3f}",
-                    acc=f"{correct.item() / n_epoch:.3f}",
-                    img_s=f"{n_epoch / max(el, 1e-9):.0f}",
+    ghost = recipe.ghost_bn and recipe.micro_batch > 0 and ranks == 1
+    # Restored on exit, also when training raises (an interrupted run leaves the model as it found it).
+    with ghost_batchnorm(model, recipe.micro_batch) if ghost else contextlib.nullcontext():
+        for epoch in range(start_epoch, recipe.epochs):
+            model.train()
+            gen = make_generator(derive_seed(seed, "epoch", epoch), device)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            n_epoch = 0  # images this rank trained on
+            t_epoch = time.perf_counter()
+            bar = tqdm(
+                total=steps_per_epoch,
+                desc=f"{desc} {epoch + 1}/{recipe.epochs}",
+                leave=False,
+                disable=not progress,
+                unit="step",
+            )
+            for i, batch in enumerate(source.epoch(epoch, gen)):
+                step = epoch * steps_per_epoch + i
+                lr = recipe.lr * lr_factor(recipe, step, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                if ghost:  # the micro-batches as one forward; the BN layers still normalise each one apart
+                    micros, batch_total = [batch], len(batch)
+                else:
+                    micros, batch_total = _my_micro_batches(batch, recipe.micro_batch, me, ranks, sharded)
+                for micro in micros:
+                    inputs = micro.inputs
+                    if channels_last:
+                        inputs = inputs.contiguous(memory_format=torch.channels_last)
+                    with autocast(device, precision):
+                        logits = forward(inputs)
+                    loss = objective(logits.float(), micro) * (len(micro) / batch_total)
+                    loss.backward()
+                    # Accumulate on the device; the host only synchronises when the progress bar is refreshed.
+                    loss_sum += loss.detach() * batch_total
+                    correct += (logits.detach().argmax(1) == micro.labels).sum()
+                    n_epoch += len(micro)
+                dd.all_reduce_gradients(model)
+                optimizer.step()
+                bar.update()
+                if progress and (i % 20 == 0 or i == steps_per_epoch - 1):
+                    el = time.perf_counter() - t_epoch
+                    bar.set_postfix(
+                        loss=f"{loss_sum.item() / n_epoch:.3f}",
+                        acc=f"{correct.item() / n_epoch:.3f}",
+                        img_s=f"{n_epoch / max(el, 1e-9):.0f}",
+                    )
+            bar.close()
+            if ranks > 1:
+                dd.average_buffers(model)
+                totals = dd.all_reduce_sum(
+                    torch.stack(
+                        [
+                            loss_sum.detach().double().cpu(),
+                            correct.double().cpu(),
+                            torch.tensor(float(n_epoch), dtype=torch.float64),
+                        ]
+                    )
                 )
-        bar.close()
-        if ranks > 1:
-            dd.average_buffers(model)
-            totals = dd.all_reduce_sum(
-                torch.stack(
-                    [
-                        loss_sum.detach().double().cpu(),
-                        correct.double().cpu(),
-                        torch.tensor(float(n_epoch), dtype=torch.float64),
-                    ]
+                loss_sum, correct, n_epoch = totals[0], totals[1], int(totals[2])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t_epoch
+            seen += n_epoch
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum.item() / max(1, n_epoch),
+                "train_acc": correct.item() / max(1, n_epoch),
+                "lr": lr,
+                "seconds": seconds,
+                "images_per_s": n_epoch / max(seconds, 1e-9),
+            }
+            last = epoch + 1 == recipe.epochs
+            if test is not None and (last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0)):
+                record["test_acc"] = evaluate_accuracy(
+                    model,
+                    test,
+                    spec,
+                    device,
+                    precision=recipe.precision,
+                    channels_last=channels_last,
+                    workers=recipe.workers,
                 )
+            history.append(record)
+            if dd.is_main():
+                tracking.log(desc, record, epoch + 1)
+            log.info(
+                "%s epoch %d/%d: %s",
+                desc,
+                epoch + 1,
+                recipe.epochs,
+                ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"),
             )
-            loss_sum, correct, n_epoch = totals[0], totals[1], int(totals[2])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t_epoch
-        seen += n_epoch
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum.item() / max(1, n_epoch),
-            "train_acc": correct.item() / max(1, n_epoch),
-            "lr": lr,
-            "seconds": seconds,
-            "images_per_s": n_epoch / max(seconds, 1e-9),
-        }
-        last = epoch + 1 == recipe.epochs
-        if test is not None and (last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0)):
-            record["test_acc"] = evaluate_accuracy(
-                model,
-                test,
-                spec,
-                device,
-                precision=recipe.precision,
-                channels_last=channels_last,
-                workers=recipe.workers,
-            )
-        history.append(record)
-        if dd.is_main():
-            tracking.log(desc, record, epoch + 1)
-        log.info(
-            "%s epoch %d/%d: %s",
-            desc,
-            epoch + 1,
-            recipe.epochs,
-            ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"),
-        )
-        if ckpt_path is not None and dd.is_main():
-            atomic_torch_save(
-                {
-                    "run_hash": run_hash,
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "history": history,
-                },
-                ckpt_path,
-            )
-        if ckpt_path is not None:
-            dd.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
+            if ckpt_path is not None and dd.is_main():
+                atomic_torch_save(
+                    {
+                        "run_hash": run_hash,
+                        "epoch": epoch + 1,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "history": history,
+                    },
+                    ckpt_path,
+                )
+            if ckpt_path is not None:
+                dd.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
     elapsed = time.perf_counter() - t_start
     if channels_last:
         model.to(memory_format=torch.contiguous_format)

@@ -64,6 +64,7 @@ class EvalConfig:
         precision: ``auto``, ``fp32`` or ``bf16`` for the student's forward.
         channels_last: the student's memory format (None: channels_last on CUDA only).
         compile: train the student through ``torch.compile`` (see :class:`cvdd.config.Recipe`).
+        ghost_bn: one forward per step with per-micro-batch BN statistics (see :class:`cvdd.config.Recipe`).
     """
 
     student: str = "resnet18"
@@ -87,10 +88,11 @@ class EvalConfig:
     precision: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
+    ghost_bn: bool = False
 
     def identity(self) -> dict[str, Any]:
         """The fields that define an evaluation (result caches); switches added later count only when set."""
-        return identity_dict(self, {"compile": False, "channels_last": None})
+        return identity_dict(self, {"compile": False, "channels_last": None, "ghost_bn": False})
 
     def validate(self) -> EvalConfig:
         if self.label_mode not in LABEL_MODES:
@@ -118,6 +120,7 @@ class EvalConfig:
             precision=self.precision,
             channels_last=self.channels_last,
             compile=self.compile,
+            ghost_bn=self.ghost_bn,
         ).validate()
 
     def label_settings(self, seed: int) -> LabelSettings:
