@@ -13,43 +13,32 @@ none (tests/engine/test_ghost.py checks loss, gradients and running statistics a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from cvdd.models.patching import patched_forwards
 
-@contextlib.contextmanager
-def ghost_batchnorm(model: nn.Module, group: int) -> Iterator[int]:
+
+def ghost_batchnorm(model: nn.Module, group: int) -> contextlib.AbstractContextManager[int]:
     """Make every ``BatchNorm2d`` of ``model`` in train mode normalise groups of ``group`` consecutive images.
 
     In eval mode, or for a batch of at most ``group`` images, a layer runs as usual. The original forwards are
-    restored on exit, also when the block raises.
+    restored on exit, also when the block raises (:func:`cvdd.models.patching.patched_forwards`).
 
     Yields:
         The number of BN layers patched.
     """
     if group < 1:
         raise ValueError(f"ghost batch norm needs a group size >= 1 (got {group})")
-    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    patched: list[tuple[nn.Module, Any]] = []
-    try:
-        for layer in layers:
-            original = layer.forward
-            own = layer.__dict__.get("forward")
 
-            def forward(x: torch.Tensor, _original: Any = original, _layer: nn.Module = layer) -> torch.Tensor:
-                if not _layer.training or x.shape[0] <= group:
-                    return _original(x)
-                return torch.cat([_original(part) for part in x.split(group)])
+    def wrap(layer: nn.Module, original: Any) -> Any:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not layer.training or x.shape[0] <= group:
+                return original(x)
+            return torch.cat([original(part) for part in x.split(group)])
 
-            layer.forward = forward  # type: ignore[method-assign]
-            patched.append((layer, own))
-        yield len(layers)
-    finally:
-        for layer, own in reversed(patched):
-            if own is None:
-                del layer.forward
-            else:
-                layer.forward = own
+        return forward
+
+    return patched_forwards([m for m in model.modules() if isinstance(m, nn.BatchNorm2d)], wrap)

@@ -17,12 +17,13 @@ statistics of the first pass, and the recomputation replays the same operations,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from cvdd.models.patching import patched_forwards
 
 
 def _is_block(module: nn.Module) -> bool:
@@ -48,37 +49,25 @@ def checkpoint_blocks_of(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-@contextlib.contextmanager
-def checkpointed(model: nn.Module) -> Iterator[int]:
+def checkpointed(model: nn.Module) -> contextlib.AbstractContextManager[int]:
     """Checkpoint every block of ``model`` (see the module docstring) until the ``with`` block ends.
 
     Each block's ``forward`` is replaced by one that runs under :func:`torch.utils.checkpoint.checkpoint`
     (non-reentrant) when gradients are being recorded, and plainly otherwise; the original ``forward`` is restored
-    on exit, also when the block raises.
+    on exit, also when the block raises (:func:`cvdd.models.patching.patched_forwards`).
 
     Yields:
         The number of checkpointed blocks.
     """
-    blocks = checkpoint_blocks_of(model)
-    patched: list[tuple[nn.Module, Any]] = []  # (block, its own instance-level forward, if it had one)
-    try:
-        for block in blocks:
-            original = block.forward
-            own = block.__dict__.get("forward")
 
-            def forward(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                if not torch.is_grad_enabled():
-                    return _original(*args, **kwargs)
-                # No RNG state to preserve: experts run in eval mode (no dropout), and recover's randomness is
-                # drawn outside the networks.
-                return checkpoint(_original, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+    def wrap(block: nn.Module, original: Any) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            # No RNG state to preserve: experts run in eval mode (no dropout), and recover's randomness is drawn
+            # outside the networks.
+            return checkpoint(original, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
-            block.forward = forward  # type: ignore[method-assign]
-            patched.append((block, own))
-        yield len(blocks)
-    finally:
-        for block, own in reversed(patched):  # a module reached twice unwinds to its own forward
-            if own is None:
-                del block.forward  # the class's forward is visible again
-            else:
-                block.forward = own
+        return forward
+
+    return patched_forwards(checkpoint_blocks_of(model), wrap)
