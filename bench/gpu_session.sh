@@ -70,7 +70,7 @@ step memory: 224 px recover, ResNet-18 + ResNet-50, 100 images
 timeout -k 10 70 $PY bench/bench_memory224.py --device cuda --iterations 2 2>&1 | tee "$OUT/memory224.log" | tail -12
 
 step operators per expert step
-timeout -k 10 60 $PY bench/bench_ops.py --device cuda 2>&1 | grep -v -E "USDT|ERROR" | tee "$OUT/ops.md"
+timeout -k 10 60 $PY bench/bench_ops.py --device cuda --archs resnet18 resnet50 densenet121 2>&1 | grep -v -E "USDT|ERROR" | tee "$OUT/ops.md"
 
 step student step: micro-batch forwards vs one ghost-BN forward
 timeout -k 10 60 $PY bench/bench_ghost.py --device cuda --data "$DATA" 2>&1 | tee "$OUT/ghost.md"
