@@ -25,6 +25,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from typing import Any
 
 NO_WORK = {
     "aten::view",
@@ -105,6 +106,12 @@ def count_ops(
             step()
             sync()
             times.append(time.perf_counter() - t0)
+    counts = working_ops(prof)
+    return sum(counts.values()), counts, 1000 * statistics.median(times)
+
+
+def working_ops(prof: Any) -> collections.Counter[str]:
+    """Count a profile's ``aten::`` operators that do work themselves (no working child; views etc. left out)."""
     counts: collections.Counter[str] = collections.Counter()
     for e in prof.events():
         if not e.name.startswith("aten::") or e.name in NO_WORK:
@@ -112,7 +119,7 @@ def count_ops(
         if any(k.name.startswith("aten::") and k.name not in NO_WORK for k in e.cpu_children):
             continue
         counts[e.name] += 1
-    return sum(counts.values()), counts, 1000 * statistics.median(times)
+    return counts
 
 
 def main() -> None:

@@ -72,8 +72,8 @@ timeout -k 10 70 $PY bench/bench_memory224.py --device cuda --iterations 2 2>&1 
 step operators per expert step
 timeout -k 10 60 $PY bench/bench_ops.py --device cuda --archs resnet18 resnet50 densenet121 2>&1 | grep -v -E "USDT|ERROR" | tee "$OUT/ops.md"
 
-step student step: micro-batch forwards vs one ghost-BN forward
-timeout -k 10 60 $PY bench/bench_ghost.py --device cuda --data "$DATA" 2>&1 | tee "$OUT/ghost.md"
+step student epoch: micro-batch forwards, ghost BN, stacked seeds
+timeout -k 10 60 $PY bench/bench_student.py --device cuda --data "$DATA" --students resnet18 --repeats 1 --ops 2>&1 | tee "$OUT/student.md"
 
 step GPU tests
 timeout -k 10 50 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15

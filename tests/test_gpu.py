@@ -65,3 +65,16 @@ def test_evaluate_on_cuda_learns(digit_experts: Path, digits) -> None:
         progress=False,
     )
     assert res.mean > 0.3  # ten classes: chance is 0.1
+
+
+def test_stacked_students_on_cuda_match_separate_ones(digits) -> None:
+    """Stacked seeds under bf16 autocast on the GPU: the per-seed accuracies of separate students, within noise."""
+    from cvdd.evaluate import EvalConfig, evaluate_synthetic, random_real_set
+
+    images, labels = random_real_set(digits, 5, seed=0)
+    base = {"student": "resnet8", "epochs": 10, "label_mode": "hard", "seeds": [0, 1, 2]}
+    plain = evaluate_synthetic(images, labels, digits.spec, digits.test, EvalConfig(**base), device="cuda")
+    stack = evaluate_synthetic(
+        images, labels, digits.spec, digits.test, EvalConfig(**base, stack_seeds=True), device="cuda"
+    )
+    assert stack.mean > 0.3 and abs(stack.mean - plain.mean) < 0.1

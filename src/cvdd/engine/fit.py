@@ -163,12 +163,19 @@ def lr_factor(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * t / recipe.cosine_eta))
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW over the model's trainable parameters (optionally no decay on BN and biases)."""
+def build_optimizer(model: nn.Module, recipe: Recipe, leading_dims: int = 0) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW over the model's trainable parameters (optionally no decay on BN and biases).
+
+    Args:
+        model: the model.
+        recipe: optimiser, learning rate, weight decay.
+        leading_dims: dimensions in front of each parameter's own shape (1 for stacked models,
+            :mod:`cvdd.engine.stacked`); BN weights and biases are the parameters with at most one own dimension.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if recipe.no_decay_bn_bias:
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
+        decay = [p for p in params if p.ndim - leading_dims > 1]
+        no_decay = [p for p in params if p.ndim - leading_dims <= 1]
         groups: list[dict[str, Any]] = [
             {"params": decay, "weight_decay": recipe.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
@@ -241,9 +248,53 @@ def _my_micro_batches(batch: Batch, micro_batch: int, rank: int, world: int, sha
     return batch.split(size)[rank::world], len(batch)
 
 
-def _recipe_hash(recipe: Recipe, extra: dict[str, Any]) -> str:
+def recipe_hash(recipe: Recipe, extra: dict[str, Any]) -> str:
+    """Short hash of a run's recipe identity and extra fields: a checkpoint resumes only under the same hash."""
     text = json.dumps({"recipe": recipe.identity(), **extra}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str] | None,
+    run_hash: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    desc: str,
+    epochs: int,
+) -> tuple[int, dict[str, Any]]:
+    """Restore ``model`` and ``optimizer`` from a per-epoch checkpoint made by the same run.
+
+    Returns:
+        (epochs already done, the checkpoint's dict); (0, {}) when there is none or it belongs to another run
+        (a warning says so; the file is left alone and overwritten by the next epoch).
+    """
+    if path is None or not Path(path).is_file():
+        return 0, {}
+    state = safe_torch_load(Path(path))
+    if state.get("run_hash") != run_hash:
+        log.warning("%s: ignoring checkpoint %s made with another recipe or seed", desc, path)
+        return 0, {}
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    log.info("%s: resuming from epoch %d of %d (%s)", desc, int(state["epoch"]), epochs, path)
+    return int(state["epoch"]), state
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str] | None,
+    run_hash: str,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+) -> None:
+    """Write the end-of-epoch checkpoint atomically (rank 0); every rank waits until it is on disk."""
+    if path is None:
+        return
+    if dd.is_main():
+        state = {"run_hash": run_hash, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        atomic_torch_save({**state, **extra}, Path(path))
+    dd.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
 
 
 def fit(
@@ -307,19 +358,9 @@ def fit(
     if objective is None:
         objective = hard_label_loss(recipe.label_smoothing)
 
-    run_hash = _recipe_hash(recipe, {"seed": seed, **(identity or {})})
-    start_epoch, history = 0, []
-    ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    if ckpt_path is not None and ckpt_path.is_file():
-        state = safe_torch_load(ckpt_path)
-        if state.get("run_hash") == run_hash:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start_epoch = int(state["epoch"])
-            history = list(state["history"])
-            log.info("%s: resuming from epoch %d of %d (%s)", desc, start_epoch, recipe.epochs, ckpt_path)
-        else:
-            log.warning("%s: ignoring checkpoint %s made with another recipe or seed", desc, ckpt_path)
+    run_hash = recipe_hash(recipe, {"seed": seed, **(identity or {})})
+    start_epoch, state = load_checkpoint(checkpoint, run_hash, model, optimizer, desc, recipe.epochs)
+    history: list[dict[str, Any]] = list(state.get("history", []))
 
     t_start = time.perf_counter()
     seen = 0
@@ -418,19 +459,7 @@ def fit(
                 recipe.epochs,
                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"),
             )
-            if ckpt_path is not None and dd.is_main():
-                atomic_torch_save(
-                    {
-                        "run_hash": run_hash,
-                        "epoch": epoch + 1,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "history": history,
-                    },
-                    ckpt_path,
-                )
-            if ckpt_path is not None:
-                dd.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
+            save_checkpoint(checkpoint, run_hash, epoch + 1, model, optimizer, {"history": history})
     elapsed = time.perf_counter() - t_start
     if channels_last:
         model.to(memory_format=torch.contiguous_format)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cvdd import distributed as dd
 from cvdd.config import Recipe, identity_dict
 from cvdd.data.augment import Normalize
 from cvdd.data.sources import FileSplit, RealDataset, TensorSplit
@@ -65,6 +66,9 @@ class EvalConfig:
         channels_last: the student's memory format (None: channels_last on CUDA only).
         compile: train the student through ``torch.compile`` (see :class:`cvdd.config.Recipe`).
         ghost_bn: one forward per step with per-micro-batch BN statistics (see :class:`cvdd.config.Recipe`).
+        stack_seeds: train every seed's student at once as one vectorised model (:mod:`cvdd.engine.stacked`):
+            the same students up to rounding, with a fraction of the kernel launches (for GPUs; one process, not
+            with ``compile``).
     """
 
     student: str = "resnet18"
@@ -89,10 +93,11 @@ class EvalConfig:
     channels_last: bool | None = None
     compile: bool = False
     ghost_bn: bool = False
+    stack_seeds: bool = False
 
     def identity(self) -> dict[str, Any]:
         """The fields that define an evaluation (result caches); switches added later count only when set."""
-        return identity_dict(self, {"compile": False, "channels_last": None, "ghost_bn": False})
+        return identity_dict(self, {"compile": False, "channels_last": None, "ghost_bn": False, "stack_seeds": False})
 
     def validate(self) -> EvalConfig:
         if self.label_mode not in LABEL_MODES:
@@ -103,6 +108,8 @@ class EvalConfig:
             raise ConfigError("at least one seed is needed")
         if self.label_dtype not in ("fp16", "fp32"):
             raise ConfigError(f"unknown label dtype {self.label_dtype!r}; choose fp16 or fp32")
+        if self.stack_seeds and self.compile:
+            raise ConfigError("stack_seeds and compile cannot be combined; choose one")
         return self
 
     def recipe(self) -> Recipe:
@@ -285,34 +292,55 @@ def evaluate_synthetic(
         "teacher": teacher.describe() if teacher is not None else None,
         "classes": list(spec.classes),
     }
-    for seed in cfg.seeds:
-        source = SyntheticBatches(
-            imgs,
-            labels,
-            spec,
-            cfg,
-            dev,
-            label_dir=label_dir if cfg.label_mode == "stored" else None,
-            label_seed=cfg.seeds[0],
-        )
+
+    # Stored labels were made for the first seed's plans, which every seed's student then replays.
+    stored = label_dir if cfg.label_mode == "stored" else None
+    source = SyntheticBatches(imgs, labels, spec, cfg, dev, label_dir=stored, label_seed=cfg.seeds[0])
+
+    def student(seed: int) -> nn.Module:
         torch.manual_seed(derive_seed(seed, "student", cfg.student))
-        student = create_model(cfg.student, spec.num_classes, spec.image_size)
-        res = fit(
-            student,
-            source,
+        return create_model(cfg.student, spec.num_classes, spec.image_size)
+
+    if cfg.stack_seeds and len(cfg.seeds) > 1 and dd.world() == 1:
+        from cvdd.engine.stacked import fit_stacked
+
+        # A list of sources: each student draws its own seed's plans (online); one source: they share its batches.
+        results = fit_stacked(
+            [student(s) for s in cfg.seeds],
+            source if stored is not None else [source] * len(cfg.seeds),
             test,
             cfg.recipe(),
             spec=spec,
             device=dev,
-            seed=seed,
+            seeds=cfg.seeds,
             objective=objective,
             progress=progress,
-            desc=f"student {cfg.student} seed {seed}",
-            checkpoint=None if checkpoint_dir is None else Path(checkpoint_dir) / f"student-seed{seed}.pt",
+            desc=f"students {cfg.student} seeds {','.join(map(str, cfg.seeds))}",
+            checkpoint=None
+            if checkpoint_dir is None
+            else str(Path(checkpoint_dir) / f"students-seeds{'-'.join(map(str, cfg.seeds))}.pt"),
             identity=identity,
         )
-        accs.append(res.test_acc)
-        rates.append(res.images_per_s)
+        accs = [r.test_acc for r in results]
+        rates = [r.images_per_s for r in results]
+    else:
+        for seed in cfg.seeds:
+            res = fit(
+                student(seed),
+                source,
+                test,
+                cfg.recipe(),
+                spec=spec,
+                device=dev,
+                seed=seed,
+                objective=objective,
+                progress=progress,
+                desc=f"student {cfg.student} seed {seed}",
+                checkpoint=None if checkpoint_dir is None else Path(checkpoint_dir) / f"student-seed{seed}.pt",
+                identity=identity,
+            )
+            accs.append(res.test_acc)
+            rates.append(res.images_per_s)
     return EvalResult(
         accs,
         list(cfg.seeds),

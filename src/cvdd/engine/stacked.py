@@ -1,0 +1,262 @@
+"""Several students of one architecture trained as one vectorised model: every step of all seeds at once.
+
+The evaluation protocol trains one student per seed on a few hundred images. On a GPU such a step is bound by
+kernel launches, not arithmetic, so k students trained one after the other cost about k times one. Here the k
+students' parameters and buffers are stacked along a new leading dimension and one forward runs all of them
+through :func:`torch.func.vmap` (convolutions become grouped convolutions, BatchNorm normalises each student's
+channels with its own statistics and updates its own running statistics). Every student keeps its own
+initialisation, its own batches (its seed's plans) and its own micro-batch BN groups; the summed loss gives each
+student exactly its own gradient (the parameters are disjoint), and Adam/AdamW/SGD act element by element, so a
+stacked run trains the very students of k separate runs, up to floating-point rounding
+(``tests/engine/test_stacked.py``).
+
+The students must share one recipe: the learning-rate schedule, batch size and step count are common.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from cvdd.config import Recipe
+from cvdd.data.sources import FileSplit, TensorSplit
+from cvdd.data.specs import DatasetSpec
+from cvdd.device import autocast, derive_seed, make_generator, resolve_precision
+from cvdd.engine.fit import (
+    BatchSource,
+    FitResult,
+    Objective,
+    build_optimizer,
+    evaluate_accuracy,
+    hard_label_loss,
+    load_checkpoint,
+    lr_factor,
+    recipe_hash,
+    save_checkpoint,
+)
+from cvdd.engine.ghost import ghost_batchnorm
+from cvdd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class StackedModels(nn.Module):
+    """k models of one architecture as one module whose tensors carry a leading member dimension.
+
+    ``params`` and ``buffers`` hold every tensor of the members stacked along dim 0 (parameter ``w`` of shape
+    ``s`` becomes ``(k, *s)``); a template copy of the architecture on the ``meta`` device runs them through
+    :func:`torch.func.functional_call`. The member modules are kept (not registered) to receive the trained
+    weights: :meth:`write_back`.
+
+    Args:
+        models: the members, same architecture (same parameter and buffer names and shapes).
+    """
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not models:
+            raise ConfigError("stacking needs at least one model")
+        shapes = [[(n, t.shape) for n, t in (*m.named_parameters(), *m.named_buffers())] for m in models]
+        if any(s != shapes[0] for s in shapes[1:]):
+            raise ConfigError("stacked models must share one architecture")
+        params, buffers = stack_module_state(list(models))
+        self.param_names = list(params)
+        self.buffer_names = list(buffers)
+        self.params = nn.ParameterList([nn.Parameter(params[n].detach().clone()) for n in self.param_names])
+        for i, n in enumerate(self.buffer_names):
+            self.register_buffer(f"buffer{i}", buffers[n].clone())
+        # Plain attributes: neither the template nor the members are submodules (their tensors are not ours).
+        self.__dict__["template"] = copy.deepcopy(models[0]).to("meta")
+        self.__dict__["members"] = list(models)
+
+    @property
+    def k(self) -> int:
+        """Number of members."""
+        return len(self.members)
+
+    def train(self, mode: bool = True) -> StackedModels:
+        super().train(mode)
+        self.template.train(mode)
+        return self
+
+    def _buffers_list(self) -> list[torch.Tensor]:
+        return [getattr(self, f"buffer{i}") for i in range(len(self.buffer_names))]
+
+    def forward(self, x: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """Run every member on its own input (or all on one shared input).
+
+        Args:
+            x: (k, B, 3, S, S), member i's input at ``x[i]``; or (B, 3, S, S) with ``shared=True``.
+            shared: every member sees the same ``x``.
+
+        Returns:
+            (k, B, num_classes) logits.
+        """
+
+        def one(params: tuple[torch.Tensor, ...], buffers: tuple[torch.Tensor, ...], inp: torch.Tensor) -> torch.Tensor:
+            state = {**dict(zip(self.param_names, params)), **dict(zip(self.buffer_names, buffers))}
+            return functional_call(self.template, state, (inp,))
+
+        batched = vmap(one, in_dims=(0, 0, None if shared else 0), randomness="different")
+        return batched(tuple(self.params), tuple(self._buffers_list()), x)
+
+    @torch.no_grad()
+    def write_back(self) -> list[nn.Module]:
+        """Copy each member's slice of the stacked tensors into its own module; return the members."""
+        for i, member in enumerate(self.members):
+            for name, p in zip(self.param_names, self.params):
+                member.get_parameter(name).copy_(p[i])
+            for name, b in zip(self.buffer_names, self._buffers_list()):
+                member.get_buffer(name).copy_(b[i])
+        return list(self.members)
+
+
+def fit_stacked(
+    models: Sequence[nn.Module],
+    sources: Sequence[BatchSource] | BatchSource,
+    test: TensorSplit | FileSplit | None,
+    recipe: Recipe,
+    *,
+    spec: DatasetSpec,
+    device: torch.device,
+    seeds: Sequence[int],
+    objective: Objective | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    checkpoint: str | None = None,
+    identity: dict[str, Any] | None = None,
+) -> list[FitResult]:
+    """Train k models of one architecture at once, each as :func:`cvdd.engine.fit` would with its seed.
+
+    Args:
+        models: the k members (trained in place: their final weights are written back).
+        sources: one :class:`~cvdd.engine.fit.BatchSource` per member, each drawing epoch ``e`` from
+            ``derive_seed(seeds[i], "epoch", e)`` as ``fit`` does; or one source whose batches every member
+            shares (stored soft labels, where every seed replays the same plans), drawn with the first seed.
+        test: the test split, evaluated per member after the last epoch (and every ``recipe.eval_every``).
+        recipe: the common recipe (one process; ``compile`` is not supported, channels_last is ignored).
+        spec: dataset spec.
+        device: where to train.
+        seeds: the members' run seeds (aligned with ``models``).
+        objective: loss of one member's micro-batch, as in ``fit`` (default cross-entropy).
+        progress: one progress bar for the stack.
+        desc: progress-bar label.
+        checkpoint: path of the stack's per-epoch checkpoint (resumed when it matches this run).
+        identity: extra fields that must match for the checkpoint to be resumed.
+
+    Returns:
+        One :class:`~cvdd.engine.fit.FitResult` per member; ``seconds`` is the stack's wall time and
+        ``images_per_s`` each member's images over it.
+    """
+    from tqdm import tqdm
+
+    recipe.validate()
+    if recipe.compile:
+        raise ConfigError("stacked students cannot be compiled; turn off compile or stack_seeds")
+    if len(models) != len(seeds):
+        raise ConfigError(f"{len(models)} models but {len(seeds)} seeds")
+    shared = not isinstance(sources, Sequence)
+    srcs: list[BatchSource] = [sources] if shared else list(sources)  # type: ignore[list-item]
+    if not shared and len(srcs) != len(models):
+        raise ConfigError(f"{len(models)} models but {len(srcs)} batch sources")
+    if len({s.steps_per_epoch for s in srcs}) != 1:
+        raise ConfigError("stacked members need the same number of steps per epoch")
+    steps_per_epoch = srcs[0].steps_per_epoch
+    precision = resolve_precision(recipe.precision, device)
+    for m in models:
+        m.to(device)
+    stack = StackedModels(models).to(device)
+    optimizer = build_optimizer(stack, recipe, leading_dims=1)
+    objective = objective if objective is not None else hard_label_loss(recipe.label_smoothing)
+    k = len(models)
+    run_hash = recipe_hash(recipe, {"seeds": list(seeds), "stacked": True, **(identity or {})})
+    start_epoch, state = load_checkpoint(checkpoint, run_hash, stack, optimizer, desc, recipe.epochs)
+    histories: list[list[dict[str, Any]]] = state.get("histories", [[] for _ in range(k)])
+
+    t_start = time.perf_counter()
+    seen = 0
+    ghost = recipe.ghost_bn and recipe.micro_batch > 0
+    lr = recipe.lr
+    with ghost_batchnorm(stack.template, recipe.micro_batch) if ghost else contextlib.nullcontext():
+        for epoch in range(start_epoch, recipe.epochs):
+            stack.train()
+            gens = [make_generator(derive_seed(s, "epoch", epoch), device) for s in seeds[: len(srcs)]]
+            iters = [src.epoch(epoch, g) for src, g in zip(srcs, gens)]
+            loss_sum = torch.zeros(k, device=device)
+            correct = torch.zeros(k, dtype=torch.int64, device=device)
+            n_epoch = 0  # images each member trained on
+            t_epoch = time.perf_counter()
+            bar = tqdm(total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{recipe.epochs}", leave=False,
+                       disable=not progress, unit="step")  # fmt: skip
+            for i, batches in enumerate(zip(*iters)):
+                lr = recipe.lr * lr_factor(recipe, epoch * steps_per_epoch + i, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                total = len(batches[0])
+                groups = [[b] for b in batches] if ghost else [b.split(recipe.micro_batch) for b in batches]
+                for micros in zip(*groups):
+                    inputs = micros[0].inputs if shared else torch.stack([mb.inputs for mb in micros])
+                    with autocast(device, precision):
+                        logits = stack(inputs, shared=shared).float()
+                    members = [micros[0 if shared else j] for j in range(k)]
+                    losses = torch.stack([objective(logits[j], members[j]) for j in range(k)])
+                    (losses.sum() * (len(members[0]) / total)).backward()
+                    loss_sum += losses.detach() * len(members[0])
+                    correct += torch.stack(
+                        [(logits[j].detach().argmax(1) == members[j].labels).sum() for j in range(k)]
+                    )
+                    n_epoch += len(members[0])
+                optimizer.step()
+                bar.update()
+            bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t_epoch
+            seen += n_epoch
+            last = epoch + 1 == recipe.epochs
+            evaluate = test is not None and (last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0))
+            members = stack.write_back() if evaluate else []
+            losses_h, correct_h = loss_sum.tolist(), correct.tolist()
+            for j in range(k):
+                record: dict[str, Any] = {
+                    "epoch": epoch + 1,
+                    "train_loss": losses_h[j] / max(1, n_epoch),
+                    "train_acc": correct_h[j] / max(1, n_epoch),
+                    "lr": lr,
+                    "seconds": seconds,
+                    "images_per_s": n_epoch / max(seconds, 1e-9),
+                }
+                if evaluate:
+                    assert test is not None
+                    record["test_acc"] = evaluate_accuracy(
+                        members[j], test, spec, device, precision=recipe.precision, workers=recipe.workers
+                    )
+                histories[j].append(record)
+            log.info("%s epoch %d/%d: %.2f s for %d members", desc, epoch + 1, recipe.epochs, seconds, k)
+            save_checkpoint(checkpoint, run_hash, epoch + 1, stack, optimizer, {"histories": histories})
+    elapsed = time.perf_counter() - t_start
+    members = stack.write_back()
+    results = []
+    for j, member in enumerate(members):
+        acc = histories[j][-1].get("test_acc") if histories[j] else None
+        if acc is None and test is not None:
+            acc = evaluate_accuracy(member, test, spec, device, precision=recipe.precision, workers=recipe.workers)
+        results.append(
+            FitResult(
+                test_acc=float(acc) if acc is not None else float("nan"),
+                history=histories[j],
+                seconds=elapsed,
+                images_per_s=seen / max(elapsed, 1e-9) if seen else 0.0,
+                resumed_from=start_epoch,
+            )
+        )
+    return results

@@ -1,0 +1,145 @@
+"""Stacked students: k seeds' students trained as one vectorised model equal k separate runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cvdd.config import Recipe
+from cvdd.engine import fit
+from cvdd.engine.stacked import StackedModels, fit_stacked
+from cvdd.errors import ConfigError
+from cvdd.evaluate import EvalConfig, evaluate_synthetic, random_real_set
+from cvdd.evaluate.student import SyntheticBatches
+from cvdd.models import create_model
+
+CPU = torch.device("cpu")
+
+
+def _students(arch: str, seeds: list[int]) -> list[torch.nn.Module]:
+    out = []
+    for s in seeds:
+        torch.manual_seed(s)
+        out.append(create_model(arch, 10, 32))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["resnet8", "convnet_d3_w32"])
+def test_stacked_forward_backward_and_running_stats_equal_the_members(arch: str) -> None:
+    members, copies = _students(arch, [0, 1, 2]), _students(arch, [0, 1, 2])
+    stack = StackedModels(members).train()
+    x = torch.randn(3, 6, 3, 32, 32)
+    out = stack(x)
+    assert out.shape == (3, 6, 10)
+    ref = torch.stack([m.train()(xi) for m, xi in zip(copies, x)])
+    assert torch.allclose(out, ref, atol=1e-5)
+    (out * torch.arange(10.0)).sum().backward()
+    (ref * torch.arange(10.0)).sum().backward()
+    for i, m in enumerate(copies):
+        for (name, p), sp in zip(m.named_parameters(), stack.params):
+            assert torch.allclose(sp.grad[i], p.grad, rtol=1e-4, atol=1e-5), (i, name)
+    written = stack.write_back()
+    for a, b in zip(written, copies):  # running statistics (one update each) land in the members
+        for (name, ba), bb in zip(a.named_buffers(), b.buffers()):
+            assert torch.allclose(ba.float(), bb.float(), atol=1e-6), name
+    shared = stack(x[0], shared=True)  # one input for every member
+    assert shared.shape == (3, 6, 10)
+
+
+def _sources(digits, cfg: EvalConfig) -> SyntheticBatches:
+    images, labels = random_real_set(digits, 2, seed=0)
+    return SyntheticBatches(images, labels, digits.spec, cfg, CPU)
+
+
+@pytest.mark.parametrize(("arch", "ghost"), [("convnet_d3_w32", False), ("convnet_d3_w32", True), ("resnet8", False)])
+def test_fit_stacked_trains_the_students_of_separate_runs(digits, arch: str, ghost: bool) -> None:
+    """Two steps of three seeds (own plans, own inits, AdamW without decay on BN): the same weights.
+
+    Compared over two steps: 8-image BN training is chaotic, rounding differences grow over many steps
+    (tests/engine/test_ghost.py measured that). Adam normalises each element's step, so an element whose
+    gradient is at rounding level can move by a whole learning rate either way (measured: resnet8, 5e-5 on one
+    weight out of 1.5e-3 moved); the weights are therefore compared by their mean difference against how far
+    they moved (measured worst ratio 4e-6).
+    """
+    seeds = [0, 1, 2]
+    cfg = EvalConfig(student=arch, epochs=1, batch_size=10, micro_batch=5, label_mode="hard", seeds=seeds)
+    recipe = cfg.recipe()
+    recipe.ghost_bn = ghost
+    source = _sources(digits, cfg)  # 20 images: 2 steps of 10, 2 micro-batches each
+    separate = _students(arch, seeds)
+    for model, seed in zip(separate, seeds):
+        fit(model, source, None, recipe, spec=digits.spec, device=CPU, seed=seed, progress=False)
+    stacked, start = _students(arch, seeds), _students(arch, seeds)
+    results = fit_stacked(
+        stacked, [source] * 3, digits.test, recipe, spec=digits.spec, device=CPU, seeds=seeds, progress=False
+    )
+    for a, b, c in zip(separate, stacked, start):
+        for (name, pa), pb, p0 in zip(a.named_parameters(), b.parameters(), c.parameters()):
+            pa, pb, p0 = pa.detach(), pb.detach(), p0.detach()
+            moved = float((pa - p0).abs().mean())
+            assert moved > 1e-6 and float((pa - pb).abs().mean()) <= 1e-3 * moved, name
+        for (name, ba), bb in zip(a.named_buffers(), b.buffers()):
+            assert torch.allclose(ba.float(), bb.float(), atol=1e-5), name
+    assert [len(r.history) for r in results] == [1, 1, 1] and all(0 <= r.test_acc <= 1 for r in results)
+
+
+def test_stacked_checkpoint_resumes_and_belongs_to_its_seeds(digits, tmp_path) -> None:
+    seeds = [3, 4]
+    cfg = EvalConfig(student="convnet_d3_w32", epochs=2, batch_size=10, micro_batch=5, label_mode="hard", seeds=seeds)
+    source, ckpt = _sources(digits, cfg), str(tmp_path / "stack.pt")
+    kw = {"spec": digits.spec, "device": CPU, "progress": False, "checkpoint": ckpt}
+    first = fit_stacked(_students("convnet_d3_w32", seeds), [source] * 2, digits.test, cfg.recipe(), seeds=seeds, **kw)
+    again = fit_stacked(_students("convnet_d3_w32", seeds), [source] * 2, digits.test, cfg.recipe(), seeds=seeds, **kw)
+    assert [r.resumed_from for r in again] == [2, 2]  # nothing left to train: the finished state is restored
+    assert [r.test_acc for r in again] == [r.test_acc for r in first]
+    other = fit_stacked(_students("convnet_d3_w32", [3, 5]), [source] * 2, None, cfg.recipe(), seeds=[3, 5], **kw)
+    assert [r.resumed_from for r in other] == [0, 0]  # another seed list: its checkpoint is not resumed
+
+
+def test_evaluate_with_stack_seeds_matches_sequential_students(digits) -> None:
+    """The evaluation switch on real images: per-seed accuracies within rounding of the sequential students."""
+    images, labels = random_real_set(digits, 2, seed=0)
+    base = {"student": "convnet_d3_w32", "epochs": 2, "batch_size": 10, "micro_batch": 5, "label_mode": "hard"}
+    plain = evaluate_synthetic(images, labels, digits.spec, digits.test, EvalConfig(**base, seeds=[0, 1]))
+    stack = evaluate_synthetic(
+        images, labels, digits.spec, digits.test, EvalConfig(**base, seeds=[0, 1], stack_seeds=True)
+    )
+    assert stack.seeds == [0, 1] and len(stack.accs) == 2
+    assert max(abs(a - b) for a, b in zip(plain.accs, stack.accs)) <= 0.01
+    assert "stack_seeds" not in EvalConfig().identity() and EvalConfig(stack_seeds=True).identity()["stack_seeds"]
+
+
+def test_stacking_refuses_mixed_architectures_and_compile(digits) -> None:
+    with pytest.raises(ConfigError, match="one architecture"):
+        StackedModels([create_model("resnet8", 10, 32), create_model("convnet_d3_w32", 10, 32)])
+    with pytest.raises(ConfigError, match="stack_seeds and compile"):
+        EvalConfig(stack_seeds=True, compile=True).validate()
+    with pytest.raises(ConfigError, match="cannot be compiled"):
+        fit_stacked(
+            _students("convnet_d3_w32", [0]),
+            [],
+            None,
+            Recipe(compile=True),
+            spec=digits.spec,
+            device=CPU,
+            seeds=[0],
+        )
+
+
+def test_stacked_students_train_under_bf16_autocast_with_stored_style_shared_batches(digits) -> None:
+    """One source shared by every member (as stored labels are) and bf16 autocast: finite, learning students."""
+    images, labels = random_real_set(digits, 10, seed=0)
+    cfg = EvalConfig(student="convnet_d3_w32", epochs=15, label_mode="hard", seeds=[0, 1], precision="bf16", lr=0.003)
+    source = SyntheticBatches(images, labels, digits.spec, cfg, CPU)
+    runs = fit_stacked(
+        _students("convnet_d3_w32", [0, 1]),
+        source,
+        digits.test,
+        cfg.recipe(),
+        spec=digits.spec,
+        device=CPU,
+        seeds=[0, 1],
+        progress=False,
+    )
+    assert all(r.test_acc > 0.4 for r in runs)  # ten classes: chance is 0.1
+    assert runs[0].history[-1]["train_loss"] < runs[0].history[0]["train_loss"]
