@@ -86,3 +86,20 @@ def test_squeeze_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert "convnet_d3_w32" in out and "%" in out
     assert (tmp_path / "convnet_d3_w32.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("value", "bars"), [(None, True), ("1", False), ("true", False), ("0", True)])
+def test_tqdm_disable_turns_off_the_progress_bars_but_not_the_logs(
+    value: str | None, bars: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cvdd.cli import _setup_logging
+
+    if value is None:
+        monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    else:
+        monkeypatch.setenv("TQDM_DISABLE", value)
+    args = build_parser().parse_args(["models"])
+    assert _setup_logging(args) is bars
+    import logging
+
+    assert logging.getLogger().level == logging.INFO  # only --quiet silences the logs

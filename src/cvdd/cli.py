@@ -19,7 +19,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("common options")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CVDD_DEVICE or CUDA if available)")
     g.add_argument("--seed", type=int, default=0, help="run seed; the same seed gives the same result (default 0)")
-    g.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors, no progress bars")
+    g.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="only warnings and errors, no progress bars (TQDM_DISABLE=1: no bars, logs kept)",
+    )
     g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     g.add_argument(
         "--track",
@@ -381,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(args: argparse.Namespace) -> bool:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    return not args.quiet
+    # TQDM_DISABLE is tqdm's own switch; cvdd passes `disable=` explicitly, which tqdm lets win, so honour it here.
+    tqdm_off = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
+    return not args.quiet and not tqdm_off
 
 
 def _cmd_squeeze(args: argparse.Namespace, progress: bool) -> int:

@@ -65,6 +65,7 @@ def test_fit_stacked_trains_the_students_of_separate_runs(digits, arch: str, gho
     cfg = EvalConfig(student=arch, epochs=1, batch_size=10, micro_batch=5, label_mode="hard", seeds=seeds)
     recipe = cfg.recipe()
     recipe.ghost_bn = ghost
+    recipe.channels_last = False  # the stack runs NCHW; the separate runs too, so that only stacking differs
     source = _sources(digits, cfg)  # 20 images: 2 steps of 10, 2 micro-batches each
     separate = _students(arch, seeds)
     for model, seed in zip(separate, seeds):

@@ -63,7 +63,7 @@ class EvalConfig:
         label_dtype: ``fp16`` or ``fp32`` logits in stored mode.
         topk: keep only the top-k logits in stored mode (0 = all).
         precision: ``auto``, ``fp32`` or ``bf16`` for the student's forward.
-        channels_last: the student's memory format (None: channels_last on CUDA only).
+        channels_last: the student's memory format (None: channels_last, on every device).
         compile: train the student through ``torch.compile`` (see :class:`cvdd.config.Recipe`).
         ghost_bn: one forward per step with per-micro-batch BN statistics (see :class:`cvdd.config.Recipe`).
         stack_seeds: train every seed's student at once as one vectorised model (:mod:`cvdd.engine.stacked`):
