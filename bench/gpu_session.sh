@@ -4,12 +4,13 @@
 # Every step is time-boxed so that a slow step cannot eat the next ones; every log lands in $OUT.
 #
 #   OUT=/tmp/gpu bash bench/gpu_session.sh 1 [CIFAR10_TARBALL]   # smoke + GPU preset (~6 min on an H200)
-#   OUT=/tmp/gpu bash bench/gpu_session.sh 2 [CIFAR10_TARBALL]   # speed suite, fused recover, 224 px memory, tests
+#   OUT=/tmp/gpu bash bench/gpu_session.sh 2 [CIFAR10_TARBALL]   # speed suite, stacked pipeline evaluation, memory, tests
 #
 # Part 1: a CUDA smoke run of the whole pipeline on the embedded digits (fails fast), then
-# `cvdd bench --preset cifar10-gpu --budget small`. Part 2 reuses part 1's experts (kept under $WORK, which
-# survives between the calls of a warm machine): the speed suite on CUDA, recover with ten IPC indices fused into
-# one batch against one index per batch (bench/bench_fused.py), the 224 px memory benchmark and `pytest -m gpu`.
+# `cvdd bench --preset cifar10-gpu --budget small`. Part 2 reuses part 1's work (kept under $WORK, which survives
+# between the calls of a warm machine): the speed suite on CUDA, part 1's pipeline evaluation again with every
+# student stacked (stack_seeds), the 224 px memory benchmark, operator counts, the student-epoch switches
+# (bench/bench_student.py) and `pytest -m gpu`. (bench/bench_fused.py, measured on 2026-11-26, is no longer run.)
 # Figures of 2026-11-26 (H200): docs/benchmarks/gpu-h200.md.
 set -u
 PART=${1:-1}
@@ -61,9 +62,14 @@ echo "exit $?"
 cat "$OUT/speed-gpu.md" 2>/dev/null || summary "$OUT/speed.log" 30
 
 if [ "$EXPERTS" != auto ]; then
-  step recover: ten IPC indices in one batch vs one per batch
-  timeout -k 10 90 $PY bench/bench_fused.py --experts "$EXPERTS" --data "$DATA" --device cuda --short 5 --long 25 2>&1 \
-    | grep -v "prior not measured" | tee "$OUT/fused.md"
+  # Part 1's pipeline again with every student of the IPC in one stack (stack_seeds): squeeze, recover and the
+  # stored labels are reused from part 1, only the evaluation runs again (its rows' identity includes the switch).
+  step pipeline evaluation again, all students of the IPC stacked
+  timeout -k 10 120 $PY -m cvdd bench --preset cifar10-gpu --budget small --data "$DATA" --out "$WORK/pipe" \
+    --device cuda --set stack_seeds=true >"$OUT/pipeline-stacked.log" 2>&1
+  echo "exit $?"
+  summary "$OUT/pipeline-stacked.log" 20
+  cp "$WORK/pipe/bench.md" "$OUT/bench-stacked.md" 2>/dev/null && cat "$OUT/bench-stacked.md"
 fi
 
 step memory: 224 px recover, ResNet-18 + ResNet-50, 100 images

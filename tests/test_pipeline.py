@@ -200,3 +200,31 @@ def test_relabel_and_evaluate_cli(digit_experts: Path, tmp_path: Path, capsys: p
     assert main(["info", str(syn), "--quiet"]) == 0
     assert "committee_policy" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "nothing"), "--quiet"]) == 2
+
+
+def test_distill_with_stack_seeds_trains_every_student_of_an_ipc_at_once(
+    tmp_path: Path, digit_experts: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Soft and hard students of all three methods as one stack: the rows of the one-by-one pipeline, in order."""
+    kw = {
+        "experts": digit_experts,
+        "ipcs": [2],
+        "seeds": [0, 1],
+        "recover_overrides": {"iterations": 5, "init": "real"},
+        "progress": False,
+    }
+    plain = cvdd.distill("digits", tmp_path / "plain", overrides={"epochs": 20, "label_mode": "stored"}, **kw)
+    with caplog.at_level("INFO", logger="cvdd.engine.stacked"):
+        stacked = cvdd.distill(
+            "digits", tmp_path / "stacked", overrides={"epochs": 20, "label_mode": "stored", "stack_seeds": True}, **kw
+        )
+    # 3 methods x (2 soft + 2 hard students) = 12 members of one stack, 20 epochs.
+    assert sum("for 12 members" in r.getMessage() for r in caplog.records) == 20
+    _check_results(tmp_path / "stacked", ["random-real", "sre2l++", "cvdd"], [2], [0, 1])
+    assert [r["method"] for r in stacked] == [r["method"] for r in plain]
+    # The same students up to rounding (the stack runs NCHW, fit channels_last): measured equal or one test image.
+    for a, b in zip(plain, stacked):
+        assert max(abs(x - y) for x, y in zip(a["acc"] + a["hard_acc"], b["acc"] + b["hard_acc"])) <= 0.02
+    # The three sets' evaluations shared one run: their evaluate seconds add up to its wall time, no set's is 0.
+    assert all(r["seconds"]["evaluate"] > 0 for r in stacked)
+    assert not any((tmp_path / "stacked" / m / "ipc2" / "students").exists() for m in ("random-real", "cvdd"))

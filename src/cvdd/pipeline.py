@@ -24,7 +24,7 @@ from cvdd.config import Recipe, _load_yaml, apply_overrides, from_dict, get_reco
 from cvdd.data.sources import RealDataset
 from cvdd.device import PhasePeaks
 from cvdd.errors import ConfigError
-from cvdd.evaluate.student import EvalConfig, EvalResult, evaluate_synthetic, random_real_set
+from cvdd.evaluate.student import EvalConfig, EvalJob, EvalResult, evaluate_many, random_real_set
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def distill(
     squeeze_overrides: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the pipeline and write ``results.json``, ``results.md``, grids and the resolved config to ``out``."""
-    from cvdd.api import load_pool, recover, squeeze
+    from cvdd.api import load_pool, squeeze
     from cvdd.experts import list_experts, read_expert_meta
     from cvdd.relabel.bssl import Teacher, teacher_weights
 
@@ -206,108 +206,41 @@ def distill(
         100 * full_real_hard,
     )
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     base = apply_overrides(get_recover_preset(preset.recover_preset), recover_overrides or {}, "recover options")
     for ipc in preset.ipcs:
-        for method in preset.methods:
-            run_dir = out_dir / method / f"ipc{ipc}"
-            t0 = time.perf_counter()
-            peaks = PhasePeaks()  # this row's peaks (the high-water mark restarts here)
-            if method == "random-real":
-                images, labels = random_real_set(data, ipc, seed)
-                from cvdd.synthesis.recover import save_grid
-
-                run_dir.mkdir(parents=True, exist_ok=True)
-                save_grid(images, spec, ipc, run_dir / "grid.png")
-            else:
-                n = 1 if method == "sre2l++" else 2
-                per_method: dict[str, Any] = {
-                    "ipc": ipc,
-                    "committee_size": n,
-                    "ipc_per_block": min(ipc, base.ipc_per_block),
-                }
-                # A paper preset names its CV-DD committee policy (fixed pair, pairs, random); SRe2L++ is always
-                # one expert, so it gets `single` there. `auto` already resolves to `single` for N = 1 and is
-                # left as it is, so runs made with the older presets keep their configuration hash (resume).
-                if n == 1 and base.committee not in ("auto", "single"):
-                    per_method["committee"] = "single"
-                rcfg = apply_overrides(base, per_method, "recover")
-                res = recover(
-                    [r.path for r in squeezed],
-                    run_dir,
-                    dataset=data,
-                    seed=seed,
-                    device=device,
-                    progress=progress,
-                    overrides=to_dict(rcfg),
-                    preset=preset.recover_preset,
-                )
-                images, labels = res.images, res.labels
-            recover_s = time.perf_counter() - t0
-            peaks.mark("recover")
+        # 1. Every method's set at this IPC (recover resumes on its own), 2. the evaluations not finished yet
+        # (with stack_seeds all their students train as one stacked model), 3. the rows, in method order.
+        made = [_make_set(data, method, ipc, base, squeezed, out_dir, seed, device, progress, preset.recover_preset)
+                for method in preset.methods]  # fmt: skip
+        pending = []
+        for s in made:
             # A finished evaluation of the very same images under the very same recipe is reused, so a killed
             # distill resumes without retraining students (recover and relabel resume on their own).
-            row_key = _row_key(images, labels, cfg, full_real_hard, [r.name for r in squeezed])
-            cached = _cached_row(run_dir / "row.json", row_key)
-            if cached is not None:
-                log.info("%s ipc %d: reusing the finished evaluation in %s", method, ipc, run_dir / "row.json")
-                rows.append(cached)
-                continue
-            label_dir = run_dir / "labels" if cfg.label_mode == "stored" else None
-            soft = evaluate_synthetic(
-                images,
-                labels,
-                spec,
-                data.test,
-                cfg,
-                teacher=teacher,
-                label_dir=label_dir,
-                device=device,
-                progress=progress,
-                checkpoint_dir=run_dir / "students" / "soft",
-            )
-            hard = evaluate_synthetic(
-                images,
-                labels,
-                spec,
-                data.test,
-                apply_overrides(cfg, {"label_mode": "hard"}, "evaluate"),
-                device=device,
-                progress=progress,
-                checkpoint_dir=run_dir / "students" / "hard",
-            )
-            seconds = {
-                "squeeze": squeeze_s,
-                "recover": recover_s,
-                "relabel": soft.label_seconds,
-                "evaluate": soft.seconds + hard.seconds,
-            }
+            s["key"] = _row_key(s["images"], s["labels"], cfg, full_real_hard, [r.name for r in squeezed])
+            s["row"] = _cached_row(s["run_dir"] / "row.json", s["key"])
+            if s["row"] is not None:
+                log.info(
+                    "%s ipc %d: reusing the finished evaluation in %s", s["method"], ipc, s["run_dir"] / "row.json"
+                )
+            else:
+                pending.append(s)
+        hard_cfg = apply_overrides(cfg, {"label_mode": "hard"}, "evaluate")
+        batches = [pending] if cfg.stack_seeds else [[s] for s in pending]
+        for batch in batches:
+            peaks = PhasePeaks()  # the evaluation's peaks (the high-water mark restarts here)
+            jobs = []
+            for s in batch:
+                run_dir = s["run_dir"]
+                label_dir = run_dir / "labels" if cfg.label_mode == "stored" else None
+                students = run_dir / "students"
+                jobs.append(EvalJob(s["images"], s["labels"], cfg, teacher, label_dir, students / "soft"))
+                jobs.append(EvalJob(s["images"], s["labels"], hard_cfg, None, None, students / "hard"))
+            results = evaluate_many(jobs, spec, data.test, device=device, progress=progress)
             peaks.mark("evaluate")
-            row = _row(spec.name, method, ipc, cfg, soft, hard, seconds)
-            # Peak resident memory (MiB; "_gpu": peak allocated on the GPU) while this row's set was made and
-            # evaluated; squeeze is the run's (zero-cost when the experts were reused).
-            row["memory"] = {
-                f"{stage}_peak_{'gpu_alloc' if stage.endswith('_gpu') else 'rss'}_mib".replace(
-                    "_gpu_peak", "_peak"
-                ): round(v, 1)
-                for stage, v in {**squeeze_peaks.peaks, **peaks.peaks}.items()
-            }
-            row["hlr"] = full_real_hard - hard.mean
-            rows.append(row)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "row.json", json.dumps({"key": row_key, "row": row}, indent=1))
-            if dd.is_main():
-                # The row holds the result now; the students' checkpoints only served an interrupted run.
-                shutil.rmtree(run_dir / "students", ignore_errors=True)
-            log.info(
-                "%s ipc %d: %.2f ± %.2f%% (%s labels), hard %.2f%%",
-                method,
-                ipc,
-                100 * soft.mean,
-                100 * soft.std,
-                cfg.label_mode,
-                100 * hard.mean,
-            )
+            for s, soft, hard in zip(batch, results[0::2], results[1::2]):
+                s["row"] = _finish_row(s, soft, hard, cfg, squeeze_s, full_real_hard, squeeze_peaks, peaks, spec.name)
+        rows.extend(s["row"] for s in made)
     for row in rows:
         ref_rows = [r for r in rows if r["method"] == "random-real" and r["ipc"] == row["ipc"]]
         if ref_rows:
@@ -329,6 +262,102 @@ def distill(
     atomic_write_text(out_dir / "results.json", json.dumps(rows, indent=1))
     atomic_write_text(out_dir / "results.md", results_markdown(rows, resolved))
     return rows
+
+
+def _make_set(
+    data: RealDataset,
+    method: str,
+    ipc: int,
+    base: Any,
+    squeezed: list[Any],
+    out_dir: Path,
+    seed: int,
+    device: str | None,
+    progress: bool,
+    recover_preset: str,
+) -> dict[str, Any]:
+    """One method's set at one IPC: random real images, or recover with one expert (SRe2L++) or a committee."""
+    from cvdd.api import recover
+    from cvdd.synthesis.recover import save_grid
+
+    run_dir = out_dir / method / f"ipc{ipc}"
+    t0 = time.perf_counter()
+    peaks = PhasePeaks()  # this set's peaks (the high-water mark restarts here)
+    if method == "random-real":
+        images, labels = random_real_set(data, ipc, seed)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_grid(images, data.spec, ipc, run_dir / "grid.png")
+    else:
+        n = 1 if method == "sre2l++" else 2
+        per_method: dict[str, Any] = {"ipc": ipc, "committee_size": n, "ipc_per_block": min(ipc, base.ipc_per_block)}
+        # A paper preset names its CV-DD committee policy (fixed pair, pairs, random); SRe2L++ is always one
+        # expert, so it gets `single` there. `auto` already resolves to `single` for N = 1 and is left as it is,
+        # so runs made with the older presets keep their configuration hash (resume).
+        if n == 1 and base.committee not in ("auto", "single"):
+            per_method["committee"] = "single"
+        rcfg = apply_overrides(base, per_method, "recover")
+        res = recover(
+            [r.path for r in squeezed],
+            run_dir,
+            dataset=data,
+            seed=seed,
+            device=device,
+            progress=progress,
+            overrides=to_dict(rcfg),
+            preset=recover_preset,
+        )
+        images, labels = res.images, res.labels
+    recover_s = time.perf_counter() - t0
+    peaks.mark("recover")
+    return {"method": method, "ipc": ipc, "run_dir": run_dir, "images": images, "labels": labels,
+            "recover_s": recover_s, "peaks": peaks}  # fmt: skip
+
+
+def _finish_row(
+    s: dict[str, Any],
+    soft: EvalResult,
+    hard: EvalResult,
+    cfg: EvalConfig,
+    squeeze_s: float,
+    full_real_hard: float,
+    squeeze_peaks: PhasePeaks,
+    eval_peaks: PhasePeaks,
+    dataset: str,
+) -> dict[str, Any]:
+    """The results row of one set, written to its ``row.json`` (the students' checkpoints are then removed)."""
+    method, ipc, run_dir = s["method"], s["ipc"], s["run_dir"]
+    seconds = {
+        "squeeze": squeeze_s,
+        "recover": s["recover_s"],
+        "relabel": soft.label_seconds,
+        "evaluate": soft.seconds + hard.seconds,
+    }
+    row = _row(dataset, method, ipc, cfg, soft, hard, seconds)
+    # Peak resident memory (MiB; "_gpu": peak allocated on the GPU) while this row's set was made and evaluated
+    # (with stack_seeds, the evaluation of every set of the IPC at once); squeeze is the run's (zero-cost when
+    # the experts were reused).
+    row["memory"] = {
+        f"{stage}_peak_{'gpu_alloc' if stage.endswith('_gpu') else 'rss'}_mib".replace("_gpu_peak", "_peak"): round(
+            v, 1
+        )
+        for stage, v in {**squeeze_peaks.peaks, **s["peaks"].peaks, **eval_peaks.peaks}.items()
+    }
+    row["hlr"] = full_real_hard - hard.mean
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "row.json", json.dumps({"key": s["key"], "row": row}, indent=1))
+    if dd.is_main():
+        # The row holds the result now; the students' checkpoints only served an interrupted run.
+        shutil.rmtree(run_dir / "students", ignore_errors=True)
+    log.info(
+        "%s ipc %d: %.2f ± %.2f%% (%s labels), hard %.2f%%",
+        method,
+        ipc,
+        100 * soft.mean,
+        100 * soft.std,
+        cfg.label_mode,
+        100 * hard.mean,
+    )
+    return row
 
 
 def _row_key(images: Any, labels: Any, cfg: EvalConfig, full_real_hard: float, experts: list[str]) -> str:

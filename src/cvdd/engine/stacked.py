@@ -128,7 +128,7 @@ def fit_stacked(
     spec: DatasetSpec,
     device: torch.device,
     seeds: Sequence[int],
-    objective: Objective | None = None,
+    objective: Objective | Sequence[Objective] | None = None,
     progress: bool = True,
     desc: str = "train",
     checkpoint: str | None = None,
@@ -139,14 +139,16 @@ def fit_stacked(
     Args:
         models: the k members (trained in place: their final weights are written back).
         sources: one :class:`~cvdd.engine.fit.BatchSource` per member, each drawing epoch ``e`` from
-            ``derive_seed(seeds[i], "epoch", e)`` as ``fit`` does; or one source whose batches every member
-            shares (stored soft labels, where every seed replays the same plans), drawn with the first seed.
+            ``derive_seed(seeds[i], "epoch", e)`` as ``fit`` does. Members given the same source object share its
+            batches when the source says its batches do not depend on the generator (``seed_independent``, as
+            stored soft labels, where every seed replays the same plans). One source instead of a list: every
+            member shares its batches, drawn with the first seed.
         test: the test split, evaluated per member after the last epoch (and every ``recipe.eval_every``).
         recipe: the common recipe (one process; ``compile`` is not supported, channels_last is ignored).
         spec: dataset spec.
         device: where to train.
-        seeds: the members' run seeds (aligned with ``models``).
-        objective: loss of one member's micro-batch, as in ``fit`` (default cross-entropy).
+        seeds: the members' run seeds (aligned with ``models``; members of different sets may repeat a seed).
+        objective: loss of one member's micro-batch, as in ``fit`` (default cross-entropy); or one per member.
         progress: one progress bar for the stack.
         desc: progress-bar label.
         checkpoint: path of the stack's per-epoch checkpoint (resumed when it matches this run).
@@ -161,22 +163,37 @@ def fit_stacked(
     recipe.validate()
     if recipe.compile:
         raise ConfigError("stacked students cannot be compiled; turn off compile or stack_seeds")
-    if len(models) != len(seeds):
-        raise ConfigError(f"{len(models)} models but {len(seeds)} seeds")
-    shared = not isinstance(sources, Sequence)
-    srcs: list[BatchSource] = [sources] if shared else list(sources)  # type: ignore[list-item]
-    if not shared and len(srcs) != len(models):
-        raise ConfigError(f"{len(models)} models but {len(srcs)} batch sources")
-    if len({s.steps_per_epoch for s in srcs}) != 1:
-        raise ConfigError("stacked members need the same number of steps per epoch")
-    steps_per_epoch = srcs[0].steps_per_epoch
+    k = len(models)
+    if k != len(seeds):
+        raise ConfigError(f"{k} models but {len(seeds)} seeds")
+    all_shared = not isinstance(sources, Sequence)
+    member_sources: list[BatchSource] = [sources] * k if all_shared else list(sources)  # type: ignore[list-item]
+    if len(member_sources) != k:
+        raise ConfigError(f"{k} models but {len(member_sources)} batch sources")
+    # One batch stream per distinct draw: a member reads the stream of the first member it shares batches with.
+    streams: list[tuple[BatchSource, int]] = []  # (source, seed whose generator draws it)
+    stream_of: list[int] = []
+    keys: dict[Any, int] = {}
+    for j, src in enumerate(member_sources):
+        key = id(src) if all_shared or getattr(src, "seed_independent", False) else ("member", j)
+        if key not in keys:
+            keys[key] = len(streams)
+            streams.append((src, seeds[j]))
+        stream_of.append(keys[key])
+    shared = len(streams) == 1  # one forward input for all members (vmap broadcasts it)
+    if len({(src.steps_per_epoch, src.num_samples) for src, _ in streams}) != 1:
+        raise ConfigError("stacked members need sets of the same size (the same steps and batches per epoch)")
+    steps_per_epoch = streams[0][0].steps_per_epoch
+    objectives = list(objective) if isinstance(objective, Sequence) else [objective] * k
+    if len(objectives) != k:
+        raise ConfigError(f"{k} models but {len(objectives)} objectives")
+    default = hard_label_loss(recipe.label_smoothing)
+    losses_of = [o if o is not None else default for o in objectives]
     precision = resolve_precision(recipe.precision, device)
     for m in models:
         m.to(device)
     stack = StackedModels(models).to(device)
     optimizer = build_optimizer(stack, recipe, leading_dims=1)
-    objective = objective if objective is not None else hard_label_loss(recipe.label_smoothing)
-    k = len(models)
     run_hash = recipe_hash(recipe, {"seeds": list(seeds), "stacked": True, **(identity or {})})
     start_epoch, state = load_checkpoint(checkpoint, run_hash, stack, optimizer, desc, recipe.epochs)
     histories: list[list[dict[str, Any]]] = state.get("histories", [[] for _ in range(k)])
@@ -188,8 +205,7 @@ def fit_stacked(
     with ghost_batchnorm(stack.template, recipe.micro_batch) if ghost else contextlib.nullcontext():
         for epoch in range(start_epoch, recipe.epochs):
             stack.train()
-            gens = [make_generator(derive_seed(s, "epoch", epoch), device) for s in seeds[: len(srcs)]]
-            iters = [src.epoch(epoch, g) for src, g in zip(srcs, gens)]
+            iters = [src.epoch(epoch, make_generator(derive_seed(sd, "epoch", epoch), device)) for src, sd in streams]
             loss_sum = torch.zeros(k, device=device)
             correct = torch.zeros(k, dtype=torch.int64, device=device)
             n_epoch = 0  # images each member trained on
@@ -204,11 +220,11 @@ def fit_stacked(
                 total = len(batches[0])
                 groups = [[b] for b in batches] if ghost else [b.split(recipe.micro_batch) for b in batches]
                 for micros in zip(*groups):
-                    inputs = micros[0].inputs if shared else torch.stack([mb.inputs for mb in micros])
+                    members = [micros[stream_of[j]] for j in range(k)]
+                    inputs = members[0].inputs if shared else torch.stack([mb.inputs for mb in members])
                     with autocast(device, precision):
                         logits = stack(inputs, shared=shared).float()
-                    members = [micros[0 if shared else j] for j in range(k)]
-                    losses = torch.stack([objective(logits[j], members[j]) for j in range(k)])
+                    losses = torch.stack([losses_of[j](logits[j], members[j]) for j in range(k)])
                     (losses.sum() * (len(members[0]) / total)).backward()
                     loss_sum += losses.detach() * len(members[0])
                     correct += torch.stack(

@@ -1,5 +1,21 @@
 """Evaluate: train students on a synthetic set with soft (or hard) labels and report real test top-1."""
 
-from cvdd.evaluate.student import EvalConfig, EvalResult, SyntheticBatches, evaluate_synthetic, random_real_set
+from cvdd.evaluate.student import (
+    EvalConfig,
+    EvalJob,
+    EvalResult,
+    SyntheticBatches,
+    evaluate_many,
+    evaluate_synthetic,
+    random_real_set,
+)
 
-__all__ = ["EvalConfig", "EvalResult", "SyntheticBatches", "evaluate_synthetic", "random_real_set"]
+__all__ = [
+    "EvalConfig",
+    "EvalJob",
+    "EvalResult",
+    "SyntheticBatches",
+    "evaluate_many",
+    "evaluate_synthetic",
+    "random_real_set",
+]

@@ -9,6 +9,7 @@ reported is the top-1 on the real test split after the final epoch, never the be
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
@@ -166,6 +167,9 @@ class SyntheticBatches:
         self.settings = cfg.label_settings(label_seed)
         self.num_samples = len(self.labels)
         self.steps_per_epoch = -(-self.num_samples // cfg.batch_size)
+        # Stored shards fix every epoch's plan: the generator is not used, so students of several seeds can share
+        # one draw of the batches (cvdd.engine.stacked).
+        self.seed_independent = label_dir is not None
 
     def epoch(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
         logits = None
@@ -262,11 +266,47 @@ def evaluate_synthetic(
             resumes at its last finished epoch (a checkpoint made from other pixels, labels or recipe is
             ignored); None trains without checkpoints.
     """
+    job = EvalJob(images, labels, cfg, teacher=teacher, label_dir=label_dir, checkpoint_dir=checkpoint_dir)
+    return evaluate_many([job], spec, test, device=device, progress=progress)[0]
+
+
+@dataclass
+class EvalJob:
+    """One synthetic set to evaluate: the arguments of :func:`evaluate_synthetic` that belong to the set.
+
+    Attributes:
+        images: (N, 3, S, S) float32 in [0, 1] (or uint8).
+        labels: (N,) int64.
+        cfg: the evaluation recipe.
+        teacher: soft-label teacher (online and stored modes).
+        label_dir: folder for stored label shards (stored mode).
+        checkpoint_dir: where the set's per-epoch student checkpoints live (None: no checkpoints).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    cfg: EvalConfig
+    teacher: Teacher | None = None
+    label_dir: str | Path | None = None
+    checkpoint_dir: str | Path | None = None
+
+
+@dataclass
+class _Prepared:
+    """A job made ready to train: its source of batches, loss, checkpoint identity and relabelling cost."""
+
+    job: EvalJob
+    source: SyntheticBatches
+    objective: Objective
+    identity: dict[str, Any]
+    label_info: dict[str, Any]
+
+
+def _prepare(job: EvalJob, spec: DatasetSpec, dev: torch.device, progress: bool) -> _Prepared:
     import hashlib
 
-    cfg.validate()
-    dev = resolve_device(device)
-    imgs = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    cfg, teacher = job.cfg.validate(), job.teacher
+    imgs = job.images.float() / 255 if job.images.dtype == torch.uint8 else job.images.float()
     if cfg.label_mode != "hard" and teacher is None:
         raise ConfigError(f"label mode {cfg.label_mode!r} needs a teacher")
     if teacher is not None:
@@ -277,78 +317,157 @@ def evaluate_synthetic(
     if cfg.label_mode == "stored":
         from cvdd.relabel.stored import relabel_stored
 
-        assert teacher is not None and label_dir is not None
+        assert teacher is not None and job.label_dir is not None
         label_info = relabel_stored(
-            imgs.to(dev), labels.to(dev), spec, teacher, cfg.label_settings(cfg.seeds[0]), label_dir, progress=progress
+            imgs.to(dev),
+            job.labels.to(dev),
+            spec,
+            teacher,
+            cfg.label_settings(cfg.seeds[0]),
+            job.label_dir,
+            progress=progress,
         )
     objective = hard_label_loss() if cfg.label_mode == "hard" else kd_loss(cfg.temperature, teacher)
-    accs, rates = [], []
-    t0 = time.perf_counter()
     digest = hashlib.sha256(imgs.cpu().contiguous().numpy().tobytes())
-    digest.update(labels.cpu().contiguous().numpy().tobytes())
+    digest.update(job.labels.cpu().contiguous().numpy().tobytes())
     identity = {
         "data": digest.hexdigest()[:16],
         "student": cfg.student,
         "teacher": teacher.describe() if teacher is not None else None,
         "classes": list(spec.classes),
     }
-
     # Stored labels were made for the first seed's plans, which every seed's student then replays.
-    stored = label_dir if cfg.label_mode == "stored" else None
-    source = SyntheticBatches(imgs, labels, spec, cfg, dev, label_dir=stored, label_seed=cfg.seeds[0])
+    stored = job.label_dir if cfg.label_mode == "stored" else None
+    source = SyntheticBatches(imgs, job.labels, spec, cfg, dev, label_dir=stored, label_seed=cfg.seeds[0])
+    return _Prepared(job, source, objective, identity, label_info)
 
-    def student(seed: int) -> nn.Module:
-        torch.manual_seed(derive_seed(seed, "student", cfg.student))
-        return create_model(cfg.student, spec.num_classes, spec.image_size)
 
-    if cfg.stack_seeds and len(cfg.seeds) > 1 and dd.world() == 1:
-        from cvdd.engine.stacked import fit_stacked
+def _student(cfg: EvalConfig, spec: DatasetSpec, seed: int) -> nn.Module:
+    torch.manual_seed(derive_seed(seed, "student", cfg.student))
+    return create_model(cfg.student, spec.num_classes, spec.image_size)
 
-        # A list of sources: each student draws its own seed's plans (online); one source: they share its batches.
-        results = fit_stacked(
-            [student(s) for s in cfg.seeds],
-            source if stored is not None else [source] * len(cfg.seeds),
+
+def evaluate_many(
+    jobs: list[EvalJob],
+    spec: DatasetSpec,
+    test: TensorSplit | FileSplit,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> list[EvalResult]:
+    """Evaluate several synthetic sets; with ``stack_seeds``, all their students train as one stacked model.
+
+    Jobs whose recipe sets ``stack_seeds`` and agrees in everything that shapes a training step (student, recipe,
+    set size) train together: every seed of every such job is one member of one
+    :func:`~cvdd.engine.stacked.fit_stacked` run, each member with its own set, labels, loss and seed, so each
+    student is the one its job alone would train (up to rounding). On a GPU, where a small student's step is bound
+    by kernel launches, that is the point: the pipeline's soft- and hard-label students of every method at one IPC
+    become one run. Other jobs train one student per seed after the other, as :func:`evaluate_synthetic`.
+
+    Args:
+        jobs: the sets and their recipes.
+        spec: dataset spec.
+        test: the real test split.
+        device: where to train.
+        progress: progress bars.
+
+    Returns:
+        One :class:`EvalResult` per job, in order. Jobs trained together share the group's wall time in
+        proportion to their number of students (``seconds``; the sum over jobs is the wall time).
+    """
+    dev = resolve_device(device)
+    ready = [_prepare(job, spec, dev, progress) for job in jobs]
+    results: list[EvalResult | None] = [None] * len(jobs)
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(ready):
+        cfg = p.job.cfg
+        if cfg.stack_seeds and dd.world() == 1:
+            key = json.dumps([cfg.student, cfg.recipe().identity(), p.source.num_samples], sort_keys=True)
+            groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        if sum(len(ready[i].job.cfg.seeds) for i in members) < 2:
+            continue  # a single student: nothing to stack
+        for i, res in zip(members, _train_stacked([ready[i] for i in members], spec, test, dev, progress)):
+            results[i] = res
+    for i, p in enumerate(ready):
+        if results[i] is None:
+            results[i] = _train_one_by_one(p, spec, test, dev, progress)
+    return [r for r in results if r is not None]
+
+
+def _result(p: _Prepared, accs: list[float], seconds: float, rates: list[float]) -> EvalResult:
+    info = p.label_info
+    label_bytes, label_s = int(info.get("bytes", 0)), float(info.get("seconds", 0.0))
+    return EvalResult(accs, list(p.job.cfg.seeds), seconds, label_bytes, label_s, statistics.median(rates))
+
+
+def _train_one_by_one(
+    p: _Prepared, spec: DatasetSpec, test: TensorSplit | FileSplit, dev: torch.device, progress: bool
+) -> EvalResult:
+    cfg, ckpt = p.job.cfg, p.job.checkpoint_dir
+    t0 = time.perf_counter()
+    accs, rates = [], []
+    for seed in cfg.seeds:
+        res = fit(
+            _student(cfg, spec, seed),
+            p.source,
             test,
             cfg.recipe(),
             spec=spec,
             device=dev,
-            seeds=cfg.seeds,
-            objective=objective,
+            seed=seed,
+            objective=p.objective,
             progress=progress,
-            desc=f"students {cfg.student} seeds {','.join(map(str, cfg.seeds))}",
-            checkpoint=None
-            if checkpoint_dir is None
-            else str(Path(checkpoint_dir) / f"students-seeds{'-'.join(map(str, cfg.seeds))}.pt"),
-            identity=identity,
+            desc=f"student {cfg.student} seed {seed}",
+            checkpoint=None if ckpt is None else Path(ckpt) / f"student-seed{seed}.pt",
+            identity=p.identity,
         )
-        accs = [r.test_acc for r in results]
-        rates = [r.images_per_s for r in results]
-    else:
-        for seed in cfg.seeds:
-            res = fit(
-                student(seed),
-                source,
-                test,
-                cfg.recipe(),
-                spec=spec,
-                device=dev,
-                seed=seed,
-                objective=objective,
-                progress=progress,
-                desc=f"student {cfg.student} seed {seed}",
-                checkpoint=None if checkpoint_dir is None else Path(checkpoint_dir) / f"student-seed{seed}.pt",
-                identity=identity,
-            )
-            accs.append(res.test_acc)
-            rates.append(res.images_per_s)
-    return EvalResult(
-        accs,
-        list(cfg.seeds),
-        time.perf_counter() - t0,
-        int(label_info.get("bytes", 0)),
-        float(label_info.get("seconds", 0.0)),
-        statistics.median(rates),
+        accs.append(res.test_acc)
+        rates.append(res.images_per_s)
+    return _result(p, accs, time.perf_counter() - t0, rates)
+
+
+def _train_stacked(
+    group: list[_Prepared], spec: DatasetSpec, test: TensorSplit | FileSplit, dev: torch.device, progress: bool
+) -> list[EvalResult]:
+    import hashlib
+
+    from cvdd.engine.stacked import fit_stacked
+
+    models, sources, seeds, objectives = [], [], [], []
+    for p in group:
+        for seed in p.job.cfg.seeds:
+            models.append(_student(p.job.cfg, spec, seed))
+            sources.append(p.source)  # shared by the job's seeds only where its batches are seed-independent
+            seeds.append(seed)
+            objectives.append(p.objective)
+    identity = {"jobs": [{**p.identity, "label_mode": p.job.cfg.label_mode} for p in group]}
+    tag = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    ckpt_dir = group[0].job.checkpoint_dir
+    cfg = group[0].job.cfg
+    t0 = time.perf_counter()
+    fits = fit_stacked(
+        models,
+        sources,
+        test,
+        cfg.recipe(),
+        spec=spec,
+        device=dev,
+        seeds=seeds,
+        objective=objectives,
+        progress=progress,
+        desc=f"{len(models)} stacked {cfg.student} students",
+        checkpoint=None if ckpt_dir is None else str(Path(ckpt_dir) / f"stacked-{tag}.pt"),
+        identity=identity,
     )
+    wall = time.perf_counter() - t0
+    out, at = [], 0
+    for p in group:
+        n = len(p.job.cfg.seeds)
+        mine = fits[at : at + n]
+        at += n
+        out.append(_result(p, [r.test_acc for r in mine], wall * n / len(models), [r.images_per_s for r in mine]))
+    return out
 
 
 def random_real_set(data: RealDataset, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
