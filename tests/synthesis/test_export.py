@@ -93,8 +93,11 @@ def test_file_formats_layout(float_set: Path, digits: Any) -> None:
     assert len(list((float_set.parent / "hf" / "train").rglob("*.png"))) == 10 * IPC
 
 
-def test_hf_export_loads_with_datasets(float_set: Path, tmp_path: Path) -> None:
-    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is not installed (optional check)")
+def test_hf_export_loads_with_datasets(float_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Offline (read when `datasets` is imported): the imagefolder builder ships with the library, nothing is fetched.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is not installed (`.[dev]` has it)")
     out = float_set.parent / "hf"
     export_synthetic(float_set, out, "hf")
     ds = datasets.load_dataset("imagefolder", data_dir=str(out), cache_dir=str(tmp_path / "hf-cache"))["train"]
