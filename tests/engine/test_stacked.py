@@ -144,3 +144,22 @@ def test_stacked_students_train_under_bf16_autocast_with_stored_style_shared_bat
     )
     assert all(r.test_acc > 0.4 for r in runs)  # ten classes: chance is 0.1
     assert runs[0].history[-1]["train_loss"] < runs[0].history[0]["train_loss"]
+
+
+def test_evaluate_many_stacks_compatible_jobs_only(digits, caplog: pytest.LogCaptureFixture) -> None:
+    """Two sets with one recipe share a stack (2 x 2 students); a job with another student trains on its own."""
+    from cvdd.evaluate import EvalJob, evaluate_many
+
+    (a, la), (b, lb) = random_real_set(digits, 2, seed=0), random_real_set(digits, 2, seed=1)
+    base = {"epochs": 3, "batch_size": 10, "micro_batch": 5, "label_mode": "hard", "seeds": [0, 1]}
+    stack_cfg = EvalConfig(student="convnet_d3_w32", stack_seeds=True, **base)
+    other = EvalConfig(student="resnet8", stack_seeds=True, **{**base, "seeds": [0]})
+    jobs = [EvalJob(a, la, stack_cfg), EvalJob(b, lb, stack_cfg), EvalJob(a, la, other)]
+    with caplog.at_level("INFO", logger="cvdd.engine.stacked"):
+        together = evaluate_many(jobs, digits.spec, digits.test)
+    assert sum("for 4 members" in r.getMessage() for r in caplog.records) == 3  # one stack, 3 epochs
+    assert not any("for 1 members" in r.getMessage() for r in caplog.records)  # a lone student is not stacked
+    alone = [evaluate_synthetic(j.images, j.labels, digits.spec, digits.test, j.cfg) for j in jobs]
+    for t, s in zip(together, alone):
+        assert t.seeds == s.seeds and max(abs(x - y) for x, y in zip(t.accs, s.accs)) <= 0.02
+    assert together[0].seconds == pytest.approx(together[1].seconds)  # the stack's wall time, shared by students

@@ -309,10 +309,7 @@ def _prepare(job: EvalJob, spec: DatasetSpec, dev: torch.device, progress: bool)
     imgs = job.images.float() / 255 if job.images.dtype == torch.uint8 else job.images.float()
     if cfg.label_mode != "hard" and teacher is None:
         raise ConfigError(f"label mode {cfg.label_mode!r} needs a teacher")
-    if teacher is not None:
-        teacher.group_size = cfg.micro_batch
-        teacher.bssl = cfg.bssl
-        teacher.precision = resolve_precision(cfg.precision, dev)  # the student's precision (fp32 on CPU by default)
+    _configure_teacher(teacher, cfg, dev)
     label_info: dict[str, Any] = {}
     if cfg.label_mode == "stored":
         from cvdd.relabel.stored import relabel_stored
@@ -340,6 +337,17 @@ def _prepare(job: EvalJob, spec: DatasetSpec, dev: torch.device, progress: bool)
     stored = job.label_dir if cfg.label_mode == "stored" else None
     source = SyntheticBatches(imgs, job.labels, spec, cfg, dev, label_dir=stored, label_seed=cfg.seeds[0])
     return _Prepared(job, source, objective, identity, label_info)
+
+
+def _configure_teacher(teacher: Teacher | None, cfg: EvalConfig, dev: torch.device) -> None:
+    """Set the teacher's BN groups (the student's micro-batch), BSSL and precision (the student's) for ``cfg``.
+
+    Called again right before a job's students train: jobs may share one teacher object with other settings.
+    """
+    if teacher is not None:
+        teacher.group_size = cfg.micro_batch
+        teacher.bssl = cfg.bssl
+        teacher.precision = resolve_precision(cfg.precision, dev)  # fp32 on CPU by default
 
 
 def _student(cfg: EvalConfig, spec: DatasetSpec, seed: int) -> nn.Module:
@@ -382,7 +390,9 @@ def evaluate_many(
     for i, p in enumerate(ready):
         cfg = p.job.cfg
         if cfg.stack_seeds and dd.world() == 1:
-            key = json.dumps([cfg.student, cfg.recipe().identity(), p.source.num_samples], sort_keys=True)
+            # An online teacher labels during training with the job's BSSL setting: only equal ones share a stack.
+            bssl = cfg.bssl if cfg.label_mode == "online" else None
+            key = json.dumps([cfg.student, cfg.recipe().identity(), p.source.num_samples, bssl], sort_keys=True)
             groups.setdefault(key, []).append(i)
     for members in groups.values():
         if sum(len(ready[i].job.cfg.seeds) for i in members) < 2:
@@ -405,6 +415,7 @@ def _train_one_by_one(
     p: _Prepared, spec: DatasetSpec, test: TensorSplit | FileSplit, dev: torch.device, progress: bool
 ) -> EvalResult:
     cfg, ckpt = p.job.cfg, p.job.checkpoint_dir
+    _configure_teacher(p.job.teacher, cfg, dev)
     t0 = time.perf_counter()
     accs, rates = [], []
     for seed in cfg.seeds:
@@ -436,6 +447,7 @@ def _train_stacked(
 
     models, sources, seeds, objectives = [], [], [], []
     for p in group:
+        _configure_teacher(p.job.teacher, p.job.cfg, dev)  # equal settings within a group (its key)
         for seed in p.job.cfg.seeds:
             models.append(_student(p.job.cfg, spec, seed))
             sources.append(p.source)  # shared by the job's seeds only where its batches are seed-independent
