@@ -31,3 +31,19 @@ def test_soft_labels_need_a_teacher(digits) -> None:
         evaluate_synthetic(images, labels, digits.spec, digits.test, EvalConfig(student="convnet_d3_w32", epochs=1))
     with pytest.raises(ConfigError, match="unknown label mode"):
         EvalConfig(label_mode="magic").validate()
+
+
+def test_student_checkpoints_resume_only_under_the_same_evaluation_fields(digits, tmp_path, caplog) -> None:
+    """A checkpoint left by a killed evaluation is not resumed after a field that shapes training changed."""
+    images, labels = random_real_set(digits, 1, seed=0)
+    base = {"student": "convnet_d3_w32", "epochs": 2, "label_mode": "hard", "seeds": [0]}
+    ckpt = tmp_path / "students"
+    evaluate_synthetic(images, labels, digits.spec, digits.test, EvalConfig(**base), checkpoint_dir=ckpt)
+    assert (ckpt / "student-seed0.pt").is_file()  # kept until the caller has its result
+    with caplog.at_level("INFO", logger="cvdd.engine.fit"):
+        evaluate_synthetic(images, labels, digits.spec, digits.test, EvalConfig(**base), checkpoint_dir=ckpt)
+        assert any("resuming from epoch 2" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        changed = EvalConfig(**base, cutmix=False)
+        evaluate_synthetic(images, labels, digits.spec, digits.test, changed, checkpoint_dir=ckpt)
+        assert any("ignoring checkpoint" in r.getMessage() for r in caplog.records)

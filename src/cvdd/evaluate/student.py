@@ -327,11 +327,15 @@ def _prepare(job: EvalJob, spec: DatasetSpec, dev: torch.device, progress: bool)
     objective = hard_label_loss() if cfg.label_mode == "hard" else kd_loss(cfg.temperature, teacher)
     digest = hashlib.sha256(imgs.cpu().contiguous().numpy().tobytes())
     digest.update(job.labels.cpu().contiguous().numpy().tobytes())
+    # What a student checkpoint must match to be resumed: the set, the teacher and every evaluation field that
+    # shapes training (temperature, crops, CutMix, label mode...); seeds are matched per run, switches as the recipe.
+    evaluation = {k: v for k, v in cfg.identity().items() if k not in ("seeds", "stack_seeds")}
     identity = {
         "data": digest.hexdigest()[:16],
         "student": cfg.student,
         "teacher": teacher.describe() if teacher is not None else None,
         "classes": list(spec.classes),
+        "evaluation": evaluation,
     }
     # Stored labels were made for the first seed's plans, which every seed's student then replays.
     stored = job.label_dir if cfg.label_mode == "stored" else None
@@ -453,7 +457,7 @@ def _train_stacked(
             sources.append(p.source)  # shared by the job's seeds only where its batches are seed-independent
             seeds.append(seed)
             objectives.append(p.objective)
-    identity = {"jobs": [{**p.identity, "label_mode": p.job.cfg.label_mode} for p in group]}
+    identity = {"jobs": [p.identity for p in group]}
     tag = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     ckpt_dir = group[0].job.checkpoint_dir
     cfg = group[0].job.cfg
