@@ -163,3 +163,37 @@ def test_evaluate_many_stacks_compatible_jobs_only(digits, caplog: pytest.LogCap
     for t, s in zip(together, alone):
         assert t.seeds == s.seeds and max(abs(x - y) for x, y in zip(t.accs, s.accs)) <= 0.02
     assert together[0].seconds == pytest.approx(together[1].seconds)  # the stack's wall time, shared by students
+
+
+def test_member_losses_batch_equal_objectives_and_match_one_by_one() -> None:
+    """Per-row batching of CE (with CutMix) and stored-label KD gives each member's own loss and gradient."""
+    from cvdd.engine.fit import Batch, hard_label_loss
+    from cvdd.engine.stacked import member_losses
+    from cvdd.evaluate.student import kd_loss
+
+    gen = torch.Generator().manual_seed(0)
+    k, m, c = 5, 4, 10
+
+    def batch(soft: bool) -> Batch:
+        y = torch.randint(0, c, (m,), generator=gen)
+        y2, lam = torch.randint(0, c, (m,), generator=gen), torch.rand(m, generator=gen)
+        logits = torch.randn(m, c, generator=gen) if soft else None
+        return Batch(torch.randn(m, 3, 8, 8, generator=gen), y, logits, y2, lam)
+
+    calls = []
+
+    def teacher(x: torch.Tensor) -> torch.Tensor:  # an online teacher: must be asked once per member
+        calls.append(len(x))
+        return x.flatten(1)[:, :c]
+
+    # Objectives made apart but equal (as evaluate_many's jobs make them), one other temperature, one online.
+    objs = [hard_label_loss(0.1), kd_loss(4.0, None), hard_label_loss(0.1), kd_loss(4.0, None), kd_loss(2.0, teacher)]
+    members = [batch(False), batch(True), batch(False), batch(True), batch(False)]
+    logits = torch.randn(k, m, c, generator=gen, requires_grad=True)
+    got = member_losses(logits, members, objs)
+    (got * torch.arange(1.0, k + 1)).sum().backward()
+    grad, logits.grad = logits.grad.clone(), None
+    want = torch.stack([o(logits[j], members[j]) for j, o in enumerate(objs)])
+    (want * torch.arange(1.0, k + 1)).sum().backward()
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(grad, logits.grad, atol=1e-6)
+    assert calls == [m, m]  # the online member was scored alone, once in each computation

@@ -114,15 +114,25 @@ Objective = Callable[[torch.Tensor, Batch], torch.Tensor]
 
 
 def hard_label_loss(label_smoothing: float = 0.0) -> Objective:
-    """Cross-entropy on class labels; with CutMix, the two labels weighted by the pasted area."""
+    """Cross-entropy on class labels; with CutMix, the two labels weighted by the pasted area.
+
+    The objective also carries ``per_row`` (logits (B, C), batch) -> (B,) losses whose mean it is, and
+    ``rowwise_key``: objectives with equal keys compute the same per-row function, so stacked students can be
+    scored in one call (:func:`cvdd.engine.stacked.fit_stacked`).
+    """
     ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing, reduction="none")
 
-    def objective(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def per_row(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         loss = ce(logits, batch.labels)
         if batch.mix_labels is not None and batch.mix_lam is not None:
             loss = batch.mix_lam * loss + (1 - batch.mix_lam) * ce(logits, batch.mix_labels)
-        return loss.mean()
+        return loss
 
+    def objective(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return per_row(logits, batch).mean()
+
+    objective.per_row = per_row  # type: ignore[attr-defined]
+    objective.rowwise_key = ("cross-entropy", label_smoothing)  # type: ignore[attr-defined]
     return objective
 
 

@@ -37,6 +37,7 @@ from cvdd.data.sources import FileSplit, TensorSplit
 from cvdd.data.specs import DatasetSpec
 from cvdd.device import autocast, derive_seed, make_generator, resolve_precision
 from cvdd.engine.fit import (
+    Batch,
     BatchSource,
     FitResult,
     Objective,
@@ -123,6 +124,65 @@ class StackedModels(nn.Module):
             for name, b in zip(self.buffer_names, self._buffers_list()):
                 member.get_buffer(name).copy_(b[i])
         return list(self.members)
+
+
+def member_losses(logits: torch.Tensor, members: Sequence[Batch], objectives: Sequence[Objective]) -> torch.Tensor:
+    """Each member's loss on its micro-batch, with as few calls as the objectives allow.
+
+    Members whose objectives compute the same per-row function (equal ``rowwise_key``, with ``per_row``; see
+    :func:`cvdd.engine.fit.hard_label_loss`) are scored in one call on their concatenated rows: with 18 stacked
+    students that is two loss computations per step instead of 18. The rest (an online teacher) one by one.
+
+    Args:
+        logits: (k, m, C) the members' logits.
+        members: the k micro-batches (m rows each).
+        objectives: the k objectives.
+
+    Returns:
+        (k,) losses, each the mean over its member's rows, as ``objective(logits[j], members[j])``.
+    """
+    k, m = logits.shape[:2]
+    groups: dict[Any, list[int]] = {}
+    for j, obj in enumerate(objectives):
+        rowwise = hasattr(obj, "per_row") and (not getattr(obj, "needs_soft", False) or members[j].soft is not None)
+        groups.setdefault(("rows", obj.rowwise_key) if rowwise else ("member", j), []).append(j)  # type: ignore[attr-defined]
+    parts, order = [], []
+    for (kind, _), idx in groups.items():
+        batch = _concat([members[j] for j in idx]) if kind == "rows" else None
+        if batch is None:  # one by one: an online teacher, or batches that cannot be concatenated
+            parts += [objectives[j](logits[j], members[j]).unsqueeze(0) for j in idx]
+        else:
+            rows = logits if len(idx) == k else logits[idx]
+            per_row = objectives[idx[0]].per_row  # type: ignore[attr-defined]
+            parts.append(per_row(rows.reshape(-1, rows.shape[-1]), batch).view(len(idx), m).mean(1))
+        order += idx
+    out = torch.cat(parts)
+    if order == list(range(k)):
+        return out
+    position = [0] * k
+    for pos, j in enumerate(order):
+        position[j] = pos
+    return out[position]
+
+
+def _concat(batches: Sequence[Batch]) -> Batch | None:
+    """The rows of several micro-batches as one batch for a per-row loss (inputs left out: per-row losses do
+    not read them); None when their optional fields disagree (CutMix in some, soft labels in some)."""
+
+    def cat(field: str) -> torch.Tensor | None:
+        values = [getattr(b, field) for b in batches]
+        if all(v is None for v in values):
+            return None
+        if any(v is None for v in values):
+            raise ValueError(field)
+        return torch.cat(values)
+
+    try:
+        labels = cat("labels")
+        assert labels is not None
+        return Batch(batches[0].inputs.new_empty(0), labels, cat("soft"), cat("mix_labels"), cat("mix_lam"))
+    except ValueError:
+        return None
 
 
 def fit_stacked(
@@ -231,12 +291,11 @@ def fit_stacked(
                     inputs = members[0].inputs if shared else torch.stack([mb.inputs for mb in members])
                     with autocast(device, precision):
                         logits = stack(inputs, shared=shared).float()
-                    losses = torch.stack([losses_of[j](logits[j], members[j]) for j in range(k)])
+                    losses = member_losses(logits, members, losses_of)
                     (losses.sum() * (len(members[0]) / total)).backward()
                     loss_sum += losses.detach() * len(members[0])
-                    correct += torch.stack(
-                        [(logits[j].detach().argmax(1) == members[j].labels).sum() for j in range(k)]
-                    )
+                    labels = members[0].labels.expand(k, -1) if shared else torch.stack([mb.labels for mb in members])
+                    correct += (logits.detach().argmax(-1) == labels).sum(1)
                     n_epoch += len(members[0])
                 optimizer.step()
                 bar.update()

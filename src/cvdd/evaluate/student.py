@@ -191,7 +191,12 @@ class SyntheticBatches:
 
 
 def kd_loss(temperature: float, teacher: Teacher | None) -> Objective:
-    """KL(softmax(z_t / T) || softmax(z_s / T)), batchmean; z_t stored in the batch or from the online teacher."""
+    """KL(softmax(z_t / T) || softmax(z_s / T)), batchmean; z_t stored in the batch or from the online teacher.
+
+    With stored logits in the batch the loss is a mean over rows, given by ``per_row`` (``rowwise_key`` names it,
+    ``needs_soft`` says it holds only then; see :func:`cvdd.engine.fit.hard_label_loss`). An online teacher labels
+    each micro-batch with its BN statistics (BSSL), which couples the rows, so that case is never batched further.
+    """
 
     def objective(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         target = batch.soft
@@ -205,6 +210,17 @@ def kd_loss(temperature: float, teacher: Teacher | None) -> Objective:
             reduction="batchmean",
         )
 
+    def per_row(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        assert batch.soft is not None, "per-row KD needs stored soft labels"
+        return nn.functional.kl_div(
+            torch.log_softmax(logits / temperature, dim=1),
+            torch.softmax(batch.soft / temperature, dim=1),
+            reduction="none",
+        ).sum(1)
+
+    objective.per_row = per_row  # type: ignore[attr-defined]
+    objective.rowwise_key = ("kd", temperature)  # type: ignore[attr-defined]
+    objective.needs_soft = True  # type: ignore[attr-defined]
     return objective
 
 
