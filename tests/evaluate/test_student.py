@@ -47,3 +47,18 @@ def test_student_checkpoints_resume_only_under_the_same_evaluation_fields(digits
         changed = EvalConfig(**base, cutmix=False)
         evaluate_synthetic(images, labels, digits.spec, digits.test, changed, checkpoint_dir=ckpt)
         assert any("ignoring checkpoint" in r.getMessage() for r in caplog.records)
+
+
+def test_jobs_of_one_set_share_its_device_copy(digits) -> None:
+    """Soft- and hard-label jobs of one set hold one device copy of its pixels, not one each."""
+    from cvdd.evaluate.student import EvalJob, _prepare
+
+    images, labels = random_real_set(digits, 1, seed=0)
+    cfg = EvalConfig(student="convnet_d3_w32", epochs=1, label_mode="hard", seeds=[0])
+    cache: dict = {}
+    a = _prepare(EvalJob(images, labels, cfg), digits.spec, torch.device("cpu"), False, cache)
+    b = _prepare(EvalJob(images, labels, cfg), digits.spec, torch.device("cpu"), False, cache)
+    other, _ = random_real_set(digits, 1, seed=1)
+    c = _prepare(EvalJob(other, labels, cfg), digits.spec, torch.device("cpu"), False, cache)
+    assert a.source.images.data_ptr() == b.source.images.data_ptr() != c.source.images.data_ptr()
+    assert len(cache) == 2

@@ -9,6 +9,7 @@ reported is the top-1 on the real test split after the final epoch, never the be
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import statistics
@@ -318,11 +319,18 @@ class _Prepared:
     label_info: dict[str, Any]
 
 
-def _prepare(job: EvalJob, spec: DatasetSpec, dev: torch.device, progress: bool) -> _Prepared:
+def _prepare(
+    job: EvalJob, spec: DatasetSpec, dev: torch.device, progress: bool, on_device: dict[int, torch.Tensor]
+) -> _Prepared:
+    """Relabel (stored mode) and build the job's batch source; ``on_device`` caches each set's device copy by the
+    ``id`` of its images, so jobs of one set (soft and hard labels) share one copy."""
     import hashlib
 
     cfg, teacher = job.cfg.validate(), job.teacher
-    imgs = job.images.float() / 255 if job.images.dtype == torch.uint8 else job.images.float()
+    if id(job.images) not in on_device:
+        imgs = job.images.float() / 255 if job.images.dtype == torch.uint8 else job.images.float()
+        on_device[id(job.images)] = imgs.to(dev)
+    imgs = on_device[id(job.images)]
     if cfg.label_mode != "hard" and teacher is None:
         raise ConfigError(f"label mode {cfg.label_mode!r} needs a teacher")
     _configure_teacher(teacher, cfg, dev)
@@ -332,7 +340,7 @@ def _prepare(job: EvalJob, spec: DatasetSpec, dev: torch.device, progress: bool)
 
         assert teacher is not None and job.label_dir is not None
         label_info = relabel_stored(
-            imgs.to(dev),
+            imgs,
             job.labels.to(dev),
             spec,
             teacher,
@@ -404,24 +412,38 @@ def evaluate_many(
         proportion to their number of students (``seconds``; the sum over jobs is the wall time).
     """
     dev = resolve_device(device)
-    ready = [_prepare(job, spec, dev, progress) for job in jobs]
+    cfg_ok = [job.cfg.validate() for job in jobs]
     results: list[EvalResult | None] = [None] * len(jobs)
     groups: dict[str, list[int]] = {}
-    for i, p in enumerate(ready):
-        cfg = p.job.cfg
+    for i, (job, cfg) in enumerate(zip(jobs, cfg_ok)):
         if cfg.stack_seeds and dd.world() == 1:
             # An online teacher labels during training with the job's BSSL setting: only equal ones share a stack.
             bssl = cfg.bssl if cfg.label_mode == "online" else None
-            key = json.dumps([cfg.student, cfg.recipe().identity(), p.source.num_samples, bssl], sort_keys=True)
+            key = json.dumps([cfg.student, cfg.recipe().identity(), len(job.labels), bssl], sort_keys=True)
             groups.setdefault(key, []).append(i)
+    # Each set lives on the device only while a job that trains on it is being prepared or trained: jobs are
+    # prepared right before they train (one by one, or a stack's together), and a set's device copy is dropped
+    # after its last job (a large set is not held several times over, as it was not before stacking existed).
+    uses = collections.Counter(id(job.images) for job in jobs)
+    on_device: dict[int, torch.Tensor] = {}
+
+    def done(i: int) -> None:
+        uses[id(jobs[i].images)] -= 1
+        if uses[id(jobs[i].images)] == 0:
+            on_device.pop(id(jobs[i].images), None)
+
     for members in groups.values():
-        if sum(len(ready[i].job.cfg.seeds) for i in members) < 2:
+        if sum(len(jobs[i].cfg.seeds) for i in members) < 2:
             continue  # a single student: nothing to stack
-        for i, res in zip(members, _train_stacked([ready[i] for i in members], spec, test, dev, progress)):
+        ready = [_prepare(jobs[i], spec, dev, progress, on_device) for i in members]
+        for i, res in zip(members, _train_stacked(ready, spec, test, dev, progress)):
             results[i] = res
-    for i, p in enumerate(ready):
+            done(i)
+        del ready
+    for i, job in enumerate(jobs):
         if results[i] is None:
-            results[i] = _train_one_by_one(p, spec, test, dev, progress)
+            results[i] = _train_one_by_one(_prepare(job, spec, dev, progress, on_device), spec, test, dev, progress)
+            done(i)
     return [r for r in results if r is not None]
 
 
