@@ -74,6 +74,20 @@ def test_group_size_is_the_bn_group_and_weights_sum_logits() -> None:
     assert torch.allclose(grouped, single, atol=1e-5)
 
 
+def test_teacher_layout_changes_speed_not_labels() -> None:
+    """channels_last (default) and NCHW teachers give the same BSSL logits; the layout is not in its identity."""
+    a, b = _expert(4), _expert(5)
+    x = torch.randn(8, 3, 16, 16)
+    t = Teacher([a, b], [0.5, 0.5], group_size=4)
+    nhwc = t(x)
+    assert a.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    described = t.describe()
+    t.channels_last = False
+    nchw = t(x)
+    assert a.model.features[0].weight.is_contiguous() and torch.allclose(nhwc, nchw, atol=1e-5)
+    assert t.describe() == described
+
+
 def _toy_set(n: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return torch.rand(n, 3, 16, 16, generator=g), torch.arange(4).repeat_interleave(n // 4)

@@ -376,6 +376,7 @@ def _configure_teacher(teacher: Teacher | None, cfg: EvalConfig, dev: torch.devi
         teacher.group_size = cfg.micro_batch
         teacher.bssl = cfg.bssl
         teacher.precision = resolve_precision(cfg.precision, dev)  # fp32 on CPU by default
+        teacher.channels_last = cfg.channels_last is not False  # the student's layout (default channels_last)
 
 
 def _student(cfg: EvalConfig, spec: DatasetSpec, seed: int) -> nn.Module:

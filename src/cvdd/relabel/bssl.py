@@ -52,6 +52,10 @@ class Teacher:
             are produced with the statistics of exactly the images the student normalises together. 0 or None
             means the whole batch passed in.
         precision: ``fp32`` or ``bf16`` autocast of the experts' forward (the returned logits are float32).
+        channels_last: run the experts in channels_last (default, as training: a BSSL teacher forward took 0.64x
+            the NCHW time on a 2-core CPU); the experts' weights are converted in place on the next call (same
+            values, another memory layout). Logits agree with NCHW up to rounding (measured 2e-6), so the switch is
+            not part of :meth:`describe` and stored labels made either way stay valid.
     """
 
     def __init__(
@@ -64,6 +68,8 @@ class Teacher:
         self.bssl = bssl
         self.group_size = group_size or 0
         self.precision = "fp32"
+        self.channels_last = True
+        self._layout: torch.memory_format | None = None  # the experts' current layout, once set by a call
 
     @property
     def names(self) -> list[str]:
@@ -90,6 +96,12 @@ class Teacher:
         Returns:
             (B, C) float32 weighted logits.
         """
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        if layout != self._layout:
+            for expert in self.experts:
+                expert.model.to(memory_format=layout)
+            self._layout = layout
+        x = x.contiguous(memory_format=layout)
         groups = [x] if self.group_size <= 0 or self.group_size >= len(x) else list(x.split(self.group_size))
         outs = []
         for g in groups:
