@@ -199,25 +199,21 @@ def kd_loss(temperature: float, teacher: Teacher | None) -> Objective:
     each micro-batch with its BN statistics (BSSL), which couples the rows, so that case is never batched further.
     """
 
+    def kl(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+        log_p, q = torch.log_softmax(logits / temperature, dim=1), torch.softmax(target / temperature, dim=1)
+        return nn.functional.kl_div(log_p, q, reduction=reduction)
+
     def objective(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         target = batch.soft
         if target is None:
             if teacher is None:
                 raise ConfigError("soft labels need a teacher or stored label shards")
             target = teacher(batch.inputs)
-        return nn.functional.kl_div(
-            torch.log_softmax(logits / temperature, dim=1),
-            torch.softmax(target / temperature, dim=1),
-            reduction="batchmean",
-        )
+        return kl(logits, target, "batchmean")
 
     def per_row(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         assert batch.soft is not None, "per-row KD needs stored soft labels"
-        return nn.functional.kl_div(
-            torch.log_softmax(logits / temperature, dim=1),
-            torch.softmax(batch.soft / temperature, dim=1),
-            reduction="none",
-        ).sum(1)
+        return kl(logits, batch.soft, "none").sum(1)
 
     objective.per_row = per_row  # type: ignore[attr-defined]
     objective.rowwise_key = ("kd", temperature)  # type: ignore[attr-defined]
