@@ -331,7 +331,8 @@ def main() -> None:
         "",
         f"Per iteration of the first unit, median of {args.reps} (after {args.warmup} warm-up), ms. (a) = full "
         "iteration; (b) = the experts' forward + loss + backward alone on the same augmented sub-batches with the "
-        "BN hooks; (a), (b) and (b) without hooks are measured interleaved.",
+        "BN hooks; (a), (b) and (b) without hooks are measured interleaved (with `compile`, (b) without hooks runs "
+        "uncompiled).",
         "",
         "| config | images/expert | (a) full | augment | forward+loss | backward | Adam+clamp | (b) experts | "
         "share (b)/(a) | experts without BN hooks |",

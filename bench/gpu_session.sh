@@ -10,7 +10,8 @@
 # `cvdd bench --preset cifar10-gpu --budget small`. Part 2 reuses part 1's work (kept under $WORK, which survives
 # between the calls of a warm machine): the speed suite on CUDA, part 1's pipeline evaluation again with every
 # student stacked (stack_seeds), the 224 px memory benchmark, operator counts, the student-epoch switches
-# (bench/bench_student.py) and `pytest -m gpu`. (bench/bench_fused.py, measured on 2026-11-26, is no longer run.)
+# (bench/bench_student.py), `pytest -m gpu`, and last recover with and without torch.compile
+# (bench/bench_switches.py). (bench/bench_fused.py, measured on 2026-11-26, is no longer run.)
 # Figures of 2026-11-26 (H200): docs/benchmarks/gpu-h200.md.
 set -u
 PART=${1:-1}
@@ -83,4 +84,13 @@ timeout -k 10 60 $PY bench/bench_student.py --device cuda --data "$DATA" --stude
 
 step GPU tests
 timeout -k 10 50 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
+
+if [ "$EXPERTS" != auto ]; then
+  # torch.compile of the experts in recover, the lever the CPU measured at 2.9x per iteration (untried on a GPU):
+  # the paper's ImageNet committee (ResNet-18 + ResNet-50 from part 1), IPC 10, 100 images, eager against compiled.
+  step recover and student with and without torch.compile, ResNet-18 + ResNet-50
+  mkdir -p "$WORK/r18r50" && cp "$WORK"/pipe/experts/resnet18.* "$WORK"/pipe/experts/resnet50.* "$WORK/r18r50/"
+  timeout -k 10 170 $PY bench/bench_switches.py --device cuda --experts "$WORK/r18r50" --data "$DATA" \
+    --switches default compile --repeats 1 --short 5 --long 25 2>&1 | grep -v -E "USDT|ERROR|Warning" | tee "$OUT/compile.md" | tail -6
+fi
 step done

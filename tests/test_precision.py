@@ -16,6 +16,7 @@ from cvdd.api import load_pool
 from cvdd.data.augment import Normalize
 from cvdd.evaluate.student import EvalConfig, evaluate_synthetic, random_real_set
 from cvdd.relabel.bssl import Teacher
+from cvdd.synthesis.recover import load_synthetic
 
 
 def test_recover_bf16_matches_fp32_loss_and_drift(digit_experts: Path, digits, tmp_path: Path) -> None:
@@ -66,39 +67,67 @@ def test_evaluate_bf16_accuracy_within_tolerance(digit_experts: Path, digits, la
 
 
 def _recover_pair(digit_experts: Path, digits, tmp_path: Path, over: dict, iterations: int) -> tuple[list, list]:
-    """The units of a default run and of a run with ``over``; two units (one per IPC index), so that the BN hooks
-    are registered again on already-compiled experts for the second unit."""
+    """The units of a default run and of a run with ``over``: one random expert per IPC index, IPC 6 in three
+    units of two indices, so that the BN hooks are registered again on already-compiled experts for the later
+    units, and an expert sees 0, 10 or 20 rows of a unit depending on which indices drew it."""
     runs = [
         cvdd.recover(
             digit_experts,
             tmp_path / name,
-            ipc=2,
+            ipc=6,
             iterations=iterations,
             init="real",
+            committee_size=1,
             dataset=digits,
-            overrides={"ipc_per_block": 1, **o},
+            overrides={"ipc_per_block": 2, "committee": "random", **o},
             progress=False,
         )
         for name, o in (("plain", {}), ("switched", over))
     ]
-    return runs[0].meta["units"], runs[1].meta["units"]
+    return runs[0].meta, runs[1].meta
 
 
 @pytest.mark.parametrize("switch", ["channels_last", "compile"])
 def test_recover_layout_and_compile_match_default(digit_experts: Path, digits, tmp_path: Path, switch: str) -> None:
     """channels_last and torch.compile change only the order of float operations: loss, BN loss and drift agree.
 
-    Measured (50 iterations): loss 0.35841 (default) vs 0.35844 (channels_last) vs 0.35850 (compile), drift
-    40.958 vs 40.965 vs 40.966 /255.
+    With compile, each expert is compiled once however many rows the units give it (a symbolic batch dimension):
+    before, every new batch size compiled a new graph until dynamo's limit sent the expert back to eager.
     """
-    units_a, units_b = _recover_pair(digit_experts, digits, tmp_path, {switch: True}, iterations=50)
-    assert len(units_a) == len(units_b) == 2
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    meta_a, meta_b = _recover_pair(digit_experts, digits, tmp_path, {switch: True}, iterations=30)
+    units_a, units_b = meta_a["units"], meta_b["units"]
+    assert len(units_a) == len(units_b) == 3
     for a, b in zip(units_a, units_b):
         ra, rb = a["records"][-1], b["records"][-1]
         assert abs(ra["loss"] - rb["loss"]) <= 0.01 * ra["loss"]
         for key in (k for k in ra if k.startswith("bn/")):  # the hooks saw every BN layer through the switch
             assert abs(ra[key] - rb[key]) <= 0.01 * ra[key], key
         assert abs(a["mean_abs_change"] - b["mean_abs_change"]) <= 0.01 * a["mean_abs_change"]
+    if switch == "compile":
+        # The plan gives the experts different row counts across units (else the test would prove nothing).
+        committees, pool = meta_b["committees"], meta_b["pool"]
+        # IPC indices (10 rows each) of each unit that drew expert e, over the units that use e at all.
+        sizes = {e: {n for u in range(3) if (n := sum(c == [e] for c in committees[2 * u : 2 * u + 2]))} for e in pool}
+        assert any(len(s) > 1 for s in sizes.values()), sizes
+        # At most two graphs per expert (measured 3 for 2 experts): PyTorch's CPU convolution guards on a batch of
+        # fewer than 16 images, so 10-row and 20-row units need one each, but every larger unit shares the second.
+        assert counters["stats"]["unique_graphs"] - graphs_before <= 2 * len(pool)
+        # Compiled runs are reproducible too: the same seed gives the same pixels.
+        again = cvdd.recover(
+            digit_experts,
+            tmp_path / "again",
+            ipc=6,
+            iterations=30,
+            init="real",
+            committee_size=1,
+            dataset=digits,
+            overrides={"ipc_per_block": 2, "committee": "random", switch: True},
+            progress=False,
+        )
+        assert torch.equal(again.images, load_synthetic(tmp_path / "switched", digits.spec)[0])
 
 
 def test_switches_do_not_change_identities() -> None:
@@ -120,3 +149,27 @@ def test_evaluate_compile_and_channels_last_accuracy_within_tolerance(digits) ->
         accs[name] = evaluate_synthetic(images, labels, digits.spec, digits.test, cfg).mean
     assert abs(accs["plain"] - accs["compile"]) <= 0.03, accs
     assert abs(accs["plain"] - accs["channels_last"]) <= 0.03, accs
+
+
+def test_compiled_expert_keeps_its_bn_hooks_after_an_unhooked_forward() -> None:
+    """The BN hooks of a compiled expert fire in every hooked forward, also after a forward without them.
+
+    Dynamo reuses a graph compiled without hooks once hooks are registered again (their statistics stay empty),
+    so the committee runs unhooked forwards uncompiled; the speed suite's benchmark does hooked, unhooked, hooked.
+    """
+    from cvdd.models.registry import create_model
+    from cvdd.synthesis.bn_matching import BNMatching
+    from cvdd.synthesis.recover import _Committee
+
+    torch.manual_seed(0)
+    committee = _Committee({"a": create_model("convnet_d3_w32", 10, 32)}, torch.device("cpu"), compile=True)
+    x = torch.randn(20, 3, 32, 32)
+    losses = []
+    for hooked in (True, False, True):
+        if not hooked:
+            committee.forward("a", x, bn_hooks=False)
+            continue
+        with BNMatching(committee.models["a"]) as bn:
+            committee.forward("a", x)
+            losses.append(float(bn.loss()))  # raises if a BN layer's hook did not fire
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

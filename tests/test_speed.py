@@ -18,6 +18,7 @@ TINY = {
     "epochs": 1,
     "recover_ipc": 1,
     "recover_iterations": 2,
+    "recover_overrides": {"compile": False},  # two iterations: compiling the experts would only cost time
     "recover_reps": 1,
     "recover_warmup": 0,
     "squeeze_repeats": 1,
@@ -148,6 +149,7 @@ def test_recover_overrides_reach_cvdd_recover(cifar_slice: Path, tmp_path: Path)
             ({"ipc_per_block": 2, "bn_groups": "ipc"}, "(1 unit(s) of 20 images"),
         )
     ):
+        over = {**TINY["recover_overrides"], **over}
         cfg = speed_config({**base, "recover_overrides": over, "work_dir": str(tmp_path / f"work{i}")})
         with num_threads(1):
             report = run_speed_suite(cfg, device="cpu", out=tmp_path / "speed.md", echo=False)

@@ -81,7 +81,8 @@ def squeeze(
         archs: architectures to train (default: the preset's).
         out: folder for the experts (``<arch>.safetensors`` + ``<arch>.json``).
         data: where a named dataset lives (folder or tarball).
-        preset: squeeze preset (default: the dataset's, e.g. ``digits``, ``cifar10``; ``cifar10-cpu`` for CPUs).
+        preset: squeeze preset (default: the dataset's, e.g. ``digits``, ``cifar10``: the paper's recipe, a GPU job;
+            pass ``cifar10-cpu`` on a CPU).
         epochs: override the preset's epochs.
         overrides: other recipe fields to override (``{"lr": 0.1}``).
         seed: run seed (each expert derives its own from it and its name).

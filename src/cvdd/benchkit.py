@@ -298,7 +298,11 @@ class UnitBench:
         from cvdd.data.augment import Normalize
         from cvdd.device import make_generator, resolve_precision
         from cvdd.synthesis.bn_matching import BNMatching
+        from cvdd.synthesis.recover import _Committee
 
+        # The experts are called as recover calls them: in the config's layout, compiled when it says so.
+        self.committee = _Committee(models, device, channels_last=bool(cfg.channels_last), compile=bool(cfg.compile))
+        models = self.committee.models
         self.models, self.members, self.n_cls, self.cfg, self.spec, self.device = (
             models,
             members,
@@ -348,7 +352,7 @@ class UnitBench:
 
         for name, m in self.members.items():
             with autocast(self.device, self.precision):
-                logits = self.models[name](subs[name])
+                logits = self.committee.forward(name, subs[name], bn_hooks=bn_hooks)
             ce_rows = nn.functional.cross_entropy(logits.float(), self.targets[m.rows], reduction="none")
             term = (ce_rows * m.row_weights).sum() / self.n_cls
             if bn_hooks:

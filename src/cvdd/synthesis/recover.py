@@ -297,34 +297,62 @@ class RecoverResult:
 
 
 class _Committee:
-    """The pool of experts on the device, with their BN-matching hooks, built once per run."""
+    """The pool of experts on the device, in their execution layout (channels_last, compiled), built once per run.
+
+    Recover and the benchmarks that reproduce its iteration (:class:`cvdd.benchkit.UnitBench`) call the experts
+    through it, so both run them the same way.
+
+    Args:
+        models: expert name -> module; moved to ``device``, set to eval mode and frozen (in place).
+        device: where the experts run.
+        channels_last: convert the experts and their inputs to channels_last.
+        compile: call each expert through ``torch.compile`` with a symbolic batch dimension.
+    """
 
     def __init__(
         self,
-        experts: list[Expert],
+        models: dict[str, nn.Module],
         device: torch.device,
-        first_multiplier: float,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
-        self.models = {e.name: e.model.to(device).eval() for e in experts}
+        self.models = {n: m.to(device).eval() for n, m in models.items()}
         for m in self.models.values():
             for p in m.parameters():
                 p.requires_grad_(False)
             if channels_last:
                 m.to(memory_format=torch.channels_last)
-        self.first_multiplier = first_multiplier
         self.channels_last = channels_last
+        self.compiled = compile
         # Compiled wrappers share the modules (and so the BN hooks registered on them later); the plain modules
-        # stay in `models` for the observer and the final accuracy check, which run once.
+        # stay in `models` for the observer and the final accuracy check, which run once. Each wrapper compiles
+        # when it is first called, so an expert that no committee uses costs nothing. dynamic=False keeps every
+        # other dimension static; the batch dimension is marked dynamic at each call (`forward`).
         self._calls: dict[str, Any] = (
             {n: torch.compile(m, dynamic=False) for n, m in self.models.items()} if compile else dict(self.models)
         )
 
-    def forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Logits of expert ``name`` on a normalised batch (B, 3, S, S), in the committee's memory format."""
+    def forward(self, name: str, x: torch.Tensor, bn_hooks: bool = True) -> torch.Tensor:
+        """Logits (B, K) of expert ``name`` on a normalised batch (B, 3, S, S), in the committee's memory format.
+
+        Args:
+            name: the expert.
+            x: the batch.
+            bn_hooks: the expert has its BN-matching hooks attached (recover's forwards always do). A forward
+                without them runs uncompiled: once dynamo has compiled a graph of the expert without hooks, it reuses
+                that graph after hooks are registered again, and they never fire (PyTorch 2.14, reproduced by
+                ``tests/test_precision.py``).
+        """
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if not bn_hooks:
+            return self.models[name](x)
+        if self.compiled:
+            # An expert sees as many rows as its committees give it in each unit (70, 60, 80, ... of a 100-image
+            # unit), and a graph compiled for one batch size would be compiled again for every other, up to
+            # dynamo's limit per forward (which experts of one class share), after which it silently runs eager.
+            # One graph with a symbolic batch dimension serves every unit.
+            torch._dynamo.maybe_mark_dynamic(x, 0)
         return self._calls[name](x)
 
 
@@ -753,7 +781,7 @@ def recover_images(
     # channels_last is opt-in here (unlike training): runs made without the switch stay bit-identical to runs made
     # before it existed, which resume and job arrays rely on.
     committee = _Committee(
-        experts, dev, cfg.first_bn_multiplier, channels_last=bool(cfg.channels_last), compile=cfg.compile
+        {e.name: e.model for e in experts}, dev, channels_last=bool(cfg.channels_last), compile=cfg.compile
     )
     observer = None
     if cfg.init == "patches":
