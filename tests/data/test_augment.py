@@ -63,6 +63,39 @@ def test_crop_resize_is_differentiable() -> None:
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
 
 
+def _roi_align_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """The reference: torchvision's roi_align with the sampling crop_resize promises."""
+    from torchvision.ops import roi_align
+
+    b, _, h, w = x.shape
+    y0, x0 = boxes[:, 0] * h, boxes[:, 1] * w
+    rois = torch.stack([torch.arange(b, dtype=x.dtype), x0, y0, x0 + boxes[:, 3] * w, y0 + boxes[:, 2] * h], dim=1)
+    return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+
+
+def test_cpu_crop_resize_is_roi_align_to_float64_rounding() -> None:
+    """The CPU path (two interpolation matrices per box) samples exactly as roi_align: same-size crops, downscales
+    (several samples per cell), upscales, boxes touching the border, and one box shared by the batch."""
+    g = _gen(1)
+    x = torch.randn(6, 3, 20, 28, dtype=torch.float64, requires_grad=True)
+    boxes = random_resized_crop_boxes(6, g, torch.device("cpu"), scale=(0.05, 1.0)).double()
+    boxes[0] = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    boxes[1] = torch.tensor([0.5, 0.7, 0.5, 0.3])  # bottom-right corner
+    shared = boxes[2:3].expand(6, 4)
+    for bx in (boxes, shared):
+        for size in (24, 7, 50):
+            ours, ref = crop_resize(x, bx, size), _roi_align_crop(x, bx.contiguous(), size)
+            assert torch.allclose(ours, ref, rtol=0, atol=1e-12), (size, float((ours - ref).abs().max()))
+            gy = torch.randn_like(ref)
+            (g_ours,) = torch.autograd.grad(ours, x, gy)
+            (g_ref,) = torch.autograd.grad(ref, x, gy)
+            assert torch.allclose(g_ours, g_ref, rtol=0, atol=1e-12)
+    # float32, as recover and training call it: within float rounding of the coordinates.
+    x32 = torch.rand(4, 3, 32, 32)
+    b32 = random_resized_crop_boxes(4, g, torch.device("cpu"))
+    assert torch.allclose(crop_resize(x32, b32, 32), _roi_align_crop(x32, b32, 32), atol=1e-5)
+
+
 def test_normalize_round_trip() -> None:
     norm = Normalize(SPEC)
     x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
