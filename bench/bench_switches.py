@@ -36,6 +36,7 @@ SWITCHES: dict[str, dict[str, object]] = {
     "channels_last": {"channels_last": True, "compile": False},
     "compile": {"channels_last": False, "compile": True},
     "bf16": {"channels_last": False, "compile": False, "precision": "bf16"},
+    "compile+channels_last": {"channels_last": True, "compile": True},
 }
 MARK = "BENCH_SWITCH "
 
@@ -107,6 +108,8 @@ def main() -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), check=True)
             line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(MARK))
             results[s].append(json.loads(line[len(MARK) :]))
+            # Each run as it finishes, so that a time-boxed call (the GPU session) keeps what it measured.
+            print(f"{s}: {line[len(MARK) :]}", flush=True)
     print(f"command: python bench/bench_switches.py {' '.join(sys.argv[1:])}")
     print(
         f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "

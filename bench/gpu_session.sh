@@ -10,8 +10,9 @@
 # `cvdd bench --preset cifar10-gpu --budget small`. Part 2 reuses part 1's work (kept under $WORK, which survives
 # between the calls of a warm machine): the speed suite on CUDA, part 1's pipeline evaluation again with every
 # student stacked (stack_seeds), the 224 px memory benchmark, operator counts, the student-epoch switches
-# (bench/bench_student.py), `pytest -m gpu`, and last recover with and without torch.compile
-# (bench/bench_switches.py). (bench/bench_fused.py, measured on 2026-11-26, is no longer run.)
+# (bench/bench_student.py), `pytest -m gpu`, and recover with and without torch.compile (bench/bench_switches.py);
+# part 2 runs them in order of priority (speed suite, compile, memory, stacked evaluation, student, operators,
+# tests). (bench/bench_fused.py, measured on 2026-11-26, is no longer run.)
 # Figures of 2026-11-26 (H200): docs/benchmarks/gpu-h200.md.
 set -u
 PART=${1:-1}
@@ -55,12 +56,25 @@ EXPERTS=auto
 # The GPU preset's pool, trained in part 1: only when all five experts are there (part 1 may have been cut short).
 if [ "$(ls "$WORK"/pipe/experts/*.safetensors 2>/dev/null | wc -l)" -ge 5 ]; then EXPERTS="$WORK/pipe/experts"; fi
 
+# In order of priority: the device budget (about 13 minutes after the start) may end the call before the last steps.
 step speed suite on CUDA
 timeout -k 10 190 $PY -m cvdd bench --suite speed --preset cifar10-gpu --device cuda --data "$DATA" --experts "$EXPERTS" \
   --set recover_iterations=20 --set recover_reps=5 --set squeeze_repeats=1 --out "$OUT/speed-gpu.md" \
   >"$OUT/speed.log" 2>&1
 echo "exit $?"
 cat "$OUT/speed-gpu.md" 2>/dev/null || summary "$OUT/speed.log" 30
+
+if [ "$EXPERTS" != auto ]; then
+  # torch.compile of the experts in recover, the lever the CPU measured at 2.9x per iteration (untried on a GPU):
+  # the paper's ImageNet committee (ResNet-18 + ResNet-50 from part 1), IPC 10, 100 images, eager against compiled.
+  step recover and student with and without torch.compile, ResNet-18 + ResNet-50
+  mkdir -p "$WORK/r18r50" && cp "$WORK"/pipe/experts/resnet18.* "$WORK"/pipe/experts/resnet50.* "$WORK/r18r50/"
+  timeout -k 10 170 $PY bench/bench_switches.py --device cuda --experts "$WORK/r18r50" --data "$DATA" \
+    --switches default compile --repeats 1 --short 5 --long 25 2>&1 | grep -v -E "USDT|ERROR|Warning" | tee "$OUT/compile.md" | tail -6
+fi
+
+step memory: 224 px recover, ResNet-18 + ResNet-50, 100 images
+timeout -k 10 70 $PY bench/bench_memory224.py --device cuda --iterations 2 2>&1 | tee "$OUT/memory224.log" | tail -12
 
 if [ "$EXPERTS" != auto ]; then
   # Part 1's pipeline again with every student of the IPC in one stack (stack_seeds): squeeze, recover and the
@@ -73,24 +87,12 @@ if [ "$EXPERTS" != auto ]; then
   cp "$WORK/pipe/bench.md" "$OUT/bench-stacked.md" 2>/dev/null && cat "$OUT/bench-stacked.md"
 fi
 
-step memory: 224 px recover, ResNet-18 + ResNet-50, 100 images
-timeout -k 10 70 $PY bench/bench_memory224.py --device cuda --iterations 2 2>&1 | tee "$OUT/memory224.log" | tail -12
+step student epoch: micro-batch forwards, ghost BN, stacked seeds
+timeout -k 10 60 $PY bench/bench_student.py --device cuda --data "$DATA" --students resnet18 --repeats 1 --ops 2>&1 | tee "$OUT/student.md"
 
 step operators per expert step
 timeout -k 10 60 $PY bench/bench_ops.py --device cuda --archs resnet18 resnet50 densenet121 2>&1 | grep -v -E "USDT|ERROR" | tee "$OUT/ops.md"
 
-step student epoch: micro-batch forwards, ghost BN, stacked seeds
-timeout -k 10 60 $PY bench/bench_student.py --device cuda --data "$DATA" --students resnet18 --repeats 1 --ops 2>&1 | tee "$OUT/student.md"
-
 step GPU tests
 timeout -k 10 50 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
-
-if [ "$EXPERTS" != auto ]; then
-  # torch.compile of the experts in recover, the lever the CPU measured at 2.9x per iteration (untried on a GPU):
-  # the paper's ImageNet committee (ResNet-18 + ResNet-50 from part 1), IPC 10, 100 images, eager against compiled.
-  step recover and student with and without torch.compile, ResNet-18 + ResNet-50
-  mkdir -p "$WORK/r18r50" && cp "$WORK"/pipe/experts/resnet18.* "$WORK"/pipe/experts/resnet50.* "$WORK/r18r50/"
-  timeout -k 10 170 $PY bench/bench_switches.py --device cuda --experts "$WORK/r18r50" --data "$DATA" \
-    --switches default compile --repeats 1 --short 5 --long 25 2>&1 | grep -v -E "USDT|ERROR|Warning" | tee "$OUT/compile.md" | tail -6
-fi
 step done
