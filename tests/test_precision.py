@@ -173,3 +173,27 @@ def test_compiled_expert_keeps_its_bn_hooks_after_an_unhooked_forward() -> None:
             committee.forward("a", x)
             losses.append(float(bn.loss()))  # raises if a BN layer's hook did not fire
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_expert_that_cannot_be_compiled_runs_uncompiled(caplog: pytest.LogCaptureFixture) -> None:
+    """A preset that compiles (cifar10-cpu) still runs where compilation fails (no C++ compiler, ...): the expert
+    falls back to its plain forward with a warning, and its BN hooks still fire."""
+    from cvdd.models.registry import create_model
+    from cvdd.synthesis.bn_matching import BNMatching
+    from cvdd.synthesis.recover import _Committee
+
+    torch.manual_seed(0)
+    committee = _Committee({"a": create_model("convnet_d3_w32", 10, 32)}, torch.device("cpu"), compile=True)
+
+    def broken(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    committee._calls["a"] = broken  # what a compiled wrapper does on a machine without a compiler
+    x = torch.randn(12, 3, 32, 32)
+    with BNMatching(committee.models["a"]) as bn:
+        out = committee.forward("a", x)
+        loss = bn.loss()
+    assert torch.equal(out, committee.models["a"](x)) and float(loss) > 0
+    assert "torch.compile failed for expert a (InvalidCxxCompiler" in caplog.text
+    committee.forward("a", x)  # later calls go straight to the plain forward, without a second warning
+    assert caplog.text.count("torch.compile failed") == 1

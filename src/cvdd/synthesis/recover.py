@@ -324,6 +324,7 @@ class _Committee:
                 m.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
         self.compiled = compile
+        self._compiled_once: set[str] = set()
         # Compiled wrappers share the modules (and so the BN hooks registered on them later); the plain modules
         # stay in `models` for the observer and the final accuracy check, which run once. Each wrapper compiles
         # when it is first called, so an expert that no committee uses costs nothing. dynamic=False keeps every
@@ -347,13 +348,27 @@ class _Committee:
             x = x.contiguous(memory_format=torch.channels_last)
         if not bn_hooks:
             return self.models[name](x)
-        if self.compiled:
-            # An expert sees as many rows as its committees give it in each unit (70, 60, 80, ... of a 100-image
-            # unit), and a graph compiled for one batch size would be compiled again for every other, up to
-            # dynamo's limit per forward (which experts of one class share), after which it silently runs eager.
-            # One graph with a symbolic batch dimension serves every unit.
-            torch._dynamo.maybe_mark_dynamic(x, 0)
-        return self._calls[name](x)
+        if not self.compiled:
+            return self._calls[name](x)
+        # An expert sees as many rows as its committees give it in each unit (70, 60, 80, ... of a 100-image unit),
+        # and a graph compiled for one batch size would be compiled again for every other, up to dynamo's limit per
+        # forward (which experts of one class share), after which it silently runs eager. One graph with a symbolic
+        # batch dimension serves every unit.
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        if name in self._compiled_once:
+            return self._calls[name](x)
+        try:  # the first call compiles
+            out = self._calls[name](x)
+        except Exception as exc:  # any compiler failure: no C++ compiler, an unsupported platform, ...
+            # A preset that compiles must still run where compilation cannot: the expert runs uncompiled (the BN
+            # hooks' pre-hook on the model forgets whatever the failed call recorded). An error that is not the
+            # compiler's (a bad input, out of memory) happens again in the plain forward and propagates from there.
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            log.warning("torch.compile failed for expert %s (%s); it runs uncompiled", name, reason)
+            self._calls[name] = self.models[name]
+            out = self.models[name](x)
+        self._compiled_once.add(name)
+        return out
 
 
 @dataclass
