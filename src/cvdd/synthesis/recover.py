@@ -357,6 +357,8 @@ class _Committee:
         torch._dynamo.maybe_mark_dynamic(x, 0)
         if name in self._compiled_once:
             return self._calls[name](x)
+        # The progress bar stands still while an expert compiles: say why.
+        log.info("compiling expert %s (torch.compile, once per run; PyTorch caches the result on disk)", name)
         try:  # the first call compiles
             out = self._calls[name](x)
         except Exception as exc:  # any compiler failure: no C++ compiler, an unsupported platform, ...
