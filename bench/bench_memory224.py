@@ -37,6 +37,7 @@ def child(setting: str, iterations: int, device: str) -> None:
 
     precision, *flags = setting.split("+")
     checkpoint = "checkpoint" in flags
+    compile_experts = "compile" in flags
     spec = DatasetSpec(
         name="imagenet1k", classes=tuple(f"c{i:04d}" for i in range(1000)), **known_constants("imagenet1k")
     )
@@ -55,6 +56,7 @@ def child(setting: str, iterations: int, device: str) -> None:
         classes_per_block=100,
         precision=precision,
         checkpoint=checkpoint,
+        compile=compile_experts,
         log_every=1,
     )
     rss_before = peak_rss_mib()
@@ -86,7 +88,8 @@ def main() -> None:
         "--precisions",
         nargs="+",
         default=["fp32", "bf16", "fp32+checkpoint", "bf16+checkpoint"],
-        help="settings: fp32 or bf16, +checkpoint for activation checkpointing of the experts' blocks",
+        help="settings: fp32 or bf16, +checkpoint for activation checkpointing of the experts' blocks, +compile for "
+        "torch.compile of the experts (the compilation's own memory is in the peak)",
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--code", default=None, help="PYTHONPATH of the cvdd to measure (default: the installed one)")
