@@ -88,14 +88,14 @@ def _recover_pair(digit_experts: Path, digits, tmp_path: Path, over: dict, itera
 
 
 @pytest.mark.parametrize("switch", ["channels_last", "compile"])
-def test_recover_layout_and_compile_match_default(digit_experts: Path, digits, tmp_path: Path, switch: str) -> None:
-    """channels_last and torch.compile change only the order of float operations: loss, BN loss and drift agree.
-
-    With compile, each expert is compiled once however many rows the units give it (a symbolic batch dimension):
-    before, every new batch size compiled a new graph until dynamo's limit sent the expert back to eager.
-    """
+def test_recover_layout_and_compile_match_default(
+    digit_experts: Path, digits, tmp_path: Path, switch: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """channels_last and torch.compile change only the order of float operations: loss, BN loss and drift agree,
+    over units whose experts see different numbers of rows (the graph count per size: the next test)."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # no graphs or recompilation budget left over from earlier tests
     graphs_before = counters["stats"]["unique_graphs"]
     meta_a, meta_b = _recover_pair(digit_experts, digits, tmp_path, {switch: True}, iterations=30)
     units_a, units_b = meta_a["units"], meta_b["units"]
@@ -112,9 +112,10 @@ def test_recover_layout_and_compile_match_default(digit_experts: Path, digits, t
         # IPC indices (10 rows each) of each unit that drew expert e, over the units that use e at all.
         sizes = {e: {n for u in range(3) if (n := sum(c == [e] for c in committees[2 * u : 2 * u + 2]))} for e in pool}
         assert any(len(s) > 1 for s in sizes.values()), sizes
-        # At most two graphs per expert (measured 3 for 2 experts): PyTorch's CPU convolution guards on a batch of
-        # fewer than 16 images, so 10-row and 20-row units need one each, but every larger unit shares the second.
-        assert counters["stats"]["unique_graphs"] - graphs_before <= 2 * len(pool)
+        # The experts really ran compiled (no fallback to their plain forward): at least one graph each, at most
+        # two (PyTorch's CPU convolution guards on batches below 16 images, so 10 and 20 rows need one each).
+        assert "torch.compile failed" not in caplog.text
+        assert len(pool) <= counters["stats"]["unique_graphs"] - graphs_before <= 2 * len(pool)
         # Compiled runs are reproducible too: the same seed gives the same pixels.
         again = cvdd.recover(
             digit_experts,
@@ -128,6 +129,63 @@ def test_recover_layout_and_compile_match_default(digit_experts: Path, digits, t
             progress=False,
         )
         assert torch.equal(again.images, load_synthetic(tmp_path / "switched", digits.spec)[0])
+
+
+def _compiled_committee(arch: str = "convnet_d3_w32"):
+    from cvdd.models.registry import create_model
+    from cvdd.synthesis.recover import _Committee
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    return _Committee({"a": create_model(arch, 10, 32)}, torch.device("cpu"), compile=True)
+
+
+def test_compiled_expert_is_one_graph_for_every_batch_size(caplog: pytest.LogCaptureFixture) -> None:
+    """Recover's units give an expert 70, 60, 80, ... rows; a graph with a static batch would be compiled again
+    for each (and past dynamo's limit of 8 per forward the expert would silently run eager). One graph serves all,
+    and its BN statistics are right for each size."""
+    from torch._dynamo.utils import counters
+
+    from cvdd.synthesis.bn_matching import BNMatching
+
+    committee = _compiled_committee()
+    before = counters["stats"]["unique_graphs"]
+    for n in (20, 30, 40, 70):
+        x = torch.randn(n, 3, 32, 32)
+        with BNMatching(committee.models["a"]) as bn:
+            committee.forward("a", x)
+            compiled = float(bn.loss())
+        with BNMatching(committee.models["a"]) as bn:
+            committee.models["a"](x)
+            assert compiled == pytest.approx(float(bn.loss()), rel=1e-4)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    assert "torch.compile failed" not in caplog.text
+
+
+def test_compiled_bn_groups_ipc_with_an_uneven_last_unit(
+    digit_experts: Path, digits, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Per-index BN statistics (bn_groups: ipc) split the batch into as many groups as the unit has IPC indices; a
+    compiled graph traced for units of 2 indices must not be reused for the last unit of 1."""
+    runs = [
+        cvdd.recover(
+            digit_experts,
+            tmp_path / str(c),
+            ipc=3,
+            iterations=10,
+            init="real",
+            dataset=digits,
+            overrides={"ipc_per_block": 2, "bn_groups": "ipc", "compile": c},
+            progress=False,
+        )
+        for c in (False, True)
+    ]
+    units = [r.meta["units"] for r in runs]
+    assert [u["unit"].split("_")[0] for u in units[1]] == ["ipc0000-0001", "ipc0002-0002"]  # 2 indices, then 1
+    for a, b in zip(*units):
+        for key in (k for k in a["records"][-1] if k == "loss" or k.startswith("bn/")):
+            assert a["records"][-1][key] == pytest.approx(b["records"][-1][key], rel=1e-3), key
+    assert "torch.compile failed" not in caplog.text
 
 
 def test_switches_do_not_change_identities() -> None:
@@ -157,12 +215,9 @@ def test_compiled_expert_keeps_its_bn_hooks_after_an_unhooked_forward() -> None:
     Dynamo reuses a graph compiled without hooks once hooks are registered again (their statistics stay empty),
     so the committee runs unhooked forwards uncompiled; the speed suite's benchmark does hooked, unhooked, hooked.
     """
-    from cvdd.models.registry import create_model
     from cvdd.synthesis.bn_matching import BNMatching
-    from cvdd.synthesis.recover import _Committee
 
-    torch.manual_seed(0)
-    committee = _Committee({"a": create_model("convnet_d3_w32", 10, 32)}, torch.device("cpu"), compile=True)
+    committee = _compiled_committee()
     x = torch.randn(20, 3, 32, 32)
     losses = []
     for hooked in (True, False, True):
@@ -178,15 +233,14 @@ def test_compiled_expert_keeps_its_bn_hooks_after_an_unhooked_forward() -> None:
 def test_expert_that_cannot_be_compiled_runs_uncompiled(caplog: pytest.LogCaptureFixture) -> None:
     """A preset that compiles (cifar10-cpu) still runs where compilation fails (no C++ compiler, ...): the expert
     falls back to its plain forward with a warning, and its BN hooks still fire."""
-    from cvdd.models.registry import create_model
     from cvdd.synthesis.bn_matching import BNMatching
-    from cvdd.synthesis.recover import _Committee
 
-    torch.manual_seed(0)
-    committee = _Committee({"a": create_model("convnet_d3_w32", 10, 32)}, torch.device("cpu"), compile=True)
+    committee = _compiled_committee()
 
     def broken(x: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        from torch._inductor.exc import InductorError
+
+        raise InductorError(RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), None)
 
     committee._calls["a"] = broken  # what a compiled wrapper does on a machine without a compiler
     x = torch.randn(12, 3, 32, 32)
@@ -194,6 +248,15 @@ def test_expert_that_cannot_be_compiled_runs_uncompiled(caplog: pytest.LogCaptur
         out = committee.forward("a", x)
         loss = bn.loss()
     assert torch.equal(out, committee.models["a"](x)) and float(loss) > 0
-    assert "torch.compile failed for expert a (InvalidCxxCompiler" in caplog.text
+    assert "torch.compile failed for expert a (" in caplog.text and "InvalidCxxCompiler" in caplog.text
     committee.forward("a", x)  # later calls go straight to the plain forward, without a second warning
+    assert caplog.text.count("torch.compile failed") == 1
+
+    def bad_input(x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("a batch of 12 images does not split into 5 equal groups")
+
+    other = _compiled_committee()
+    other._calls["a"] = bad_input  # an error that is not the compiler's propagates as it is
+    with pytest.raises(ValueError, match="equal groups"):
+        other.forward("a", x)
     assert caplog.text.count("torch.compile failed") == 1

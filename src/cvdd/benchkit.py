@@ -280,7 +280,8 @@ class UnitBench:
 
     Mirrors ``cvdd.synthesis.recover._optimise_unit`` (combination rule ``sum``) from public pieces only
     (``recover_augment``, the experts under ``BNMatching``, cross-entropy + BN loss, a per-expert backward into a
-    leaf of the augmented batch, Adam, ``clamp_to_valid``).
+    leaf of the augmented batch, Adam, ``clamp_to_valid``). The experts are called through recover's committee, so
+    ``models`` are changed in place as recover changes its own: eval mode, frozen, channels_last when ``cfg`` says.
     """
 
     def __init__(

@@ -81,6 +81,7 @@ def test_cpu_crop_resize_is_roi_align_to_float64_rounding() -> None:
     boxes = random_resized_crop_boxes(6, g, torch.device("cpu"), scale=(0.05, 1.0)).double()
     boxes[0] = torch.tensor([0.0, 0.0, 1.0, 1.0])
     boxes[1] = torch.tensor([0.5, 0.7, 0.5, 0.3])  # bottom-right corner
+    boxes[3] = torch.tensor([0.2, 0.3, 0.0, 0.4])  # no height: roi_align gives zeros
     shared = boxes[2:3].expand(6, 4)
     for bx in (boxes, shared):
         for size in (24, 7, 50):
@@ -94,6 +95,21 @@ def test_cpu_crop_resize_is_roi_align_to_float64_rounding() -> None:
     x32 = torch.rand(4, 3, 32, 32)
     b32 = random_resized_crop_boxes(4, g, torch.device("cpu"))
     assert torch.allclose(crop_resize(x32, b32, 32), _roi_align_crop(x32, b32, 32), atol=1e-5)
+
+
+def test_crop_resize_refuses_integers_and_a_wrong_box_count_and_ignores_autocast() -> None:
+    import pytest
+
+    x = torch.rand(3, 3, 8, 8)
+    boxes = random_resized_crop_boxes(3, _gen(), torch.device("cpu"))
+    with pytest.raises(TypeError, match="floating-point"):
+        crop_resize((x * 255).to(torch.uint8), boxes, 8)
+    with pytest.raises(ValueError, match=r"one box per image, shape \(3, 4\)"):
+        crop_resize(x, boxes[:1], 8)  # a (1, 4) box is not silently shared; expand it for that
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert crop_resize(x, boxes, 8).dtype == torch.float32
+    shared, repeated = crop_resize(x, boxes[:1].expand(3, 4), 8), crop_resize(x, boxes[:1].repeat(3, 1), 8)
+    assert torch.allclose(shared, repeated, atol=1e-6)
 
 
 def test_normalize_round_trip() -> None:

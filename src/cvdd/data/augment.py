@@ -133,13 +133,16 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor
         (B, C, size, size) float batch.
     """
     b, _, h, w = x.shape
+    if not x.is_floating_point():
+        raise TypeError(f"crop_resize needs a floating-point batch, got {x.dtype}")
+    if boxes.shape != (b, 4):
+        raise ValueError(f"crop_resize needs one box per image, shape ({b}, 4); got {tuple(boxes.shape)}")
     if x.device.type == "cpu":
         if boxes.stride(0) == 0:  # one shared box: one pair of matrices, broadcast over the batch
-            boxes = boxes[:1]
-        f = boxes.to(torch.float64)
-        rows = _resize_matrix(f[:, 0] * h, f[:, 2] * h, h, size).to(x.dtype)  # (B or 1, size, H)
-        cols = _resize_matrix(f[:, 1] * w, f[:, 3] * w, w, size).to(x.dtype)  # (B or 1, size, W)
-        return rows[:, None] @ x @ cols[:, None].transpose(-1, -2)
+            return _crop_resize_matrices(x, boxes[:1], size)
+        # In chunks of images, so that the matrices and the intermediate product stay small for thousands of
+        # crops (patch initialisation scores 1,500 candidate crops of 224 px images in one call).
+        return torch.cat([_crop_resize_matrices(xc, bc, size) for xc, bc in zip(x.split(128), boxes.split(128))])
     y0 = boxes[:, 0] * h
     x0 = boxes[:, 1] * w
     rois = torch.stack(
@@ -155,36 +158,50 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor
     return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
 
 
-def _resize_matrix(start: torch.Tensor, length: torch.Tensor, n_in: int, size: int) -> torch.Tensor:
+def _crop_resize_matrices(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`crop_resize` on a CPU: x (B, C, H, W), boxes (B, 4), or (1, 4) for one box shared by the batch."""
+    _, _, h, w = x.shape
+    f = boxes.to(torch.float64)  # positions in float64: cheap (matrices are small) and exact to the last bit
+    rows = _resize_matrix(f[:, 0] * h, f[:, 2] * h, h, size, x.dtype)  # (B or 1, size, H)
+    cols = _resize_matrix(f[:, 1] * w, f[:, 3] * w, w, size, x.dtype)  # (B or 1, size, W)
+    with torch.autocast("cpu", enabled=False):  # the batch's dtype, as roi_align keeps it under autocast
+        return rows[:, None] @ x @ cols[:, None].transpose(-1, -2)
+
+
+def _resize_matrix(start: torch.Tensor, length: torch.Tensor, n_in: int, size: int, dtype: torch.dtype) -> torch.Tensor:
     """Interpolation matrices of one axis: (N, size, n_in), row o holding the weights of output cell o.
 
     ``roi_align`` (``aligned=True``, adaptive sampling ratio) along one axis: cell o of a box starting at ``start``
     pixels with ``length`` pixels averages g = ceil(length / size) samples at start - 1/2 + (o + (i + 1/2) / g) *
-    length / size, i < g; a sample below -1 or above n_in counts as 0, others are clamped into [0, n_in - 1] and
-    interpolated linearly between their two neighbouring pixels.
+    length / size, i < g (a box of no length has no samples and gives 0, as in ``roi_align``); a sample below -1
+    or above n_in counts as 0, others are clamped into [0, n_in - 1] and interpolated linearly between their two
+    neighbouring pixels.
 
     Args:
         start: (N,) first pixel coordinate of each box along the axis (float64).
         length: (N,) box extent in pixels (float64).
         n_in: input pixels along the axis.
         size: output cells.
+        dtype: dtype of the returned matrices.
     """
-    grid = torch.ceil(length / size).clamp_min(1)  # (N,) samples per cell
+    grid = torch.ceil(length / size)  # (N,) samples per cell, 0 for an empty box
     step = length / size
-    i = torch.arange(int(grid.max()), device=start.device, dtype=start.dtype)  # (G,)
+    i = torch.arange(max(int(grid.max()), 1), device=start.device, dtype=start.dtype)  # (G,)
     o = torch.arange(size, device=start.device, dtype=start.dtype)  # (size,)
-    pos = (start - 0.5)[:, None, None] + (o[:, None] + (i + 0.5) / grid[:, None, None]) * step[:, None, None]
-    used = (i < grid[:, None, None]) & (pos >= -1) & (pos <= n_in)  # (N, size, G)
+    cells = grid.clamp_min(1)[:, None, None]
+    pos = (start - 0.5)[:, None, None] + (o[:, None] + (i + 0.5) / cells) * step[:, None, None]  # (N, size, G)
+    used = (i < grid[:, None, None]) & (pos >= -1) & (pos <= n_in)
     p = pos.clamp(min=0)
     low = p.floor().clamp(max=n_in - 1)
     frac = torch.where(low >= n_in - 1, torch.zeros_like(p), p - low)  # at the last pixel: no right neighbour
     low_i = low.long()
     high_i = (low_i + 1).clamp(max=n_in - 1)
-    share = used.to(p.dtype) / grid[:, None, None]
-    weights = torch.zeros(*pos.shape, n_in, device=start.device, dtype=start.dtype)
-    weights.scatter_add_(-1, low_i[..., None], ((1 - frac) * share)[..., None])
-    weights.scatter_add_(-1, high_i[..., None], (frac * share)[..., None])
-    return weights.sum(2)
+    share = used.to(p.dtype) / cells
+    # Each sample adds its two weights straight into its cell's row: (N, size, n_in), no (N, size, G, n_in) tensor.
+    weights = torch.zeros(*pos.shape[:2], n_in, device=start.device, dtype=dtype)
+    weights.scatter_add_(-1, low_i, ((1 - frac) * share).to(dtype))
+    weights.scatter_add_(-1, high_i, (frac * share).to(dtype))
+    return weights
 
 
 class TrainAugment:

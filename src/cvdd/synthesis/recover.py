@@ -103,10 +103,12 @@ class RecoverConfig:
             is its own batch, computed in one larger batch; with ``ipc_per_block`` 1 both are the same).
         precision: ``fp32`` or ``bf16`` autocast for the experts' forward (pixels and BN statistics stay fp32).
         channels_last: run the experts in channels_last memory format (off unless set, also on CUDA, so that
-            runs stay bit-identical to earlier ones). The pixels stay NCHW; only the experts' input is converted.
-        compile: wrap each expert in ``torch.compile`` (the BN-matching hooks are traced with it). Pays a
-            compilation first (~45 s on a 2-core CPU), then ran 3.3x faster per iteration there
-            (``docs/benchmarks/switches-cpu.md``): worth it from a few hundred iterations on.
+            a run's arithmetic does not change under it). The pixels stay NCHW; only the experts' input is converted.
+        compile: wrap each expert in ``torch.compile`` (the BN-matching hooks are traced with it; one graph per
+            expert, its batch dimension symbolic). Pays a compilation first (about 20-30 s for the three CPU
+            experts on a 2-core CPU, a few seconds once PyTorch's disk cache is warm), then ran 2.9x faster per
+            iteration there (``docs/benchmarks/switches-cpu.md``): worth it from a few hundred iterations on, so
+            the ``cifar10-cpu`` presets turn it on. An expert that cannot be compiled runs uncompiled.
         checkpoint: activation checkpointing of the experts' blocks (:func:`cvdd.models.checkpointed`): only the
             blocks' inputs are kept for the backward pass and each block runs twice, for large images on small
             memory (``docs/benchmarks/memory-224.md``). Same gradients, so not part of the run's identity (a run
@@ -340,8 +342,9 @@ class _Committee:
             name: the expert.
             x: the batch.
             bn_hooks: the expert has its BN-matching hooks attached (recover's forwards always do). A forward
-                without them runs uncompiled: once dynamo has compiled a graph of the expert without hooks, it reuses
-                that graph after hooks are registered again, and they never fire (PyTorch 2.14, reproduced by
+                without them runs uncompiled: dynamo does not guard on module hooks
+                (``torch._dynamo.config.skip_nnmodule_hook_guards``, on by default), so a graph compiled without
+                them would be reused after they are registered again, and they would never fire (reproduced by
                 ``tests/test_precision.py``).
         """
         if self.channels_last:
@@ -361,10 +364,10 @@ class _Committee:
         log.info("compiling expert %s (torch.compile, once per run; PyTorch caches the result on disk)", name)
         try:  # the first call compiles
             out = self._calls[name](x)
-        except Exception as exc:  # any compiler failure: no C++ compiler, an unsupported platform, ...
+        except torch._dynamo.exc.TorchDynamoException as exc:  # the compiler's: no C++ compiler, a platform, ...
             # A preset that compiles must still run where compilation cannot: the expert runs uncompiled (the BN
-            # hooks' pre-hook on the model forgets whatever the failed call recorded). An error that is not the
-            # compiler's (a bad input, out of memory) happens again in the plain forward and propagates from there.
+            # hooks' pre-hook on the model forgets whatever the failed call recorded). Other errors (a bad input,
+            # out of memory) propagate as they are.
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             log.warning("torch.compile failed for expert %s (%s); it runs uncompiled", name, reason)
             self._calls[name] = self.models[name]
@@ -795,8 +798,9 @@ def recover_images(
             "prior not measured for %s: using test accuracy as the voting prior (run `cvdd prior` later)",
             ", ".join(sorted(sources_note)),
         )
-    # channels_last is opt-in here (unlike training): runs made without the switch stay bit-identical to runs made
-    # before it existed, which resume and job arrays rely on.
+    # channels_last is opt-in here (unlike training): it changes the arithmetic, which the units of one run (resumed,
+    # or the shards of a job array) should share. Changes to cvdd itself can still move the last bits between
+    # versions without changing the config hash (the CPU crop of 2026-11-27 did, at float rounding).
     committee = _Committee(
         {e.name: e.model for e in experts}, dev, channels_last=bool(cfg.channels_last), compile=cfg.compile
     )
