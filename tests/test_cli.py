@@ -103,3 +103,25 @@ def test_tqdm_disable_turns_off_the_progress_bars_but_not_the_logs(
     import logging
 
     assert logging.getLogger().level == logging.INFO  # only --quiet silences the logs
+
+
+def test_cli_hides_torchs_no_cuda_notice_unless_verbose() -> None:
+    """A CUDA build of PyTorch on a CPU-only machine logs "No CUDA runtime is found" when recover compiles its
+    experts; the CLI drops that one message (it is harmless) and keeps every other, and -v shows it again."""
+    import argparse
+    import logging
+
+    from cvdd.cli import _setup_logging
+
+    torch_ext = logging.getLogger("torch.utils.cpp_extension")
+
+    def shown(message: str) -> bool:
+        return torch_ext.filter(torch_ext.makeRecord(torch_ext.name, logging.WARNING, "f", 1, message, (), None))
+
+    _setup_logging(argparse.Namespace(verbose=False, quiet=False))
+    _setup_logging(argparse.Namespace(verbose=False, quiet=False))  # main() may run many times in one process
+    assert not shown("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+    assert shown("some other warning")
+    _setup_logging(argparse.Namespace(verbose=True, quiet=False))
+    assert shown("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+    _setup_logging(argparse.Namespace(verbose=False, quiet=False))

@@ -384,9 +384,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hide_no_cuda_notice(record: logging.LogRecord) -> bool:
+    """torch.compile on a CPU-only machine with a CUDA build of PyTorch logs "No CUDA runtime is found" as a warning
+    at every run; it is harmless there (compiled experts on a CPU need no CUDA), and users read warnings as problems.
+    """
+    return not record.getMessage().startswith("No CUDA runtime is found")
+
+
 def _setup_logging(args: argparse.Namespace) -> bool:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    torch_ext = logging.getLogger("torch.utils.cpp_extension")
+    if args.verbose:
+        torch_ext.removeFilter(_hide_no_cuda_notice)
+    else:
+        torch_ext.addFilter(_hide_no_cuda_notice)  # the same function is added once, however often main() runs
     # TQDM_DISABLE is tqdm's own switch; cvdd passes `disable=` explicitly, which tqdm lets win, so honour it here.
     tqdm_off = os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no")
     return not args.quiet and not tqdm_off
