@@ -91,19 +91,22 @@ def test_cpu_crop_resize_is_roi_align_to_float64_rounding() -> None:
             (g_ours,) = torch.autograd.grad(ours, x, gy)
             (g_ref,) = torch.autograd.grad(ref, x, gy)
             assert torch.allclose(g_ours, g_ref, rtol=0, atol=1e-12)
-    # float32, as recover and training call it: within float rounding of the coordinates.
-    x32 = torch.rand(4, 3, 32, 32)
+    # float32, as recover calls it: within float rounding of the coordinates.
+    x32 = torch.rand(4, 3, 32, 32, requires_grad=True)
     b32 = random_resized_crop_boxes(4, g, torch.device("cpu"))
     assert torch.allclose(crop_resize(x32, b32, 32), _roi_align_crop(x32, b32, 32), atol=1e-5)
+    # Without a gradient to x (training augmentation, plans), it is roi_align itself.
+    with torch.no_grad():
+        assert torch.equal(crop_resize(x32, b32, 32), _roi_align_crop(x32, b32, 32))
 
 
 def test_crop_resize_refuses_integers_and_a_wrong_box_count_and_ignores_autocast() -> None:
     import pytest
 
-    x = torch.rand(3, 3, 8, 8)
+    x = torch.rand(3, 3, 8, 8, requires_grad=True)  # recover's case: the CPU path of two matrix products
     boxes = random_resized_crop_boxes(3, _gen(), torch.device("cpu"))
     with pytest.raises(TypeError, match="floating-point"):
-        crop_resize((x * 255).to(torch.uint8), boxes, 8)
+        crop_resize((x.detach() * 255).to(torch.uint8), boxes, 8)
     with pytest.raises(ValueError, match=r"one box per image, shape \(3, 4\)"):
         crop_resize(x, boxes[:1], 8)  # a (1, 4) box is not silently shared; expand it for that
     with torch.autocast("cpu", dtype=torch.bfloat16):
