@@ -368,7 +368,7 @@ class UnitBench:
         return loss
 
     def sub_batches(self, xa: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: xa if len(m.rows) == len(xa) else xa[m.rows] for n, m in self.members.items()}
+        return {n: xa if len(m.rows) == len(xa) else xa.index_select(0, m.rows) for n, m in self.members.items()}
 
     def full_step(self, t: int, total: int, label: bool = False) -> dict[str, float]:
         """One recover iteration; returns its phase times in seconds (device synchronised at each boundary).

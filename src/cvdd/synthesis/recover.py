@@ -536,7 +536,10 @@ def _optimise_unit(
             grads: list[torch.Tensor] = []
             for name in names:
                 full = len(rows[name]) == len(xa)
-                sub = xa_leaf if full else xa_leaf[rows[name]]
+                # index_select, not xa_leaf[rows]: its backward is an index_add (0.05 ms for 70 of 100 images on a
+                # CPU) where advanced indexing's is an accumulating index_put (0.6 ms); the rows are distinct, so
+                # both give the same gradient.
+                sub = xa_leaf if full else xa_leaf.index_select(0, rows[name])
                 with autocast(device, precision):
                     logits = committee.forward(name, sub)
                 tgt = targets if full else targets[rows[name]]
