@@ -163,7 +163,7 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor
 def _crop_resize_matrices(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """:func:`crop_resize` on a CPU: x (B, C, H, W), boxes (B, 4), or (1, 4) for one box shared by the batch."""
     _, _, h, w = x.shape
-    f = boxes.to(torch.float64)  # positions in float64: cheap (matrices are small) and exact to the last bit
+    f = boxes.to(torch.float64)  # positions in float64: cheap (the matrices are small), and roi_align-exact in float64
     rows = _resize_matrix(f[:, 0] * h, f[:, 2] * h, h, size, x.dtype)  # (B or 1, size, H)
     cols = _resize_matrix(f[:, 1] * w, f[:, 3] * w, w, size, x.dtype)  # (B or 1, size, W)
     with torch.autocast("cpu", enabled=False):  # the batch's dtype, as roi_align keeps it under autocast
