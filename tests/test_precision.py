@@ -66,25 +66,28 @@ def test_evaluate_bf16_accuracy_within_tolerance(digit_experts: Path, digits, la
     assert abs(accs["fp32"] - accs["bf16"]) <= 0.05, accs
 
 
-def _recover_pair(digit_experts: Path, digits, tmp_path: Path, over: dict, iterations: int) -> tuple[list, list]:
-    """The units of a default run and of a run with ``over``: one random expert per IPC index, IPC 6 in three
-    units of two indices, so that the BN hooks are registered again on already-compiled experts for the later
-    units, and an expert sees 0, 10 or 20 rows of a unit depending on which indices drew it."""
-    runs = [
-        cvdd.recover(
-            digit_experts,
-            tmp_path / name,
-            ipc=6,
-            iterations=iterations,
-            init="real",
-            committee_size=1,
-            dataset=digits,
-            overrides={"ipc_per_block": 2, "committee": "random", **o},
-            progress=False,
-        )
-        for name, o in (("plain", {}), ("switched", over))
-    ]
-    return runs[0].meta, runs[1].meta
+def _recover_run(digit_experts: Path, digits, out: Path, over: dict, iterations: int):
+    """One random expert per IPC index, IPC 6 in three units of two indices, so that the BN hooks are registered
+    again on already-compiled experts for the later units, and an expert sees 0, 10 or 20 rows of a unit depending
+    on which indices drew it."""
+    return cvdd.recover(
+        digit_experts,
+        out,
+        ipc=6,
+        iterations=iterations,
+        init="real",
+        committee_size=1,
+        dataset=digits,
+        overrides={"ipc_per_block": 2, "committee": "random", **over},
+        progress=False,
+    )
+
+
+def _recover_pair(digit_experts: Path, digits, tmp_path: Path, over: dict, iterations: int) -> tuple[dict, dict]:
+    """The metadata of a default run and of a run with ``over`` (:func:`_recover_run`)."""
+    plain = _recover_run(digit_experts, digits, tmp_path / "plain", {}, iterations)
+    switched = _recover_run(digit_experts, digits, tmp_path / "switched", over, iterations)
+    return plain.meta, switched.meta
 
 
 @pytest.mark.parametrize("switch", ["channels_last", "compile"])
@@ -117,17 +120,7 @@ def test_recover_layout_and_compile_match_default(
         assert "torch.compile failed" not in caplog.text
         assert len(pool) <= counters["stats"]["unique_graphs"] - graphs_before <= 2 * len(pool)
         # Compiled runs are reproducible too: the same seed gives the same pixels.
-        again = cvdd.recover(
-            digit_experts,
-            tmp_path / "again",
-            ipc=6,
-            iterations=30,
-            init="real",
-            committee_size=1,
-            dataset=digits,
-            overrides={"ipc_per_block": 2, "committee": "random", switch: True},
-            progress=False,
-        )
+        again = _recover_run(digit_experts, digits, tmp_path / "again", {switch: True}, iterations=30)
         assert torch.equal(again.images, load_synthetic(tmp_path / "switched", digits.spec)[0])
 
 
