@@ -48,7 +48,7 @@ def _check_results(out: Path, methods: list[str], ipcs: list[int], seeds: list[i
     return rows
 
 
-def test_distill_tiny_budget_writes_valid_results(tmp_path: Path, digits) -> None:
+def test_distill_tiny_budget_writes_valid_results(tmp_path: Path, digits, monkeypatch, caplog) -> None:
     methods, seeds = ["random-real", "sre2l++", "cvdd"], [0, 1]
     cvdd.distill(
         digits,
@@ -63,9 +63,13 @@ def test_distill_tiny_budget_writes_valid_results(tmp_path: Path, digits) -> Non
     assert all(r["label_mode"] == "stored" and r["label_bytes"] > 0 for r in rows)
     assert (tmp_path / "cvdd" / "ipc1" / "labels" / "epoch_0000.safetensors").is_file()
 
-    # A re-run (for example after a kill) reuses every finished piece: experts, units, labels, evaluations.
+    assert "another build" not in (tmp_path / "results.md").read_text()
+
+    # A re-run (for example after a kill) reuses every finished piece: experts, units, labels, evaluations; made by
+    # another build of cvdd (here: another source hash), it keeps them and says so, in the log and the table.
     row_file = tmp_path / "cvdd" / "ipc1" / "row.json"
     stamp = row_file.stat().st_mtime_ns
+    monkeypatch.setattr("cvdd.artifacts._source_fingerprint", lambda: "newer0source")
     again = cvdd.distill(
         digits,
         tmp_path,
@@ -76,6 +80,11 @@ def test_distill_tiny_budget_writes_valid_results(tmp_path: Path, digits) -> Non
         progress=False,
     )
     assert row_file.stat().st_mtime_ns == stamp and [r["acc"] for r in again] == [r["acc"] for r in rows]
+    warned = [r.getMessage() for r in caplog.records if "not by this cvdd" in r.getMessage()]
+    for what in ("finished recover units", "finished evaluations at IPC 1"):  # (relabel: tests/relabel)
+        assert any(what in m and "newer0source" in m for m in warned), (what, warned)
+    table = (tmp_path / "results.md").read_text()
+    assert "measured by another build than this run's (cvdd" in table and "source newer0source" in table
     # A changed recipe is not served from the cache.
     cvdd.distill(
         digits,

@@ -6,6 +6,7 @@ never leaves a half-written file that a later run would read as finished.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -130,6 +131,53 @@ def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
     return tensors, meta
 
 
+@functools.lru_cache(maxsize=1)
+def _source_fingerprint() -> str:
+    """Hash of the installed package's code and presets (computed once per process)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml") and p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def build_stamp() -> dict[str, str]:
+    """Which code made an artifact: cvdd's version, a hash of its source, and torch's version.
+
+    The config hashes that decide what a re-run may resume describe the settings, not the code: a run resumed
+    after cvdd or torch changed keeps its finished work (never lost), which may differ at float rounding from
+    what this build would make. The stamp lets the resume say so (:func:`other_builds`).
+    """
+    # str(): torch.__version__ is a str subclass, which weights-only checkpoint loading refuses to unpickle.
+    return {"cvdd": __version__, "source": _source_fingerprint(), "torch": str(torch.__version__)}
+
+
+def describe_build(stamp: dict[str, str] | None) -> str:
+    """``cvdd 0.1.0 (source 1a2b3c4d5e6f), torch 2.14.1``; ``an unrecorded build`` for older artifacts."""
+    if not stamp:
+        return "an unrecorded build"
+    return f"cvdd {stamp.get('cvdd')} (source {stamp.get('source')}), torch {stamp.get('torch')}"
+
+
+def other_builds(what: str, stamps: list[dict[str, str] | None]) -> str | None:
+    """One warning line when any of the reused artifacts' stamps differs from this build's, else None.
+
+    Args:
+        what: what is reused, plural, e.g. ``"finished recover units in runs/x"``.
+        stamps: the ``build`` field of each reused artifact (None where it has none).
+    """
+    now = build_stamp()
+    others = [s for s in stamps if s != now]
+    if not others:
+        return None
+    kinds = sorted({describe_build(s) for s in others})
+    return (
+        f"{len(others)} of {len(stamps)} {what} were made by {'; '.join(kinds)}, not by this "
+        f"{describe_build(now)}: they are kept, and may differ from this build's at float rounding"
+    )
+
+
 def base_metadata(kind: str, spec: DatasetSpec) -> dict[str, Any]:
     """Fields every artifact carries: kind, format version, package version, dataset spec, creation time."""
     return {
@@ -137,6 +185,7 @@ def base_metadata(kind: str, spec: DatasetSpec) -> dict[str, Any]:
         "format": 1,
         "cvdd_version": __version__,
         "torch_version": torch.__version__,
+        "build": build_stamp(),
         "dataset": spec.to_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

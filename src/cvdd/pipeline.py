@@ -19,7 +19,7 @@ from typing import Any
 
 from cvdd import __version__
 from cvdd import distributed as dd
-from cvdd.artifacts import atomic_write_text
+from cvdd.artifacts import atomic_write_text, build_stamp, describe_build, other_builds
 from cvdd.config import Recipe, _load_yaml, apply_overrides, from_dict, get_recover_preset, to_dict
 from cvdd.data.sources import RealDataset
 from cvdd.device import PhasePeaks
@@ -225,6 +225,10 @@ def distill(
                 )
             else:
                 pending.append(s)
+        reused = [s["row"].get("build") for s in made if s["row"] is not None]
+        mixed = other_builds(f"finished evaluations at IPC {ipc} reused from {out_dir}", reused)
+        if mixed:
+            log.warning("%s; the results table lists the builds; --out elsewhere evaluates every set anew", mixed)
         hard_cfg = apply_overrides(cfg, {"label_mode": "hard"}, "evaluate")
         batches = [pending] if cfg.stack_seeds else [[s] for s in pending]
         for batch in batches:
@@ -252,6 +256,7 @@ def distill(
         "dataset": spec.to_dict(),
         "data_source": data.source,
         "cvdd_version": __version__,
+        "build": build_stamp(),
         "versions": _versions(),
         "full_real_hard_acc": full_real_hard,
         "experts": {r.name: read_expert_meta(r.path)["test_acc"] for r in squeezed},
@@ -343,6 +348,7 @@ def _finish_row(
         for stage, v in {**squeeze_peaks.peaks, **s["peaks"].peaks, **eval_peaks.peaks}.items()
     }
     row["hlr"] = full_real_hard - hard.mean
+    row["build"] = build_stamp()
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "row.json", json.dumps({"key": s["key"], "row": row}, indent=1))
     if dd.is_main():
@@ -436,4 +442,15 @@ def results_markdown(rows: list[dict[str, Any]], resolved: dict[str, Any]) -> st
         f"Teacher: {resolved['teacher']}",
         "",
     ]
+    by_build: dict[str, list[str]] = {}
+    for r in rows:
+        by_build.setdefault(describe_build(r.get("build")), []).append(f"{r['method']} IPC {r['ipc']}")
+    if set(by_build) != {describe_build(resolved.get("build"))}:
+        # A re-run reuses finished rows: after cvdd or torch changed, they are not this build's measurements.
+        parts = [f"{build}: {', '.join(names)}" for build, names in sorted(by_build.items())]
+        lines += [
+            f"Rows reused from earlier runs are measured by another build than this run's "
+            f"({describe_build(resolved.get('build'))}); by build: " + "; ".join(parts) + ".",
+            "",
+        ]
     return "\n".join(lines)

@@ -48,7 +48,7 @@ class _StopError(Exception):
     pass
 
 
-def test_interrupted_fit_resumes_to_identical_weights(digits, tmp_path: Path) -> None:
+def test_interrupted_fit_resumes_to_identical_weights(digits, tmp_path: Path, monkeypatch, caplog) -> None:
     recipe = _recipe(3)
     torch.manual_seed(1)
     straight = create_model("convnet_d3_w32", 10, 32)
@@ -82,10 +82,13 @@ def test_interrupted_fit_resumes_to_identical_weights(digits, tmp_path: Path) ->
     assert ckpt.is_file()
     torch.manual_seed(1)
     resumed_model = create_model("convnet_d3_w32", 10, 32)
+    # Resumed by another build of cvdd (another source hash): it resumes, and warns that the code changed.
+    monkeypatch.setattr("cvdd.artifacts._source_fingerprint", lambda: "newer0source")
     resumed = fit(
         resumed_model, digits.train, None, recipe, spec=digits.spec, device=CPU, seed=7, checkpoint=ckpt, progress=False
     )
     assert resumed.resumed_from == 1
+    assert "its first 1 epochs were trained by cvdd" in caplog.text and "(source newer0source)" in caplog.text
     for a, b in zip(straight.state_dict().values(), resumed_model.state_dict().values()):
         assert torch.equal(a, b)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from cvdd.artifacts import build_stamp
 from cvdd.data.augment import Normalize
 from cvdd.data.specs import DatasetSpec
 from cvdd.engine import fit
@@ -122,6 +124,27 @@ def test_stored_shards_replay_the_exact_inputs_and_logits(tmp_path: Path) -> Non
     relabel_stored(images, labels, SPEC, teacher, settings, tmp_path / "labels", progress=False)
     after = load_file(str(shard))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((tmp_path / "labels" / "labels.json").read_text())["builds"] == [build_stamp()]
+
+
+def test_relabel_resumed_by_another_build_keeps_its_epochs_and_says_so(tmp_path: Path, monkeypatch, caplog) -> None:
+    images, labels = _toy_set()
+    teacher = Teacher([_expert(0)], [1.0], group_size=4)
+    settings = LabelSettings(epochs=3, batch_size=8, micro_batch=4, seed=11)
+    relabel_stored(images, labels, SPEC, teacher, settings, tmp_path, progress=False)
+    old = build_stamp()
+    kept = (tmp_path / "epoch_0000.safetensors").stat().st_mtime_ns
+    (tmp_path / "epoch_0002.safetensors").unlink()  # killed before its last epoch
+    monkeypatch.setattr("cvdd.artifacts._source_fingerprint", lambda: "newer0source")
+    info = relabel_stored(images, labels, SPEC, teacher, settings, tmp_path, progress=False)
+    assert (tmp_path / "epoch_0000.safetensors").stat().st_mtime_ns == kept  # finished work is never lost
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith(f"2 of 2 stored label epochs in {tmp_path} were made by cvdd")
+    assert f"(source {old['source']})" in warned[0] and "not by this cvdd" in warned[0]
+    assert info["builds"] == [old, build_stamp()] and build_stamp()["source"] == "newer0source"
+    caplog.clear()
+    relabel_stored(images, labels, SPEC, teacher, settings, tmp_path, progress=False)
+    assert "1 of 3 stored label epochs" not in caplog.text and "2 of 3 stored label epochs" in caplog.text
 
 
 def _train(images, labels, teacher, cfg: EvalConfig, label_dir=None) -> nn.Module:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cvdd
+from cvdd.artifacts import build_stamp
 from cvdd.cli import main
 from cvdd.errors import ArtifactError, ConfigError
 from cvdd.experts import list_experts, load_expert
@@ -37,7 +38,9 @@ def test_cvdd_n2_and_sre2l_n1_run_on_digits(digit_experts: Path, digits, tmp_pat
     assert all(len(c) == 1 for c in single.meta["committees"])
 
 
-def test_same_seed_same_images_and_resume_equals_uninterrupted(digit_experts: Path, digits, tmp_path: Path) -> None:
+def test_same_seed_same_images_and_resume_equals_uninterrupted(
+    digit_experts: Path, digits, tmp_path: Path, monkeypatch, caplog
+) -> None:
     kw = {"ipc": 3, "overrides": {"ipc_per_block": 1, "classes_per_block": 5, "init": "real"}}
     a = _recover(digit_experts, tmp_path / "a", digits, seed=5, **kw)
     b = _recover(digit_experts, tmp_path / "b", digits, seed=5, **kw)
@@ -52,8 +55,17 @@ def test_same_seed_same_images_and_resume_equals_uninterrupted(digit_experts: Pa
         u.unlink()
         u.with_suffix(".json").unlink()
     (tmp_path / "b" / "synthetic.json").unlink()
+    assert b.meta["unit_builds"] == [build_stamp()]
+    # Resumed by another build of cvdd (another source hash): the finished units are kept, and the log and the
+    # set's metadata say which builds made it.
+    monkeypatch.setattr("cvdd.artifacts._source_fingerprint", lambda: "newer0source")
     resumed = _recover(digit_experts, tmp_path / "b", digits, seed=5, **kw)
     assert resumed.units_run == 2 and torch.equal(resumed.images, a.images)
+    assert f"4 of 4 finished recover units in {tmp_path / 'b'} were made by cvdd" in caplog.text
+    assert sorted(b["source"] for b in resumed.meta["unit_builds"]) == sorted(
+        [b.meta["build"]["source"], "newer0source"]
+    )
+    assert [u["build"]["source"] for u in resumed.meta["units"]].count("newer0source") == 2
 
     with pytest.raises(ArtifactError, match="another configuration"):
         _recover(digit_experts, tmp_path / "b", digits, seed=7, **kw)

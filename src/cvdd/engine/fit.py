@@ -25,7 +25,7 @@ from torch import nn
 
 from cvdd import distributed as dd
 from cvdd import tracking
-from cvdd.artifacts import atomic_torch_save, safe_torch_load
+from cvdd.artifacts import atomic_torch_save, build_stamp, describe_build, safe_torch_load
 from cvdd.config import Recipe
 from cvdd.data.augment import Normalize, TrainAugment
 from cvdd.data.loader import make_batches
@@ -287,6 +287,14 @@ def load_checkpoint(
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     log.info("%s: resuming from epoch %d of %d (%s)", desc, int(state["epoch"]), epochs, path)
+    if state.get("build") != build_stamp():
+        log.warning(
+            "%s: its first %d epochs were trained by %s, not by this %s; the rest may differ at float rounding",
+            desc,
+            int(state["epoch"]),
+            describe_build(state.get("build")),
+            describe_build(build_stamp()),
+        )
     return int(state["epoch"]), state
 
 
@@ -302,7 +310,13 @@ def save_checkpoint(
     if path is None:
         return
     if dd.is_main():
-        state = {"run_hash": run_hash, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        state = {
+            "run_hash": run_hash,
+            "epoch": epoch,
+            "build": build_stamp(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+        }
         atomic_torch_save({**state, **extra}, Path(path))
     dd.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
 

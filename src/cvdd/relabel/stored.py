@@ -9,6 +9,7 @@ skipped on a re-run, so a killed relabel resumes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -18,13 +19,15 @@ from typing import Any
 import torch
 
 from cvdd import distributed as dd
-from cvdd.artifacts import atomic_write_text
+from cvdd.artifacts import atomic_write_text, build_stamp, other_builds
 from cvdd.data.augment import Normalize
 from cvdd.data.specs import DatasetSpec
 from cvdd.device import derive_seed, make_generator
 from cvdd.errors import ArtifactError
 from cvdd.relabel.bssl import Teacher
 from cvdd.relabel.plans import EpochPlan, apply_plan, make_plan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,10 +101,17 @@ def relabel_stored(
         "n": len(labels),
         "classes": list(spec.classes),
     }
+    reused: list[dict[str, str] | None] = []  # the builds that made the epochs already on disk
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
         if old.get("ident") != ident:
             raise ArtifactError(f"{out_dir} holds labels made with another teacher or settings; choose another --out")
+        reused = [
+            _shard_build(p) for e in range(settings.epochs) if (p := out_dir / f"epoch_{e:04d}.safetensors").is_file()
+        ]
+        mixed = other_builds(f"stored label epochs in {out_dir}", reused)
+        if mixed and dd.is_main():
+            log.warning("%s; remove the folder to relabel every epoch with this build", mixed)
     elif dd.is_main():
         atomic_write_text(meta_path, json.dumps({"ident": ident, "complete": False}, indent=1))
     dd.barrier()
@@ -110,6 +120,9 @@ def relabel_stored(
     t0 = time.perf_counter()
     # Epochs are independent (each plan is drawn from (seed, epoch)): ranks take every world-th epoch.
     mine = dd.current_shard().take(range(settings.epochs))
+    builds = [json.loads(b) for b in sorted({json.dumps(b, sort_keys=True) for b in reused})]
+    if len(reused) < settings.epochs and build_stamp() not in builds:
+        builds.append(build_stamp())
     for e in tqdm(mine, desc="relabel", unit="epoch", disable=not progress or not dd.is_main(), leave=False):
         path = out_dir / f"epoch_{e:04d}.safetensors"
         if not path.is_file():
@@ -128,6 +141,8 @@ def relabel_stored(
     info = {
         "ident": ident,
         "complete": True,
+        # Which code made the epochs: more than one build when a relabel was resumed after cvdd or torch changed.
+        "builds": builds,
         "bytes": total_bytes,
         "files": settings.epochs,
         "seconds": time.perf_counter() - t0,
@@ -147,12 +162,23 @@ def _save_shard(path: Path, tensors: dict[str, torch.Tensor], epoch: int) -> Non
         save_file(
             {k: v.contiguous() for k, v in tensors.items()},
             str(tmp),
-            metadata={"kind": "cvdd-label-shard", "epoch": str(epoch)},
+            metadata={"kind": "cvdd-label-shard", "epoch": str(epoch), "build": json.dumps(build_stamp())},
         )
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _shard_build(path: Path) -> dict[str, str] | None:
+    """The build stamp in a label shard's header (None for shards made before stamps, or unreadable ones)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("build", "null"))
+    except Exception:  # an unreadable shard is reported where it is loaded (load_shard)
+        return None
 
 
 def load_shard(

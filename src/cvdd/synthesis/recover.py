@@ -31,13 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from cvdd import __version__, tracking
 from cvdd import distributed as dd
+from cvdd import tracking
 from cvdd.artifacts import (
     atomic_write_text,
     base_metadata,
+    build_stamp,
     check_kind,
     load_tensors,
+    other_builds,
     save_tensors,
     verify_checksum,
 )
@@ -770,9 +772,11 @@ def recover_images(
 
     # Each job checks (and with --restart cleans) only its own units: shards never touch each other's files.
     todo = []
+    reused_builds = []
     for unit in shard.take(units):
         state = _unit_state(out_dir, unit, chash)
         if state == "done":
+            reused_builds.append(json.loads(_unit_paths(out_dir, unit)[1].read_text()).get("build"))
             continue
         if state != "missing":
             if not restart:
@@ -795,6 +799,9 @@ def recover_images(
         if todo and stale.exists():
             stale.unlink(missing_ok=True)  # the assembled set is stale once a unit is (re)made
 
+    mixed = other_builds(f"finished recover units in {out_dir}", reused_builds)
+    if mixed:
+        log.warning("%s; --restart recovers every unit with this build", mixed)
     sources_note = {n: s for n, s in plan.prior_sources.items() if s != "prior"}
     if sources_note and cfg.voting == "prior" and cfg.committee_size > 1:
         log.warning(
@@ -842,6 +849,7 @@ def recover_images(
             {
                 "kind": "recover-unit",
                 "config_hash": chash,
+                "build": build_stamp(),
                 "unit": unit.key,
                 "ipc_indices": unit.ipc_indices,
                 "classes": unit.classes,
@@ -922,13 +930,15 @@ def _assemble(out_dir: Path, manifest: dict[str, Any], units_run: int, seconds: 
             images[cls * ipc + k] = tensors["images"][i]
             filled[cls * ipc + k] = True
         unit_meta.append({k: meta[k] for k in ("unit", "records", "expert_accuracy", "seconds", "mean_abs_change")})
+        unit_meta[-1]["build"] = meta.get("build")
     if not bool(filled.all()):
         raise ArtifactError(f"{out_dir}: some units are missing; re-run recover to finish them")
     labels = torch.arange(c).repeat_interleave(ipc)
     cfg = manifest["config"]
     stored = (images * 255).round().to(torch.uint8) if cfg["store"] == "uint8" else images
     meta = base_metadata(SYNTHETIC_KIND, spec)
-    meta.update({k: v for k, v in manifest.items() if k not in ("kind", "units", "dataset", "cvdd_version", "created")})
+    skip = ("kind", "units", "dataset", "cvdd_version", "torch_version", "build", "created")
+    meta.update({k: v for k, v in manifest.items() if k not in skip})
     meta.update(
         {
             "order": "class-major: image i has class i // ipc and IPC index i % ipc",
@@ -936,7 +946,8 @@ def _assemble(out_dir: Path, manifest: dict[str, Any], units_run: int, seconds: 
             "seconds_this_run": seconds,
             "units_run_this_call": units_run,
             "seconds_all_units": sum(u["seconds"] for u in unit_meta),
-            "cvdd_version": __version__,
+            # The builds that made the units (more than one when a run was resumed after cvdd or torch changed).
+            "unit_builds": [json.loads(b) for b in sorted({json.dumps(u["build"], sort_keys=True) for u in unit_meta})],
         }
     )
     path = out_dir / "synthetic.safetensors"

@@ -1,0 +1,35 @@
+"""Build stamps: which code made an artifact, and the one-line warning when a resume mixes builds."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+import cvdd
+from cvdd.artifacts import _source_fingerprint, base_metadata, build_stamp, describe_build, other_builds
+from cvdd.data.specs import DatasetSpec
+
+
+def test_build_stamp_names_the_package_its_source_and_torch() -> None:
+    stamp = build_stamp()
+    assert stamp == {"cvdd": cvdd.__version__, "source": _source_fingerprint(), "torch": torch.__version__}
+    assert re.fullmatch(r"[0-9a-f]{12}", stamp["source"])
+    assert _source_fingerprint() == _source_fingerprint()  # deterministic (and computed once)
+    spec = DatasetSpec("toy", ("a", "b"), 8, (0.5,) * 3, (0.25,) * 3)
+    assert base_metadata("thing", spec)["build"] == stamp
+    assert describe_build(stamp) == f"cvdd {cvdd.__version__} (source {stamp['source']}), torch {torch.__version__}"
+    assert describe_build(None) == "an unrecorded build"
+
+
+def test_other_builds_counts_what_another_build_made() -> None:
+    now = build_stamp()
+    assert other_builds("units", []) is None and other_builds("units", [now, now]) is None
+    old = {**now, "source": "0123456789ab"}
+    msg = other_builds("finished units in x", [now, old, None])
+    assert msg is not None and msg.startswith("2 of 3 finished units in x were made by ")
+    # Each other build is named once, sorted; this build last.
+    assert "an unrecorded build; cvdd" in msg and "(source 0123456789ab)" in msg
+    assert msg.endswith(
+        f"not by this {describe_build(now)}: they are kept, and may differ from this build's at float rounding"
+    )
