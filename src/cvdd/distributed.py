@@ -140,7 +140,9 @@ def all_reduce_gradients(model: nn.Module) -> None:
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
+        # In the parameter's own memory layout (channels_last weights): PyTorch's fused CPU optimisers read a
+        # gradient with other strides as if it had the parameter's, and silently apply a scrambled update.
+        p.grad = torch.empty_like(p).copy_(flat[offset : offset + n].view_as(p))
         offset += n
 
 
