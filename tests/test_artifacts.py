@@ -7,7 +7,14 @@ import re
 import torch
 
 import cvdd
-from cvdd.artifacts import _source_fingerprint, base_metadata, build_stamp, describe_build, other_builds
+from cvdd.artifacts import (
+    _source_fingerprint,
+    base_metadata,
+    build_stamp,
+    describe_build,
+    distinct_builds,
+    other_builds,
+)
 from cvdd.data.specs import DatasetSpec
 
 
@@ -33,3 +40,12 @@ def test_other_builds_counts_what_another_build_made() -> None:
     assert msg.endswith(
         f"not by this {describe_build(now)}: they are kept, and may differ from this build's at float rounding"
     )
+
+
+def test_distinct_builds_lists_each_stamp_once_in_a_stable_order() -> None:
+    now = build_stamp()
+    old = {**now, "source": "0123456789ab"}
+    assert distinct_builds([]) == [] and distinct_builds([now, now]) == [now]
+    listed = distinct_builds([now, None, old, now])
+    assert listed == distinct_builds([old, now, None])  # the order does not depend on the input's
+    assert len(listed) == 3 and listed[0] is None and old in listed and now in listed

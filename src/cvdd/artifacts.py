@@ -160,6 +160,11 @@ def describe_build(stamp: dict[str, str] | None) -> str:
     return f"cvdd {stamp.get('cvdd')} (source {stamp.get('source')}), torch {stamp.get('torch')}"
 
 
+def distinct_builds(stamps: list[dict[str, str] | None]) -> list[dict[str, str] | None]:
+    """The different stamps among ``stamps``, in a stable order (what an assembled artifact lists)."""
+    return [json.loads(b) for b in sorted({json.dumps(s, sort_keys=True) for s in stamps})]
+
+
 def other_builds(what: str, stamps: list[dict[str, str] | None]) -> str | None:
     """One warning line when any of the reused artifacts' stamps differs from this build's, else None.
 

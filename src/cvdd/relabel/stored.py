@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from cvdd import distributed as dd
-from cvdd.artifacts import atomic_write_text, build_stamp, other_builds
+from cvdd.artifacts import atomic_write_text, build_stamp, distinct_builds, other_builds
 from cvdd.data.augment import Normalize
 from cvdd.data.specs import DatasetSpec
 from cvdd.device import derive_seed, make_generator
@@ -120,9 +120,7 @@ def relabel_stored(
     t0 = time.perf_counter()
     # Epochs are independent (each plan is drawn from (seed, epoch)): ranks take every world-th epoch.
     mine = dd.current_shard().take(range(settings.epochs))
-    builds = [json.loads(b) for b in sorted({json.dumps(b, sort_keys=True) for b in reused})]
-    if len(reused) < settings.epochs and build_stamp() not in builds:
-        builds.append(build_stamp())
+    builds = distinct_builds(reused + ([build_stamp()] if len(reused) < settings.epochs else []))
     for e in tqdm(mine, desc="relabel", unit="epoch", disable=not progress or not dd.is_main(), leave=False):
         path = out_dir / f"epoch_{e:04d}.safetensors"
         if not path.is_file():

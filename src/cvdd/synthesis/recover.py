@@ -38,6 +38,7 @@ from cvdd.artifacts import (
     base_metadata,
     build_stamp,
     check_kind,
+    distinct_builds,
     load_tensors,
     other_builds,
     save_tensors,
@@ -947,7 +948,7 @@ def _assemble(out_dir: Path, manifest: dict[str, Any], units_run: int, seconds: 
             "units_run_this_call": units_run,
             "seconds_all_units": sum(u["seconds"] for u in unit_meta),
             # The builds that made the units (more than one when a run was resumed after cvdd or torch changed).
-            "unit_builds": [json.loads(b) for b in sorted({json.dumps(u["build"], sort_keys=True) for u in unit_meta})],
+            "unit_builds": distinct_builds([u["build"] for u in unit_meta]),
         }
     )
     path = out_dir / "synthetic.safetensors"
