@@ -125,3 +125,31 @@ def test_cli_hides_torchs_no_cuda_notice_unless_verbose() -> None:
     _setup_logging(argparse.Namespace(verbose=True, quiet=False))
     assert shown("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
     _setup_logging(argparse.Namespace(verbose=False, quiet=False))
+
+
+def test_stage_overrides_split_distill_and_bench_sets_by_stage() -> None:
+    from cvdd.cli import stage_overrides
+
+    got = stage_overrides(["epochs=30", "evaluate.lr=0.01", "recover.iterations=500", "squeeze.epochs=10"])
+    assert got == {"squeeze": {"epochs": 10}, "recover": {"iterations": 500}, "evaluate": {"epochs": 30, "lr": 0.01}}
+    assert stage_overrides([]) == {"squeeze": {}, "recover": {}, "evaluate": {}}
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("relabel.epochs=3", "--set relabel.epochs: unknown stage 'relabel'; write squeeze.KEY, recover.KEY"),
+        ("recover.=3", "--set recover.: unknown stage 'recover'"),
+        ("recover.ipc=5", "--set recover.ipc: the pipeline sets it per method and IPC; use --ipc"),
+        ("recover.iteratons=5", "recover options: unknown key 'iteratons'"),
+        ("squeeze.epochs=many", "squeeze options"),
+    ],
+)
+def test_distill_rejects_a_bad_stage_setting_before_any_work(
+    setting: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["distill", "--out", str(out), "--set", setting, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cvdd: error: ") and message in err and "\n" not in err
+    assert not (out / "experts").exists()  # refused before squeeze started

@@ -105,18 +105,34 @@ def test_distill_cli_reuses_experts(tmp_path: Path, capsys: pytest.CaptureFixtur
         str(tmp_path),
         "--methods",
         "random-real",
+        "sre2l++",
         "--ipc",
         "1",
         "--seeds",
         "0",
         "--set",
-        "epochs=1",
+        "epochs=1",  # a bare key: the evaluation recipe
+        "--set",
+        "squeeze.epochs=2",
+        "--set",
+        "recover.iterations=3",
         "--quiet",
     ]
     assert main(args) == 0
+    # Each stage got its own --set: the experts' recipe, the recovered set, the evaluation recipe.
+    expert = json.loads(next((tmp_path / "experts").glob("*.json")).read_text())
+    assert expert["recipe"]["epochs"] == 2
+    synthetic = json.loads((tmp_path / "sre2l++" / "ipc1" / "synthetic.json").read_text())
+    assert synthetic["config"]["iterations"] == 3
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["preset"]["evaluate"]["epochs"] == 1
+    assert config["squeeze_overrides"] == {"epochs": 2} and config["recover_overrides"] == {"iterations": 3}
+    assert "Changed from the presets (`digits` squeeze, `digits` recover): squeeze {'epochs': 2}; recover " in (
+        tmp_path / "results.md"
+    ).read_text()
     assert main(args) == 0  # second run reuses the experts (squeeze skips finished ones)
     out = capsys.readouterr().out
-    assert "| random-real | 1 |" in out and "results.json" in out
+    assert "| random-real | 1 |" in out and "| sre2l++ | 1 |" in out and "results.json" in out
 
 
 @pytest.mark.slow

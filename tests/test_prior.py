@@ -59,9 +59,20 @@ def test_bench_cli_small_budget_writes_a_report(cifar_slice: Path, tmp_path: Pat
             "epochs=1",
             "--set",
             "student=convnet_d3_w32",
+            "--set",
+            "recover.iterations=5",  # stage-scoped settings go on top of the small budget
+            "--set",
+            "recover.compile=false",
+            "--methods",
+            "random-real",
+            "cvdd",
             "--quiet",
         ]
     )
     assert code == 0
     report = (tmp_path / "b" / "bench.md").read_text()
     assert "Machine:" in report and "| cvdd | 1 |" in report and "Command: `cvdd bench" in report
+    assert "| sre2l++ |" not in report
+    assert "Small budget and --set: squeeze -, recover {'iterations': 5, 'compile': False}, evaluate {" in report
+    synthetic = json.loads((tmp_path / "b" / "cvdd" / "ipc1" / "synthetic.json").read_text())
+    assert synthetic["config"]["iterations"] == 5 and synthetic["config"]["compile"] is False

@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override an evaluation recipe field, e.g. --set epochs=30 --set label_mode=stored",
+        help=STAGE_SET_HELP,
     )
     _add_common(p)
 
@@ -350,10 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="small: first IPC and first seed only, and the preset's small_budget (default: 50 student epochs; "
         "cifar10-gpu also shortens squeeze and recover to fit minutes on one GPU)",
     )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=["random-real", "sre2l++", "cvdd"],
+        help="override the preset's methods (pipeline suite)",
+    )
     p.add_argument("--ipc", type=int, nargs="+", default=None, help="override the preset's IPCs")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
     p.add_argument("--experts", default=None, help="reuse experts from this folder")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an evaluation field")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pipeline suite: " + STAGE_SET_HELP + "; speed suite: a cvdd.speed.SpeedConfig field",
+    )
     _add_common(p)
 
     p = sub.add_parser(
@@ -546,6 +559,45 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+STAGE_SET_HELP = (
+    "override a field of one stage: squeeze.KEY (the experts' recipe), recover.KEY, evaluate.KEY or a bare KEY "
+    "(evaluation), e.g. --set epochs=30 --set recover.iterations=500 --set squeeze.epochs=10 (repeatable)"
+)
+# Set per method and IPC by the pipeline itself (--methods, --ipc): a --set of them would be silently replaced.
+_PIPELINE_OWNED = {"recover.ipc": "--ipc", "recover.committee_size": "--methods (sre2l++: 1, cvdd: the preset's N)"}
+
+
+def stage_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """Split the ``--set`` values of ``distill`` and ``bench`` by stage.
+
+    Args:
+        items: ``KEY=VALUE`` strings; ``squeeze.KEY``, ``recover.KEY`` and ``evaluate.KEY`` address that stage, a
+            bare ``KEY`` the evaluation recipe (as before stages could be named).
+
+    Returns:
+        ``{"squeeze": {...}, "recover": {...}, "evaluate": {...}}``, values parsed as YAML. The fields themselves are
+        checked by the stage's configuration (an unknown one is a one-line error naming it).
+
+    Raises:
+        ConfigError: an unknown stage prefix, or a field the pipeline sets itself (``recover.ipc``).
+    """
+    from cvdd.config import parse_override
+    from cvdd.errors import ConfigError
+
+    out: dict[str, dict[str, Any]] = {"squeeze": {}, "recover": {}, "evaluate": {}}
+    for item in items:
+        key, value = parse_override(item)
+        stage, dot, name = key.partition(".")
+        if not dot:
+            stage, name = "evaluate", key
+        if stage not in out or not name:
+            raise ConfigError(f"--set {key}: unknown stage {stage!r}; write squeeze.KEY, recover.KEY or evaluate.KEY")
+        if key in _PIPELINE_OWNED:
+            raise ConfigError(f"--set {key}: the pipeline sets it per method and IPC; use {_PIPELINE_OWNED[key]}")
+        out[stage][name] = value
+    return out
+
+
 def _eval_overrides(args: argparse.Namespace) -> dict:
     from cvdd.config import parse_override
 
@@ -618,6 +670,7 @@ def _cmd_distill(args: argparse.Namespace, progress: bool) -> int:
     from cvdd import distributed as dd
     from cvdd.api import distill
 
+    stages = stage_overrides(args.set)
     distill(
         args.dataset,
         args.out,
@@ -626,7 +679,9 @@ def _cmd_distill(args: argparse.Namespace, progress: bool) -> int:
         methods=args.methods,
         ipcs=args.ipc,
         seeds=args.seeds,
-        overrides=_eval_overrides(args),
+        overrides=stages["evaluate"],
+        recover_overrides=stages["recover"],
+        squeeze_overrides=stages["squeeze"],
         experts=args.experts,
         seed=args.seed,
         device=args.device,
@@ -696,22 +751,22 @@ def _cmd_bench(args: argparse.Namespace, progress: bool) -> int:
         from cvdd.errors import ConfigError
 
         raise ConfigError("bench --suite pipeline needs --data PATH (CIFAR-10 as an ImageFolder folder or tarball)")
-    over = _eval_overrides(args)
+    stages = stage_overrides(args.set)
     preset = get_distill_preset(args.preset)
     ipcs, seeds = args.ipc, args.seeds
-    squeeze_over: dict[str, Any] = {}
-    recover_over: dict[str, Any] = {}
     if args.budget == "small":
         ipcs = ipcs or preset.ipcs[:1]
         seeds = seeds or preset.evaluate.seeds[:1]
+        # The small budget's overrides first, the command line's --set on top of them.
         small = preset.small_overrides()
-        squeeze_over, recover_over = small["squeeze"], small["recover"]
-        over = {**small["evaluate"], **over}
+        stages = {k: {**small[k], **stages[k]} for k in stages}
+    squeeze_over, recover_over, over = stages["squeeze"], stages["recover"], stages["evaluate"]
     t0 = time.perf_counter()
     rows = distill(
         args.data,
         args.out,
         preset=args.preset,
+        methods=args.methods,
         ipcs=ipcs,
         seeds=seeds,
         overrides=over,
@@ -740,8 +795,12 @@ def _cmd_bench(args: argparse.Namespace, progress: bool) -> int:
         f"Wall time {wall:.0f} s; per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + ".",
         "",
         *(
-            [f"Small budget: squeeze {squeeze_over or '-'}, recover {recover_over or '-'}, evaluate {over}.", ""]
-            if args.budget == "small"
+            [
+                f"{'Small budget and --set' if args.budget == 'small' else 'Overrides (--set)'}: squeeze "
+                f"{squeeze_over or '-'}, recover {recover_over or '-'}, evaluate {over or '-'}.",
+                "",
+            ]
+            if args.budget == "small" or any(stages.values())
             else []
         ),
         (Path(args.out) / "results.md").read_text(),

@@ -20,7 +20,7 @@ from typing import Any
 from cvdd import __version__
 from cvdd import distributed as dd
 from cvdd.artifacts import atomic_write_text, build_stamp, describe_build, other_builds
-from cvdd.config import Recipe, _load_yaml, apply_overrides, from_dict, get_recover_preset, to_dict
+from cvdd.config import Recipe, _load_yaml, apply_overrides, from_dict, get_recover_preset, get_squeeze_preset, to_dict
 from cvdd.data.sources import RealDataset
 from cvdd.device import PhasePeaks
 from cvdd.errors import ConfigError
@@ -137,6 +137,12 @@ def distill(
         if m not in METHODS:
             raise ConfigError(f"unknown method {m!r}; choose among {', '.join(METHODS)}")
     cfg = preset.evaluate.validate()
+    # Every stage's overrides are checked before any work, so a typo cannot cost a finished squeeze.
+    base = apply_overrides(get_recover_preset(preset.recover_preset), recover_overrides or {}, "recover options")
+    base.validate()
+    apply_overrides(
+        get_squeeze_preset(preset.squeeze_preset).recipe, squeeze_overrides or {}, "squeeze options"
+    ).validate()
     t_all = time.perf_counter()
     squeeze_peaks = PhasePeaks()  # peak memory per stage, for results.json and the report
     spec = data.spec
@@ -145,6 +151,9 @@ def distill(
     t0 = time.perf_counter()
     if experts_dir is not None and list_experts_or_empty(experts_dir):
         from cvdd.squeeze import SqueezeResult
+
+        if squeeze_overrides:
+            log.warning("squeeze options %s not used: the experts are reused from %s", squeeze_overrides, experts_dir)
 
         squeezed = []
         for path in list_experts(experts_dir):
@@ -207,7 +216,6 @@ def distill(
     )
 
     rows: list[dict[str, Any]] = []
-    base = apply_overrides(get_recover_preset(preset.recover_preset), recover_overrides or {}, "recover options")
     for ipc in preset.ipcs:
         # 1. Every method's set at this IPC (recover resumes on its own), 2. the evaluations not finished yet
         # (with stack_seeds all their students train as one stacked model), 3. the rows, in method order.
@@ -252,6 +260,10 @@ def distill(
     total_s = time.perf_counter() - t_all
     resolved = {
         "preset": to_dict(preset),
+        # What the run changed on top of the preset's squeeze and recover presets (the evaluation recipe above is
+        # already the resolved one).
+        "squeeze_overrides": dict(squeeze_overrides or {}),
+        "recover_overrides": dict(recover_overrides or {}),
         "seed": seed,
         "dataset": spec.to_dict(),
         "data_source": data.source,
@@ -442,6 +454,16 @@ def results_markdown(rows: list[dict[str, Any]], resolved: dict[str, Any]) -> st
         f"Teacher: {resolved['teacher']}",
         "",
     ]
+    changed = {k: resolved.get(f"{k}_overrides") for k in ("squeeze", "recover")}
+    if any(changed.values()):
+        # A table made with --set squeeze.* / recover.* is not the preset's recipe: say so beside the numbers.
+        lines += [
+            f"Changed from the presets (`{resolved['preset']['squeeze_preset']}` squeeze, "
+            f"`{resolved['preset']['recover_preset']}` recover): "
+            + "; ".join(f"{k} {v}" for k, v in changed.items() if v)
+            + ".",
+            "",
+        ]
     by_build: dict[str, list[str]] = {}
     for r in rows:
         by_build.setdefault(describe_build(r.get("build")), []).append(f"{r['method']} IPC {r['ipc']}")
