@@ -127,9 +127,10 @@ def test_distill_cli_reuses_experts(tmp_path: Path, capsys: pytest.CaptureFixtur
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["preset"]["evaluate"]["epochs"] == 1
     assert config["squeeze_overrides"] == {"epochs": 2} and config["recover_overrides"] == {"iterations": 3}
-    assert "Changed from the presets (`digits` squeeze, `digits` recover): squeeze {'epochs': 2}; recover " in (
-        tmp_path / "results.md"
-    ).read_text()
+    assert (
+        "Changed from the presets (`digits` squeeze, `digits` recover): squeeze {'epochs': 2}; recover "
+        in (tmp_path / "results.md").read_text()
+    )
     assert main(args) == 0  # second run reuses the experts (squeeze skips finished ones)
     out = capsys.readouterr().out
     assert "| random-real | 1 |" in out and "| sre2l++ | 1 |" in out and "results.json" in out
