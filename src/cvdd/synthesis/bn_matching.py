@@ -77,11 +77,20 @@ def channel_moments(x: torch.Tensor, groups: int | None = None) -> tuple[torch.T
         groups: None: one statistic over the whole batch, each (C,). G: the batch is G consecutive groups of
             N/G images ("ghost batches") and each gets its own statistics, each (G, C).
     """
-    if groups is None:
-        return _ChannelMoments.apply(x, 0)
-    if groups < 1 or x.shape[0] % groups:
+    if groups is not None and (groups < 1 or x.shape[0] % groups):
         raise ValueError(f"a batch of {x.shape[0]} images does not split into {groups} equal groups")
-    return _ChannelMoments.apply(x, groups)
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: the plain expression, differentiated by AOTAutograd and fused by inductor, which
+        # keeps no fp32 copy either (it recomputes the cast in the backward). The custom Function is for eager
+        # runs: with it in the graph PyTorch's autograd cache is bypassed, and every later run traced each expert
+        # again (about 15 s of a warm start on a 2-core CPU; docs/benchmarks/switches-cpu.md).
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        if groups is None:
+            var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+        else:
+            var, mean = torch.var_mean(xf.reshape(groups, -1, *x.shape[1:]), dim=(1, 3, 4), correction=0)
+        return mean, var
+    return _ChannelMoments.apply(x, 0 if groups is None else groups)
 
 
 class BNMatching:
