@@ -29,6 +29,16 @@ from cvdd.models import first_bn
 __all__ = ["BNMatching", "BNStatHook", "channel_moments"]
 
 
+def _plain_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance per channel in at least fp32: (C,) each for ``groups`` 0, else (G, C) each."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    if groups == 0:  # one statistic over the whole batch
+        var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+    else:  # splitting the batch dimension is a view for NCHW and channels_last alike (no copy)
+        var, mean = torch.var_mean(xf.reshape(groups, -1, *x.shape[1:]), dim=(1, 3, 4), correction=0)
+    return mean, var
+
+
 class _ChannelMoments(torch.autograd.Function):
     """Per-channel mean and biased variance over (N/G, H, W) of each of G batch groups, in at least fp32.
 
@@ -41,11 +51,7 @@ class _ChannelMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        if groups == 0:  # one statistic over the whole batch: (C,)
-            var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
-        else:  # splitting the batch dimension is a view for NCHW and channels_last alike (no copy): (G, C)
-            var, mean = torch.var_mean(xf.reshape(groups, -1, *x.shape[1:]), dim=(1, 3, 4), correction=0)
+        mean, var = _plain_moments(x, groups)
         ctx.save_for_backward(x, mean)
         return mean, var
 
@@ -84,12 +90,7 @@ def channel_moments(x: torch.Tensor, groups: int | None = None) -> tuple[torch.T
         # keeps no fp32 copy either (it recomputes the cast in the backward). The custom Function is for eager
         # runs: with it in the graph PyTorch's autograd cache is bypassed, and every later run traced each expert
         # again (about 15 s of a warm start on a 2-core CPU; docs/benchmarks/switches-cpu.md).
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        if groups is None:
-            var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
-        else:
-            var, mean = torch.var_mean(xf.reshape(groups, -1, *x.shape[1:]), dim=(1, 3, 4), correction=0)
-        return mean, var
+        return _plain_moments(x, 0 if groups is None else groups)
     return _ChannelMoments.apply(x, 0 if groups is None else groups)
 
 
