@@ -37,6 +37,24 @@ def test_prior_is_measured_on_training_images_and_used_by_recover(digit_experts:
     assert res.meta["priors"] == pytest.approx(priors)
 
 
+def test_prior_cli_takes_recover_and_evaluate_settings(
+    digit_experts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    experts = tmp_path / "experts"
+    shutil.copytree(digit_experts, experts)
+    base = ["prior", "--experts", str(experts), "--val-per-class", "20", "--quiet"]
+    assert main([*base, "--set", "squeeze.epochs=1"]) == 2
+    assert "--set squeeze.epochs: prior trains no experts" in capsys.readouterr().err
+    settings = ["--set", "epochs=2", "--set", "seeds=[0]", "--set", "recover.iterations=3"]
+    assert main([*base, *settings, "--set", "recover.init_candidates=20", "--set", "recover.init_crops=2"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("convnet_d3_w32", "resnet8"):
+        meta = json.loads((experts / f"{name}.json").read_text())
+        assert f"{name:<18} prior {meta['prior']:.2f}%" in printed
+        assert meta["prior_recipe"]["validation"] == "20 real training images per class"
+        assert meta["prior_recipe"]["recover_overrides"] == {"iterations": 3, "init_candidates": 20, "init_crops": 2}
+
+
 def test_bench_cli_small_budget_writes_a_report(cifar_slice: Path, tmp_path: Path) -> None:
     experts = tmp_path / "experts"
     cvdd.squeeze(

@@ -639,6 +639,7 @@ def prior(
             "teacher": teacher.describe(),
             "validation": f"{per_class} real training images per class",
             "seed": seed,
+            "recover_overrides": dict(recover_overrides or {}),
         }
         atomic_write_text(meta_path, _json.dumps(meta, indent=1))
     return priors

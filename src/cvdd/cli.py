@@ -311,7 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", default="runs/experts", help="folder of experts")
     p.add_argument("--ipc", type=int, default=1, help="images per class recovered per expert (default 1)")
     p.add_argument("--preset", default=None, help="distill preset whose evaluation recipe is used")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an evaluation field")
+    p.add_argument(
+        "--val-per-class",
+        type=int,
+        default=100,
+        help="real training images per class held out to score the students (default 100)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the recovery (recover.KEY) or of the students' recipe (evaluate.KEY or a bare KEY)",
+    )
     p.add_argument("--dataset", default=None, help="real dataset (default: the experts')")
     p.add_argument("--data", default=None, metavar="PATH")
     _add_common(p)
@@ -703,12 +715,18 @@ def _cmd_distill(args: argparse.Namespace, progress: bool) -> int:
 
 def _cmd_prior(args: argparse.Namespace, progress: bool) -> int:
     from cvdd.api import prior
+    from cvdd.errors import ConfigError
 
+    stages = stage_overrides(args.set)
+    if stages["squeeze"]:
+        raise ConfigError(f"--set squeeze.{next(iter(stages['squeeze']))}: prior trains no experts; it measures them")
     priors = prior(
         args.experts,
         ipc=args.ipc,
         preset=args.preset,
-        overrides=_eval_overrides(args),
+        overrides=stages["evaluate"],
+        recover_overrides=stages["recover"],
+        val_per_class=args.val_per_class,
         dataset=args.dataset,
         data=args.data,
         seed=args.seed,
