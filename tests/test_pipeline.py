@@ -194,6 +194,15 @@ def test_relabel_and_evaluate_cli(digit_experts: Path, tmp_path: Path, capsys: p
     )
     out = capsys.readouterr().out
     assert "top-1 on the real test set:" in out and "over seeds [0, 1]" in out and "bytes" in out
+    # Labels stored elsewhere (relabel --out) are found with evaluate --label-dir.
+    elsewhere = tmp_path / "elsewhere"
+    relabel = ["relabel", str(syn), "--experts", str(digit_experts), "--set", "epochs=2", "--out", str(elsewhere)]
+    assert main([*relabel, "--quiet"]) == 0
+    stored = {f: f.stat().st_mtime_ns for f in elsewhere.glob("epoch_*.safetensors")}
+    evaluate = ["evaluate", str(syn), "--experts", str(digit_experts), "--labels", "stored", "--epochs", "2"]
+    assert len(stored) == 2 and main([*evaluate, "--seeds", "0", "--label-dir", str(elsewhere), "--quiet"]) == 0
+    assert "over seeds [0]" in capsys.readouterr().out
+    assert {f: f.stat().st_mtime_ns for f in elsewhere.glob("epoch_*.safetensors")} == stored  # read, not rewritten
     assert (
         main(
             [

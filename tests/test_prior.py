@@ -9,6 +9,7 @@ import pytest
 import cvdd
 from cvdd.api import load_pool
 from cvdd.cli import main
+from cvdd.errors import ConfigError
 
 
 def test_prior_is_measured_on_training_images_and_used_by_recover(digit_experts: Path, digits, tmp_path: Path) -> None:
@@ -45,8 +46,12 @@ def test_prior_cli_takes_recover_and_evaluate_settings(
     base = ["prior", "--experts", str(experts), "--val-per-class", "20", "--quiet"]
     assert main([*base, "--set", "squeeze.epochs=1"]) == 2
     assert "--set squeeze.epochs: prior trains no experts" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="prior recover option 'committee_size': prior sets it itself"):
+        cvdd.prior(experts, recover_overrides={"committee_size": 2}, progress=False)
     settings = ["--set", "epochs=2", "--set", "seeds=[0]", "--set", "recover.iterations=3"]
-    assert main([*base, *settings, "--set", "recover.init_candidates=20", "--set", "recover.init_crops=2"]) == 0
+    recover = ["--set", "recover.init_candidates=20", "--set", "recover.init_crops=2"]
+    assert main([*base, *settings, *recover, "--out", str(tmp_path / "work")]) == 0
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["convnet_d3_w32", "resnet8"]
     printed = capsys.readouterr().out
     for name in ("convnet_d3_w32", "resnet8"):
         meta = json.loads((experts / f"{name}.json").read_text())

@@ -587,6 +587,7 @@ def prior(
         Expert name -> prior in percent.
     """
     import json as _json
+    import shutil
     import tempfile
 
     from cvdd.artifacts import atomic_write_text
@@ -609,39 +610,46 @@ def prior(
         raise ConfigError("cvdd prior needs an in-memory dataset (images of at most 64 px)")
     val = real.train.subset(per_class, real.spec.num_classes, seed=seed)
     teacher = _teacher(pool, cfg)
+    owned = sorted({"ipc", "committee_size"} & set(recover_overrides or {}))
+    if owned:
+        raise ConfigError(f"prior recover option {owned[0]!r}: prior sets it itself (ipc: its ipc argument; N = 1)")
     work = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="cvdd-prior-"))
-    priors = {}
-    for expert in pool:
-        res = recover(
-            [Path(expert_paths(Path(experts), expert.name)[0])],
-            work / expert.name,
-            ipc=ipc,
-            committee_size=1,
-            dataset=real,
-            seed=seed,
-            device=device,
-            progress=progress,
-            overrides=recover_overrides,
-        )
-        ev = evaluate_synthetic(
-            res.images, res.labels, real.spec, val, cfg, teacher=teacher, device=device, progress=progress
-        )
-        priors[expert.name] = 100.0 * ev.mean
-        meta_path = expert_paths(Path(experts), expert.name)[1]
-        meta = _json.loads(meta_path.read_text())
-        meta["prior"] = priors[expert.name]
-        meta["prior_recipe"] = {
-            "ipc": ipc,
-            "student": cfg.student,
-            "epochs": cfg.epochs,
-            "seeds": cfg.seeds,
-            "label_mode": cfg.label_mode,
-            "teacher": teacher.describe(),
-            "validation": f"{per_class} real training images per class",
-            "seed": seed,
-            "recover_overrides": dict(recover_overrides or {}),
-        }
-        atomic_write_text(meta_path, _json.dumps(meta, indent=1))
+    try:
+        priors = {}
+        for expert in pool:
+            res = recover(
+                [Path(expert_paths(Path(experts), expert.name)[0])],
+                work / expert.name,
+                ipc=ipc,
+                committee_size=1,
+                dataset=real,
+                seed=seed,
+                device=device,
+                progress=progress,
+                overrides=recover_overrides,
+            )
+            ev = evaluate_synthetic(
+                res.images, res.labels, real.spec, val, cfg, teacher=teacher, device=device, progress=progress
+            )
+            priors[expert.name] = 100.0 * ev.mean
+            meta_path = expert_paths(Path(experts), expert.name)[1]
+            meta = _json.loads(meta_path.read_text())
+            meta["prior"] = priors[expert.name]
+            meta["prior_recipe"] = {
+                "ipc": ipc,
+                "student": cfg.student,
+                "epochs": cfg.epochs,
+                "seeds": cfg.seeds,
+                "label_mode": cfg.label_mode,
+                "teacher": teacher.describe(),
+                "validation": f"{per_class} real training images per class",
+                "seed": seed,
+                "recover_overrides": dict(recover_overrides or {}),
+            }
+            atomic_write_text(meta_path, _json.dumps(meta, indent=1))
+    finally:
+        if out is None:  # the recovered sets only served the measurement
+            shutil.rmtree(work, ignore_errors=True)
     return priors
 
 

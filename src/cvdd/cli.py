@@ -259,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc", type=int, default=None, help="images per class (random-real only)")
     p.add_argument("--student", default=None, help="student architecture (default: the preset's)")
     p.add_argument("--labels", default=None, choices=["online", "stored", "hard"], help="label mode")
+    p.add_argument(
+        "--label-dir",
+        default=None,
+        metavar="DIR",
+        help="stored labels' folder, e.g. the --out of `cvdd relabel` (default: labels/ beside the synthetic set)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: the preset's)")
     p.add_argument("--epochs", type=int, default=None, help="student epochs")
     p.add_argument("--teacher", default=None, help="committee (default) or one expert's name")
@@ -311,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", default="runs/experts", help="folder of experts")
     p.add_argument("--ipc", type=int, default=1, help="images per class recovered per expert (default 1)")
     p.add_argument("--preset", default=None, help="distill preset whose evaluation recipe is used")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="keep each expert's recovered set here (default: a temporary folder, removed afterwards)",
+    )
     p.add_argument(
         "--val-per-class",
         type=int,
@@ -576,7 +587,10 @@ STAGE_SET_HELP = (
     "(evaluation), e.g. --set epochs=30 --set recover.iterations=500 --set squeeze.epochs=10 (repeatable)"
 )
 # Set per method and IPC by the pipeline itself (--methods, --ipc): a --set of them would be silently replaced.
-_PIPELINE_OWNED = {"recover.ipc": "--ipc", "recover.committee_size": "--methods (sre2l++: 1, cvdd: the preset's N)"}
+_PIPELINE_OWNED = {
+    "recover.ipc": "--ipc",
+    "recover.committee_size": "--methods in distill and bench (sre2l++: 1, cvdd: the preset's N); prior: always 1",
+}
 
 
 def stage_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -661,6 +675,7 @@ def _cmd_evaluate(args: argparse.Namespace, progress: bool) -> int:
         ipc=args.ipc,
         preset=args.preset,
         overrides=_eval_overrides(args),
+        label_dir=args.label_dir,
         dataset=args.dataset,
         data=args.data,
         seed=args.seed,
@@ -727,6 +742,7 @@ def _cmd_prior(args: argparse.Namespace, progress: bool) -> int:
         overrides=stages["evaluate"],
         recover_overrides=stages["recover"],
         val_per_class=args.val_per_class,
+        out=args.out,
         dataset=args.dataset,
         data=args.data,
         seed=args.seed,
@@ -798,7 +814,7 @@ def _cmd_bench(args: argparse.Namespace, progress: bool) -> int:
     wall = time.perf_counter() - t0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "none"
-    stages = {
+    stage_s = {
         k: max(r["seconds"][k] for r in rows) if k == "squeeze" else sum(r["seconds"][k] for r in rows)
         for k in ("squeeze", "recover", "relabel", "evaluate")
     }
@@ -810,7 +826,7 @@ def _cmd_bench(args: argparse.Namespace, progress: bool) -> int:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, GPU {gpu}; Python {platform.python_version()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), cvdd {__version__}.",
         "",
-        f"Wall time {wall:.0f} s; per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + ".",
+        f"Wall time {wall:.0f} s; per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stage_s.items()) + ".",
         "",
         *(
             [

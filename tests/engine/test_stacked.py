@@ -59,7 +59,12 @@ def test_fit_stacked_trains_the_students_of_separate_runs(digits, arch: str, gho
     (tests/engine/test_ghost.py measured that). Adam normalises each element's step, so an element whose
     gradient is at rounding level can move by a whole learning rate either way (measured: resnet8, 5e-5 on one
     weight out of 1.5e-3 moved); the weights are therefore compared by their mean difference against how far
-    they moved (measured worst ratio 4e-6).
+    they moved. Measured worst ratios: 4e-6 on the CPU of earlier sessions; on a 2-core AVX2 AMD EPYC, 1.6e-5 for
+    convnet_d3_w32 but 1.3e-2 for resnet8 (layer1.0: about 1% of a conv's elements took a whole step the other
+    way, and its BN weights, whose gradients are sums that nearly cancel over 5-image micro-batches, differed by
+    about 1% of their movement), the same with and without the fused optimiser step. A real stacking error (a
+    seed's plan, initialisation or BN groups given to another student) moves weights by the order of their whole
+    movement, far above the 3e-2 bound.
     """
     seeds = [0, 1, 2]
     cfg = EvalConfig(student=arch, epochs=1, batch_size=10, micro_batch=5, label_mode="hard", seeds=seeds)
@@ -78,9 +83,10 @@ def test_fit_stacked_trains_the_students_of_separate_runs(digits, arch: str, gho
         for (name, pa), pb, p0 in zip(a.named_parameters(), b.parameters(), c.parameters()):
             pa, pb, p0 = pa.detach(), pb.detach(), p0.detach()
             moved = float((pa - p0).abs().mean())
-            assert moved > 1e-6 and float((pa - pb).abs().mean()) <= 1e-3 * moved, name
+            assert moved > 1e-6 and float((pa - pb).abs().mean()) <= 3e-2 * moved, name
         for (name, ba), bb in zip(a.named_buffers(), b.buffers()):
-            assert torch.allclose(ba.float(), bb.float(), atol=1e-5), name
+            # Running statistics follow the weights of the first step (resnet8 on the AVX2 machine: up to 2e-4).
+            assert torch.allclose(ba.float(), bb.float(), atol=1e-3), name
     assert [len(r.history) for r in results] == [1, 1, 1] and all(0 <= r.test_acc <= 1 for r in results)
 
 
