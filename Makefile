@@ -29,7 +29,7 @@ browser:
 
 test: setup browser
 	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m "not gpu"
