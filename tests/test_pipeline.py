@@ -148,7 +148,9 @@ def test_default_digits_distill_is_sane(tmp_path: Path, digits) -> None:
         assert r["acc_mean"] > 0.15, r
 
 
-def test_relabel_and_evaluate_cli(digit_experts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_relabel_and_evaluate_cli(
+    digit_experts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     syn = tmp_path / "syn"
     assert (
         main(
@@ -203,6 +205,16 @@ def test_relabel_and_evaluate_cli(digit_experts: Path, tmp_path: Path, capsys: p
     assert len(stored) == 2 and main([*evaluate, "--seeds", "0", "--label-dir", str(elsewhere), "--quiet"]) == 0
     assert "over seeds [0]" in capsys.readouterr().out
     assert {f: f.stat().st_mtime_ns for f in elsewhere.glob("epoch_*.safetensors")} == stored  # read, not rewritten
+    # random-real: relabel and evaluate agree on the default folder, runs/random-real-ipc<N>/labels.
+    monkeypatch.chdir(tmp_path)
+    rr = ["random-real", "--ipc", "1", "--experts", str(digit_experts)]
+    assert main(["relabel", *rr, "--set", "epochs=2", "--quiet"]) == 0
+    shards = sorted((tmp_path / "runs" / "random-real-ipc1" / "labels").glob("epoch_*.safetensors"))
+    stamps = [f.stat().st_mtime_ns for f in shards]
+    assert len(shards) == 2
+    assert main(["evaluate", *rr, "--labels", "stored", "--epochs", "2", "--seeds", "0", "--quiet"]) == 0
+    assert [f.stat().st_mtime_ns for f in shards] == stamps and not (tmp_path / "runs" / "labels").exists()
+    capsys.readouterr()
     assert (
         main(
             [

@@ -138,6 +138,9 @@ def test_cli_speed_suite_writes_its_tables(cifar_slice: Path, tmp_path: Path, ca
 def test_pipeline_suite_still_needs_data(capsys) -> None:
     assert main(["bench", "--out", "unused"]) == 2
     assert "needs --data" in capsys.readouterr().err
+    # The pipeline suite's options are refused by the speed suite rather than silently ignored.
+    assert main(["bench", "--suite", "speed", "--methods", "cvdd", "--out", "unused"]) == 2
+    assert "--methods and --seeds belong to the pipeline suite" in capsys.readouterr().err
 
 
 def test_recover_overrides_reach_cvdd_recover(cifar_slice: Path, tmp_path: Path) -> None:

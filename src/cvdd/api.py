@@ -376,8 +376,7 @@ def evaluate(
     cfg = apply_overrides(cfg, overrides or {}, "evaluate options").validate()
     images, labels, real = _synthetic_or_random(synthetic, pool, ipc, dataset, data, cache_dir, seed, progress)
     if cfg.label_mode == "stored" and label_dir is None:
-        base = Path(synthetic) if os.fspath(synthetic) != "random-real" else Path("runs") / f"random-real-ipc{ipc}"
-        label_dir = (base if base.is_dir() else base.parent) / "labels"
+        label_dir = _default_label_dir(synthetic, ipc)
     teacher = None if cfg.label_mode == "hard" else _teacher(pool, cfg)
     return evaluate_synthetic(
         images,
@@ -486,8 +485,7 @@ def relabel(
     cfg = apply_overrides(cfg, {**(overrides or {}), "label_mode": "stored"}, "relabel options").validate()
     images, labels, real = _synthetic_or_random(synthetic, pool, ipc, dataset, data, None, seed, progress)
     if out is None:
-        base = Path(synthetic)
-        out = (base if base.is_dir() else base.parent) / "labels"
+        out = _default_label_dir(synthetic, ipc)
     dev = resolve_device(device)
     teacher = _teacher(pool, cfg)
     teacher.group_size = cfg.micro_batch
@@ -495,6 +493,15 @@ def relabel(
     return relabel_stored(
         images.to(dev), labels.to(dev), real.spec, teacher, cfg.label_settings(label_seed), out, progress=progress
     )
+
+
+def _default_label_dir(synthetic: str | os.PathLike[str], ipc: int | None) -> Path:
+    """Where relabel writes and evaluate reads stored labels by default: ``labels/`` beside the synthetic set, or
+    ``runs/random-real-ipc<N>/labels`` for ``random-real`` (the same place for both commands)."""
+    if os.fspath(synthetic) == "random-real":
+        return Path("runs") / f"random-real-ipc{ipc}" / "labels"
+    base = Path(synthetic)
+    return (base if base.is_dir() else base.parent) / "labels"
 
 
 def distill(

@@ -770,6 +770,13 @@ def _cmd_bench(args: argparse.Namespace, progress: bool) -> int:
         from cvdd.config import parse_override
         from cvdd.speed import run_speed_suite, speed_config
 
+        if args.methods or args.seeds:
+            from cvdd.errors import ConfigError
+
+            raise ConfigError(
+                "bench --suite speed: --methods and --seeds belong to the pipeline suite; "
+                "set the speed suite's fields with --set KEY=VALUE (cvdd.speed.SpeedConfig)"
+            )
         settings = dict(parse_override(s) for s in args.set)
         for key, value in (("data", args.data), ("experts", args.experts), ("ipcs", args.ipc), ("seed", args.seed)):
             if value is not None:
