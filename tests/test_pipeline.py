@@ -199,10 +199,13 @@ def test_relabel_and_evaluate_cli(
     # Labels stored elsewhere (relabel --out) are found with evaluate --label-dir.
     elsewhere = tmp_path / "elsewhere"
     relabel = ["relabel", str(syn), "--experts", str(digit_experts), "--set", "epochs=2", "--out", str(elsewhere)]
-    assert main([*relabel, "--quiet"]) == 0
+    assert main([*relabel, "--teacher", "resnet8", "--no-bssl", "--quiet"]) == 0
+    teacher = json.loads((elsewhere / "labels.json").read_text())["ident"]["teacher"]
+    assert teacher["experts"] == ["resnet8"] and teacher["bssl"] is False
     stored = {f: f.stat().st_mtime_ns for f in elsewhere.glob("epoch_*.safetensors")}
     evaluate = ["evaluate", str(syn), "--experts", str(digit_experts), "--labels", "stored", "--epochs", "2"]
-    assert len(stored) == 2 and main([*evaluate, "--seeds", "0", "--label-dir", str(elsewhere), "--quiet"]) == 0
+    evaluate += ["--teacher", "resnet8", "--no-bssl", "--seeds", "0", "--label-dir", str(elsewhere), "--quiet"]
+    assert len(stored) == 2 and main(evaluate) == 0
     assert "over seeds [0]" in capsys.readouterr().out
     assert {f: f.stat().st_mtime_ns for f in elsewhere.glob("epoch_*.safetensors")} == stored  # read, not rewritten
     # random-real: relabel and evaluate agree on the default folder, runs/random-real-ipc<N>/labels.

@@ -225,10 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
         "student micro-batch. One file per epoch holds the augmentation plan (crops, flips, "
         "CutMix) and the logits (fp16). Prints the bytes stored.",
     )
-    p.add_argument("synthetic", help="recover output folder, synthetic.safetensors, or random-real")
+    p.add_argument(
+        "synthetic",
+        help="recover output folder, synthetic.safetensors, random-real, a folder of class sub-folders of images "
+        "or a `cvdd export` .npz/.safetensors file (as evaluate)",
+    )
     p.add_argument("--experts", default="runs/experts", help="folder of experts (the teacher)")
-    p.add_argument("--out", default=None, help="labels folder (default: <synthetic>/labels)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="labels folder (default: labels/ beside the synthetic set; random-real: runs/random-real-ipc<N>/labels)",
+    )
     p.add_argument("--ipc", type=int, default=None, help="images per class (random-real only)")
+    p.add_argument("--teacher", default=None, help="committee (default) or one expert's name")
+    p.add_argument("--no-bssl", action="store_true", help="teacher BN uses its running statistics")
     p.add_argument("--preset", default=None, help="distill preset whose evaluation recipe sets epochs and batches")
     p.add_argument("--label-seed", type=int, default=0, help="seed of the per-epoch augmentation plans")
     p.add_argument(
