@@ -140,7 +140,11 @@ def test_stage_overrides_split_distill_and_bench_sets_by_stage() -> None:
     [
         ("relabel.epochs=3", "--set relabel.epochs: unknown stage 'relabel'; write squeeze.KEY, recover.KEY"),
         ("recover.=3", "--set recover.: unknown stage 'recover'"),
-        ("recover.ipc=5", "--set recover.ipc: the pipeline sets it per method and IPC; use --ipc"),
+        (
+            "recover.ipc=5",
+            "recover option 'ipc': the pipeline sets it per method and IPC from the preset's IPCs (--ipc",
+        ),
+        ("recover.committee_size=3", "recover option 'committee_size': the pipeline sets it per method and IPC"),
         ("recover.iteratons=5", "recover options: unknown key 'iteratons'"),
         ("squeeze.epochs=many", "squeeze options"),
     ],

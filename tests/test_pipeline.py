@@ -278,3 +278,13 @@ def test_distill_with_stack_seeds_trains_every_student_of_an_ipc_at_once(
     # The three sets' evaluations shared one run: their evaluate seconds add up to its wall time, no set's is 0.
     assert all(r["seconds"]["evaluate"] > 0 for r in stacked)
     assert not any((tmp_path / "stacked" / m / "ipc2" / "students").exists() for m in ("random-real", "cvdd"))
+
+
+@pytest.mark.parametrize("key", ["ipc", "committee_size"])
+def test_api_distill_refuses_recover_fields_the_pipeline_sets(key: str, tmp_path: Path, digits) -> None:
+    # Through the API too (not only the CLI's --set): the pipeline would replace them per method and IPC silently.
+    from cvdd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"recover option '{key}': the pipeline sets it per method and IPC"):
+        cvdd.distill(digits, tmp_path / "run", ipcs=[1], recover_overrides={key: 3}, progress=False)
+    assert not (tmp_path / "run" / "experts").exists()  # refused before squeeze started

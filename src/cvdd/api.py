@@ -533,7 +533,8 @@ def distill(
         ipcs: images per class to distil.
         seeds: student seeds.
         overrides: evaluation recipe fields (``epochs``, ``student``, ``label_mode``...).
-        recover_overrides: recover fields applied to every synthesised set (``iterations``, ``lr``...).
+        recover_overrides: recover fields applied to every synthesised set (``iterations``, ``lr``...); not ``ipc``
+            or ``committee_size``, which the pipeline sets per method and IPC (a ConfigError).
         squeeze_overrides: squeeze recipe fields for the experts trained here (``epochs``...).
         experts: reuse experts from this folder (default: ``<out>/experts``, trained if missing).
         seed: run seed (squeeze, recover, random-real draw).

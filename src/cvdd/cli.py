@@ -596,11 +596,6 @@ STAGE_SET_HELP = (
     "override a field of one stage: squeeze.KEY (the experts' recipe), recover.KEY, evaluate.KEY or a bare KEY "
     "(evaluation), e.g. --set epochs=30 --set recover.iterations=500 --set squeeze.epochs=10 (repeatable)"
 )
-# Set per method and IPC by the pipeline itself (--methods, --ipc): a --set of them would be silently replaced.
-_PIPELINE_OWNED = {
-    "recover.ipc": "--ipc",
-    "recover.committee_size": "--methods in distill and bench (sre2l++: 1, cvdd: the preset's N); prior: always 1",
-}
 
 
 def stage_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -619,6 +614,7 @@ def stage_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     """
     from cvdd.config import parse_override
     from cvdd.errors import ConfigError
+    from cvdd.pipeline import check_recover_overrides
 
     out: dict[str, dict[str, Any]] = {"squeeze": {}, "recover": {}, "evaluate": {}}
     for item in items:
@@ -628,9 +624,9 @@ def stage_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
             stage, name = "evaluate", key
         if stage not in out or not name:
             raise ConfigError(f"--set {key}: unknown stage {stage!r}; write squeeze.KEY, recover.KEY or evaluate.KEY")
-        if key in _PIPELINE_OWNED:
-            raise ConfigError(f"--set {key}: the pipeline sets it per method and IPC; use {_PIPELINE_OWNED[key]}")
         out[stage][name] = value
+    # The pipeline refuses the recover fields it sets itself; checked here too, before the dataset is loaded.
+    check_recover_overrides(out["recover"])
     return out
 
 

@@ -114,6 +114,25 @@ def _row(
     }
 
 
+# Recover fields the pipeline sets itself per method and IPC: an override of them would be silently replaced.
+PIPELINE_OWNED = {
+    "ipc": "the preset's IPCs (--ipc on the command line)",
+    "committee_size": "the method (sre2l++: 1, cvdd: the preset's N; --methods on the command line)",
+}
+
+
+def check_recover_overrides(recover_overrides: dict[str, Any] | None) -> None:
+    """Refuse recover overrides of the fields :func:`distill` sets itself (``ipc``, ``committee_size``).
+
+    Raises:
+        ConfigError: naming the field and where it is set instead.
+    """
+    owned = [k for k in PIPELINE_OWNED if k in (recover_overrides or {})]
+    if owned:
+        key = owned[0]
+        raise ConfigError(f"recover option {key!r}: the pipeline sets it per method and IPC from {PIPELINE_OWNED[key]}")
+
+
 def distill(
     data: RealDataset,
     out: str | os.PathLike[str],
@@ -137,6 +156,7 @@ def distill(
         if m not in METHODS:
             raise ConfigError(f"unknown method {m!r}; choose among {', '.join(METHODS)}")
     cfg = preset.evaluate.validate()
+    check_recover_overrides(recover_overrides)
     # Every stage's overrides are checked before any work, so a typo cannot cost a finished squeeze.
     base = apply_overrides(get_recover_preset(preset.recover_preset), recover_overrides or {}, "recover options")
     base.validate()
