@@ -157,3 +157,23 @@ def test_distill_rejects_a_bad_stage_setting_before_any_work(
     err = capsys.readouterr().err.strip()
     assert err.startswith("cvdd: error: ") and message in err and "\n" not in err
     assert not (out / "experts").exists()  # refused before squeeze started
+
+
+@pytest.mark.parametrize("command", ["report", "merge", "export", "info", "models", "presets"])
+def test_commands_that_compute_nothing_do_not_take_seed_device_or_track(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Accepted and ignored would suggest they change something; argparse refuses them instead (exit 2).
+    help_text = build_parser()._subparsers._group_actions[0].choices[command].format_help()
+    assert "--seed" not in help_text and "--device" not in help_text and "--track" not in help_text
+    with pytest.raises(SystemExit) as exc:
+        positional = {"models": [], "presets": [], "export": ["x", "--out", "y"]}.get(command, ["x"])
+        main([command, *positional, "--seed", "3"])
+    assert exc.value.code == 2 and "unrecognized arguments: --seed" in capsys.readouterr().err
+
+
+def test_commands_that_compute_keep_seed_and_device() -> None:
+    choices = build_parser()._subparsers._group_actions[0].choices
+    for command in ("squeeze", "recover", "relabel", "evaluate", "distill", "prior", "ablate", "bench"):
+        help_text = choices[command].format_help()
+        assert "--seed" in help_text and "--device" in help_text, command

@@ -15,10 +15,13 @@ from cvdd.errors import CvddError
 log = logging.getLogger("cvdd")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, compute: bool = True) -> None:
+    """Options shared by every subcommand; ``compute=False`` (report, merge, export, info, models, presets) leaves out
+    --device, --seed and --track, which would be accepted there and do nothing."""
     g = p.add_argument_group("common options")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CVDD_DEVICE or CUDA if available)")
-    g.add_argument("--seed", type=int, default=0, help="run seed; the same seed gives the same result (default 0)")
+    if compute:
+        g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CVDD_DEVICE or CUDA if available)")
+        g.add_argument("--seed", type=int, default=0, help="run seed; the same seed gives the same result (default 0)")
     g.add_argument(
         "--quiet",
         "-q",
@@ -26,12 +29,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="only warnings and errors, no progress bars (TQDM_DISABLE=1: no bars, logs kept)",
     )
     g.add_argument("--verbose", "-v", action="store_true", help="debug logging")
-    g.add_argument(
-        "--track",
-        default=None,
-        metavar="TRACKER",
-        help="log curves to tensorboard[:DIR] or wandb[:PROJECT] (needs that package; also CVDD_TRACK)",
-    )
+    if compute:
+        g.add_argument(
+            "--track",
+            default=None,
+            metavar="TRACKER",
+            help="log curves to tensorboard[:DIR] or wandb[:PROJECT] (needs that package; also CVDD_TRACK)",
+        )
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
@@ -192,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", help="a `cvdd distill` output folder (with results.json)")
     p.add_argument("--out", default=None, help="report folder (default: RUN_DIR/report)")
-    _add_common(p)
+    _add_common(p, compute=False)
 
     p = sub.add_parser(
         "merge",
@@ -201,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checksum) and assemble them into OUT/synthetic.safetensors and grid.png.",
     )
     p.add_argument("out", help="the --out folder shared by the recover shards")
-    _add_common(p)
+    _add_common(p, compute=False)
 
     p = sub.add_parser(
         "export",
@@ -215,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("synthetic", help="synthetic.safetensors or the recover output folder")
     p.add_argument("--out", required=True, help="destination folder (npz/safetensors: a file, or OUT/images.<format>)")
     p.add_argument("--format", default="png", choices=["png", "jpeg", "npz", "safetensors", "hf"])
-    _add_common(p)
+    _add_common(p, compute=False)
 
     p = sub.add_parser(
         "relabel",
@@ -408,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the kind, dataset, classes and the key fields of any artifact cvdd wrote.",
     )
     p.add_argument("artifact", help="a .safetensors/.json file or an output folder")
-    _add_common(p)
+    _add_common(p, compute=False)
 
     p = sub.add_parser(
         "models",
@@ -417,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-classes", type=int, default=10, help="classes for the parameter count (default 10)")
     p.add_argument("--image-size", type=int, default=None, help="only this input size")
-    _add_common(p)
+    _add_common(p, compute=False)
 
     p = sub.add_parser(
         "presets",
@@ -426,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         "description. Paper presets are named per dataset and IPC (cifar100-ipc10); CPU presets end in -cpu.",
     )
     p.add_argument("filter", nargs="?", default=None, help="only presets whose name contains this text")
-    _add_common(p)
+    _add_common(p, compute=False)
     return parser
 
 
