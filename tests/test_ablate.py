@@ -58,12 +58,15 @@ def test_ablate_validation_then_final(digit_experts: Path, tmp_path: Path, capsy
     grid = tmp_path / "grid.yaml"
     grid.write_text(GRID)
     out = tmp_path / "abl"
-    common = ["ablate", "--experts", str(digit_experts), "--grid", str(grid), "--preset", "digits", "--ipc", "2"]
+    # No --dataset and no --preset: the experts' dataset (digits) and its preset.
+    common = ["ablate", "--experts", str(digit_experts), "--grid", str(grid), "--ipc", "2"]
     common += ["--seeds", "0", "1", "--val-per-class", "20", "--out", str(out), "--quiet"]
     assert main(common) == 0
     table = capsys.readouterr().out
     assert "validation split" in table and "gain vs random real" in table
-    rows = json.loads((out / "ablation-validation.json").read_text())["rows"]
+    written = json.loads((out / "ablation-validation.json").read_text())
+    assert written["header"]["preset"] == "digits"
+    rows = written["rows"]
     assert [r["name"] for r in rows] == ["random-real", "sre2l++", "cvdd-real", "cvdd-real-resnet8"]
     assert all(len(r["acc"]) == 2 and r["split"] == "validation" for r in rows)
     # The teacher variant evaluated cvdd-real's very images with another teacher: no set of its own.

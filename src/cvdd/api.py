@@ -147,6 +147,20 @@ def _dataset_for_experts(source: str | None) -> str | None:
     return None
 
 
+def _source_or_experts(dataset: str | os.PathLike[str] | RealDataset | None, meta: dict[str, Any]) -> Any:
+    """``dataset`` when given, else the dataset the experts were squeezed on (``meta``: one expert's metadata).
+
+    Raises:
+        ConfigError: no dataset given and the experts' one is gone (a folder moved, a deleted tarball).
+    """
+    if dataset is not None:
+        return dataset
+    source = _dataset_for_experts(meta.get("dataset_source"))
+    if source is None:
+        raise ConfigError(f"the experts' dataset ({meta.get('dataset_source')}) is not available; give --dataset")
+    return source
+
+
 def load_pool(
     experts: str | os.PathLike[str] | list[str | os.PathLike[str]],
     pool: list[str] | None = None,
@@ -243,11 +257,7 @@ def recover(
         if isinstance(dataset, RealDataset):
             real = dataset
         else:
-            source = dataset if dataset is not None else _dataset_for_experts(loaded[0].meta.get("dataset_source"))
-            if source is None:
-                raise ConfigError(
-                    f"the experts' dataset ({loaded[0].meta.get('dataset_source')}) is not available; give --dataset"
-                )
+            source = _source_or_experts(dataset, loaded[0].meta)
             real = load_dataset(source, data=data, cache_dir=cache_dir, progress=progress)
     if isinstance(shard, str):
         shard = Shard.parse(shard)
@@ -307,11 +317,7 @@ def _synthetic_or_random(
     from cvdd.evaluate.student import random_real_set
     from cvdd.synthesis.recover import load_synthetic
 
-    source = dataset if dataset is not None else _dataset_for_experts(pool[0].meta.get("dataset_source"))
-    if source is None:
-        raise ConfigError(
-            f"the experts' dataset ({pool[0].meta.get('dataset_source')}) is not available; give --dataset"
-        )
+    source = _source_or_experts(dataset, pool[0].meta)
     real = (
         source
         if isinstance(source, RealDataset)
@@ -393,13 +399,13 @@ def evaluate(
 
 
 def ablate(
-    dataset: str | os.PathLike[str] | RealDataset,
+    dataset: str | os.PathLike[str] | RealDataset | None,
     experts: str | os.PathLike[str],
     out: str | os.PathLike[str] = "runs/ablate",
     *,
     data: str | os.PathLike[str] | None = None,
-    grid: str | os.PathLike[str] = "cifar10-cpu",
-    preset: str = "cifar10-cpu",
+    grid: str | os.PathLike[str] | None = None,
+    preset: str | None = None,
     ipc: int = 10,
     seeds: list[int] | None = None,
     val_per_class: int = 100,
@@ -415,11 +421,19 @@ def ablate(
 
     See :func:`cvdd.ablate.run_ablation`; ``only`` restricts the grid, ``final`` evaluates the named
     configurations once on the test split. Returns the table rows.
+
+    ``dataset`` None: the one the experts were squeezed on. ``grid`` and ``preset`` None: ``digits`` for the
+    embedded digits, else ``cifar10-cpu`` (the CPU-sized recipe).
     """
     from cvdd.ablate import load_grid, run_ablation
+    from cvdd.experts import list_experts, read_expert_meta
 
+    if dataset is None:
+        dataset = _source_or_experts(None, read_expert_meta(list_experts(experts)[0]))
     real = _real(dataset, data, cache_dir, download, progress)
-    configs = load_grid(grid)
+    default = "digits" if real.spec.name == "digits" else "cifar10-cpu"
+    configs = load_grid(grid or default)
+    preset = preset or default
     if only:
         unknown = sorted(set(only) - {c.name for c in configs})
         if unknown:
@@ -609,9 +623,7 @@ def prior(
     name = preset or pool[0].spec.default_preset
     cfg = presets[name].evaluate if name in presets else EvalConfig()
     cfg = apply_overrides(cfg, overrides or {}, "prior options").validate()
-    source = dataset if dataset is not None else _dataset_for_experts(pool[0].meta.get("dataset_source"))
-    if source is None:
-        raise ConfigError("the experts' dataset is not available; give --dataset")
+    source = _source_or_experts(dataset, pool[0].meta)
     real = source if isinstance(source, RealDataset) else load_dataset(source, data=data, progress=progress)
     per_class = min(val_per_class, _smallest_class(real))
     if not isinstance(real.train, TensorSplit):

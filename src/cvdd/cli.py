@@ -38,13 +38,15 @@ def _add_common(p: argparse.ArgumentParser, compute: bool = True) -> None:
         )
 
 
-def _add_data(p: argparse.ArgumentParser) -> None:
+def _add_data(p: argparse.ArgumentParser, dataset_default: str | None = "digits") -> None:
+    """``dataset_default`` None: the subcommand takes the experts' dataset when --dataset is not given."""
     g = p.add_argument_group("data")
+    default_text = "digits" if dataset_default else "the dataset the experts were squeezed on"
     g.add_argument(
         "--dataset",
-        default="digits",
+        default=dataset_default,
         help="digits (embedded), cifar10, cifar100, tiny-imagenet, imagenette, imagenet1k, or a PATH "
-        "to an ImageFolder folder or .tar/.tar.gz with train/ and test/ (or val/) (default: digits)",
+        f"to an ImageFolder folder or .tar/.tar.gz with train/ and test/ (or val/) (default: {default_text})",
     )
     g.add_argument(
         "--data",
@@ -175,10 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
         "and the gain over random real images (ablation-validation.md/.json). --final NAME... then evaluates "
         "the chosen configurations' same synthetic sets once on the real test split (ablation-test.md).",
     )
-    _add_data(p)
+    _add_data(p, dataset_default=None)
     p.add_argument("--experts", required=True, help="folder of squeezed experts (pool and teacher)")
-    p.add_argument("--grid", default="cifar10-cpu", help="shipped grid name or a .yaml file (default cifar10-cpu)")
-    p.add_argument("--preset", default="cifar10-cpu", help="distill preset: recover preset and evaluation recipe")
+    p.add_argument(
+        "--grid", default=None, help="shipped grid name or a .yaml file (default: digits for digits, else cifar10-cpu)"
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="distill preset: recover preset and evaluation recipe (default: digits for digits, else cifar10-cpu)",
+    )
     p.add_argument("--ipc", type=int, default=10, help="images per class (default 10)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: the preset's)")
     p.add_argument("--val-per-class", type=int, default=100, help="validation images per class (default 100)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchvision.ops import roi_align
 
 from cvdd.data.specs import DatasetSpec
 
@@ -157,6 +156,10 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor
         ],
         dim=1,
     )
+    # Imported here: importing torchvision costs about 2.4 s of a 2 GHz core (it loads all its models), which every
+    # command would pay at start, and recover's pixels never reach this line on a CPU.
+    from torchvision.ops import roi_align
+
     return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
 
 

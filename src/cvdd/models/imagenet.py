@@ -11,11 +11,10 @@ Note that torchvision's MobileNetV2 keeps its ``Dropout(p=0.2)`` before the new 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
 
 from torch import nn
-from torchvision import models as tvm
 
 from cvdd.models.registry import Builder, register_model
 
@@ -31,13 +30,15 @@ class TorchvisionSpec:
 
     Attributes:
         family: Registry family.
-        constructor: torchvision builder accepting ``weights=None``.
+        constructor: name of the ``torchvision.models`` builder (it accepts ``weights=None``). A name, not the
+            function: importing torchvision loads all its models (about 2.4 s of a 2 GHz core), which only a
+            224 px net needs.
         head: Dotted path of the final ``nn.Linear`` (e.g. ``"fc"`` or ``"classifier.1"``).
         description: One-line description.
     """
 
     family: str
-    constructor: Callable[..., nn.Module]
+    constructor: str
     head: str
     description: str
 
@@ -63,23 +64,22 @@ def replace_classifier(model: nn.Module, head: str, num_classes: int) -> nn.Modu
 
 
 TORCHVISION_SPECS: dict[str, TorchvisionSpec] = {
-    "resnet18": TorchvisionSpec("resnet", tvm.resnet18, "fc", "torchvision ResNet-18 (224 px)"),
-    "resnet50": TorchvisionSpec("resnet", tvm.resnet50, "fc", "torchvision ResNet-50 (224 px)"),
-    "resnet101": TorchvisionSpec("resnet", tvm.resnet101, "fc", "torchvision ResNet-101 (224 px)"),
-    "densenet121": TorchvisionSpec("densenet", tvm.densenet121, "classifier", "torchvision DenseNet-121 (224 px)"),
+    "resnet18": TorchvisionSpec("resnet", "resnet18", "fc", "torchvision ResNet-18 (224 px)"),
+    "resnet50": TorchvisionSpec("resnet", "resnet50", "fc", "torchvision ResNet-50 (224 px)"),
+    "resnet101": TorchvisionSpec("resnet", "resnet101", "fc", "torchvision ResNet-101 (224 px)"),
+    "densenet121": TorchvisionSpec("densenet", "densenet121", "classifier", "torchvision DenseNet-121 (224 px)"),
     "mobilenetv2": TorchvisionSpec(
-        "mobilenet", tvm.mobilenet_v2, "classifier.1", "torchvision MobileNetV2 with dropout 0.2 (224 px)"
+        "mobilenet", "mobilenet_v2", "classifier.1", "torchvision MobileNetV2 with dropout 0.2 (224 px)"
     ),
-    "shufflenetv2": TorchvisionSpec(
-        "shufflenet", tvm.shufflenet_v2_x1_0, "fc", "torchvision ShuffleNetV2 x1.0 (224 px)"
-    ),
+    "shufflenetv2": TorchvisionSpec("shufflenet", "shufflenet_v2_x1_0", "fc", "torchvision ShuffleNetV2 x1.0 (224 px)"),
 }
 
 
 def _builder(spec: TorchvisionSpec) -> Builder:
     def build(num_classes: int, image_size: int) -> nn.Module:
         del image_size  # torchvision nets end in adaptive pooling
-        return replace_classifier(spec.constructor(weights=None), spec.head, num_classes)
+        constructor = getattr(importlib.import_module("torchvision.models"), spec.constructor)
+        return replace_classifier(constructor(weights=None), spec.head, num_classes)
 
     return build
 

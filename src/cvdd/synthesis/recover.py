@@ -687,22 +687,27 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"unreadable run manifest {path}: {exc}; remove it and re-run recover") from None
 
 
-def _unit_state(out_dir: Path, unit: Unit, chash: str) -> str:
-    """``done`` (files present, same config, checksum verified), ``missing``, ``other`` config or ``corrupt``."""
+def _check_unit(out_dir: Path, unit: Unit, chash: str) -> tuple[str, dict[str, Any] | None]:
+    """The unit's state (see :func:`_unit_state`) and its metadata when it could be read."""
     tensors_path, meta_path = _unit_paths(out_dir, unit)
     if not (meta_path.is_file() and tensors_path.is_file()):
-        return "missing"
+        return "missing", None
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError):
-        return "corrupt"
+        return "corrupt", None
     if meta.get("config_hash") != chash:
-        return "other"
+        return "other", meta
     try:
         verify_checksum(tensors_path, meta)
     except ArtifactError:
-        return "corrupt"
-    return "done"
+        return "corrupt", meta
+    return "done", meta
+
+
+def _unit_state(out_dir: Path, unit: Unit, chash: str) -> str:
+    """``done`` (files present, same config, checksum verified), ``missing``, ``other`` config or ``corrupt``."""
+    return _check_unit(out_dir, unit, chash)[0]
 
 
 def recover_images(
@@ -775,9 +780,9 @@ def recover_images(
     todo = []
     reused_builds = []
     for unit in shard.take(units):
-        state = _unit_state(out_dir, unit, chash)
+        state, unit_meta = _check_unit(out_dir, unit, chash)
         if state == "done":
-            reused_builds.append(json.loads(_unit_paths(out_dir, unit)[1].read_text()).get("build"))
+            reused_builds.append(unit_meta.get("build") if unit_meta else None)
             continue
         if state != "missing":
             if not restart:
