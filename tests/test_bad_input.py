@@ -279,6 +279,25 @@ def committee_larger_than_pool(c: Ctx) -> list[str]:
     return recover_on(c, "--committee-size", "3")
 
 
+def experts_whose_dataset_is_gone(command: str) -> Callable[[Ctx], list[str]]:
+    """A copy of the digit experts whose metadata names a dataset tarball that no longer exists."""
+
+    def build(c: Ctx) -> list[str]:
+        import shutil
+
+        moved = c.tmp / "experts"
+        shutil.copytree(c.experts, moved)
+        for meta_path in moved.glob("*.json"):
+            meta = json.loads(meta_path.read_text())
+            meta["dataset_source"] = str(c.tmp / "gone.tar.gz")
+            meta_path.write_text(json.dumps(meta))
+        if command == "ablate":
+            return ["ablate", "--experts", str(moved), "--out", str(c.tmp / "abl")]
+        return ["recover", "--experts", str(moved), "--out", str(c.tmp / "syn"), "--ipc", "1", "--init", "real"]
+
+    return build
+
+
 def with_set(command: str, *settings: str) -> Callable[[Ctx], list[str]]:
     def build(c: Ctx) -> list[str]:
         sets = [a for s in settings for a in ("--set", s)]
@@ -386,6 +405,18 @@ CASES = [
     pytest.param(random_real_ipc("-3"), 2, "ipc must be at least 1 (got -3)", id="random-real-ipc-negative"),
     pytest.param(
         random_real_ipc("100000"), 2, "training images, fewer than the 100000 needed", id="random-real-ipc-too-large"
+    ),
+    pytest.param(
+        experts_whose_dataset_is_gone("recover"),
+        2,
+        "the experts' dataset ({tmp}/gone.tar.gz) is not available; give --dataset",
+        id="experts-dataset-gone-recover",
+    ),
+    pytest.param(
+        experts_whose_dataset_is_gone("ablate"),
+        2,
+        "the experts' dataset ({tmp}/gone.tar.gz) is not available; give --dataset",
+        id="experts-dataset-gone-ablate",
     ),
     # 11. committee larger than the pool
     pytest.param(committee_larger_than_pool, 2, "committee size 3 is larger than the pool of 2", id="committee-3-of-2"),
