@@ -57,6 +57,7 @@ def test_distill_tiny_budget_writes_valid_results(tmp_path: Path, digits, monkey
         seeds=seeds,
         overrides={"epochs": 2, "label_mode": "stored"},
         recover_overrides={"iterations": 5, "init_candidates": 20, "init_crops": 2},
+        squeeze_overrides={"epochs": 2},  # the pipeline's squeeze runs; good experts are not the point here
         progress=False,
     )
     rows = _check_results(tmp_path, methods, [1], seeds)
@@ -77,6 +78,7 @@ def test_distill_tiny_budget_writes_valid_results(tmp_path: Path, digits, monkey
         seeds=seeds,
         overrides={"epochs": 2, "label_mode": "stored"},
         recover_overrides={"iterations": 5, "init_candidates": 20, "init_crops": 2},
+        squeeze_overrides={"epochs": 2},
         progress=False,
     )
     assert row_file.stat().st_mtime_ns == stamp and [r["acc"] for r in again] == [r["acc"] for r in rows]
@@ -93,6 +95,7 @@ def test_distill_tiny_budget_writes_valid_results(tmp_path: Path, digits, monkey
         seeds=seeds,
         overrides={"epochs": 1, "label_mode": "online"},
         recover_overrides={"iterations": 5, "init_candidates": 20, "init_crops": 2},
+        squeeze_overrides={"epochs": 2},
         progress=False,
     )
     assert row_file.stat().st_mtime_ns != stamp
