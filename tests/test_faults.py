@@ -116,7 +116,7 @@ def test_relabel_killed_repeatedly_resumes_to_identical_labels(digit_experts: Pa
 
 @pytest.mark.parametrize("arch", ["convnet_d3_w32"])
 def test_squeeze_killed_repeatedly_resumes_to_identical_weights(arch: str, tmp_path: Path) -> None:
-    args = ["squeeze", "--dataset", "digits", "--arch", arch, "--epochs", "8"]
+    args = ["squeeze", "--dataset", "digits", "--arch", arch, "--epochs", "4"]  # a checkpoint per epoch, ~2 s each
     _finish(_cvdd(*args, "--out", str(tmp_path / "ref")))
     out = tmp_path / "killed"
     cmd = _cvdd(*args, "--out", str(out))
@@ -136,5 +136,5 @@ def test_squeeze_killed_repeatedly_resumes_to_identical_weights(arch: str, tmp_p
     _same_tensors(tmp_path / "ref" / f"{arch}.safetensors", out / f"{arch}.safetensors")
     # The finished expert says it was resumed, keeps every epoch's history, and its checkpoint is gone.
     meta = json.loads((out / f"{arch}.json").read_text())
-    assert meta["resumed_from_epoch"] >= 1 and len(meta["history"]) == 8
+    assert meta["resumed_from_epoch"] >= 1 and len(meta["history"]) == 4
     assert not ckpt.exists()

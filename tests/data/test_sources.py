@@ -13,6 +13,32 @@ from cvdd.data.specs import CIFAR10_CLASSES, DatasetSpec
 from cvdd.errors import DataError
 
 
+def test_digits_read_from_scikit_learns_file_equal_load_digits() -> None:
+    from sklearn.datasets import load_digits
+
+    from cvdd.data.sources import _digits_arrays
+
+    images, target = _digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(target, bunch.target)
+
+
+def test_a_digits_command_imports_neither_scikit_learn_nor_torchvision() -> None:
+    # Each costs about 2 s at every start on a 2 GHz core; only CIFAR via torchvision, 224 px nets and
+    # training augmentation need torchvision.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cvdd; cvdd.load_dataset('digits', progress=False); "
+        "from cvdd.models import create_model; create_model('resnet8', 10, 32); "
+        "print(sorted(m for m in ('sklearn', 'torchvision') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
 def test_digits_is_real_balanced_and_split(digits) -> None:
     assert digits.spec.name == "digits" and digits.spec.num_classes == 10 and digits.spec.image_size == 32
     assert isinstance(digits.train, TensorSplit)
