@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from forkserver import ForkServer
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_TAR = Path(os.environ.get("CVDD_CIFAR10_TAR", ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"))
@@ -79,3 +82,11 @@ def digit_experts(tmp_path_factory: pytest.TempPathFactory, digits) -> Path:
     out = tmp_path_factory.mktemp("digit-experts")
     cvdd.squeeze(digits, archs=["convnet_d3_w32", "resnet8"], out=out, epochs=3, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def fork_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
+    """Runs ``cvdd`` commands as forked children of one pre-imported process (``tests/forkserver.py``)."""
+    server = ForkServer(tmp_path_factory.mktemp("fork-logs"))
+    yield server
+    server.close()

@@ -1,7 +1,8 @@
 """torchrun (gloo, CPU) against one process: recover and relabel give identical files, evaluate agrees.
 
-Every command runs as a subprocess with one thread, the way torchrun starts its workers, so the single-process
-reference does the same floating-point work as each rank.
+Every command runs in its own process with one thread, the way torchrun starts its workers, so the single-process
+reference does the same floating-point work as each rank; single-process commands are forked from a server that has
+imported cvdd once (``tests/forkserver.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 
 from cvdd.distributed import Shard
 from cvdd.errors import ConfigError
+from forkserver import ForkServer, server_env
 
 pytestmark = pytest.mark.distributed
 
@@ -38,13 +40,12 @@ RECOVER = [
 RECOVER += ["--quiet"]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def _run(args: list[str], nproc: int = 1) -> str:
+def _run(args: list[str], nproc: int = 1, server: ForkServer | None = None) -> str:
+    """``cvdd ARGS`` under torchrun with ``nproc`` ranks, or as one process (forked from ``server`` when given)."""
+    if server is not None and nproc == 1:
+        code, output = server.run(args)
+        assert code == 0, output[-3000:]
+        return output
     if nproc > 1:
         cmd = [
             sys.executable,
@@ -61,7 +62,7 @@ def _run(args: list[str], nproc: int = 1) -> str:
         cmd = [sys.executable, "-m", "cvdd", *args]
     # Own session, so a hung rank is killed with its launcher instead of outliving the test.
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=server_env(), start_new_session=True
     )
     try:
         out, err = proc.communicate(timeout=300)
@@ -78,9 +79,9 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def single_recover(digit_experts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def single_recover(digit_experts: Path, tmp_path_factory: pytest.TempPathFactory, fork_server: ForkServer) -> Path:
     out = tmp_path_factory.mktemp("single")
-    _run(["recover", "--experts", str(digit_experts), "--out", str(out), *RECOVER])
+    _run(["recover", "--experts", str(digit_experts), "--out", str(out), *RECOVER], server=fork_server)
     return out
 
 
@@ -106,28 +107,31 @@ def test_torchrun_recover_equals_single_process(digit_experts: Path, single_reco
 
 
 def test_job_array_shards_then_merge_equal_single_process(
-    digit_experts: Path, single_recover: Path, tmp_path: Path
+    digit_experts: Path, single_recover: Path, tmp_path: Path, fork_server: ForkServer
 ) -> None:
     out = tmp_path / "array"
-    first = _run(["recover", "--experts", str(digit_experts), "--out", str(out), "--shard", "1/3", *RECOVER])
+    shard = ["recover", "--experts", str(digit_experts), "--out", str(out), "--shard"]
+    first = _run([*shard, "1/3", *RECOVER], server=fork_server)
     assert "cvdd merge" in first and not (out / "synthetic.safetensors").exists()
     from cvdd.api import info
 
     described = info(out)
     assert described["kind"] == "recover run (not assembled)" and described["units_done"] == "1 of 4"
-    done = subprocess.run([sys.executable, "-m", "cvdd", "merge", str(out)], capture_output=True, text=True, env=_env())
-    assert done.returncode == 2 and "units not finished" in done.stderr and done.stderr.count("\n") == 1
+    code, printed = fork_server.run(["merge", str(out)])
+    assert code == 2 and "units not finished" in printed and printed.count("\n") == 1
     for i in (0, 2):
-        _run(["recover", "--experts", str(digit_experts), "--out", str(out), "--shard", f"{i}/3", *RECOVER])
-    _run(["merge", str(out)])
+        _run([*shard, f"{i}/3", *RECOVER], server=fork_server)
+    _run(["merge", str(out)], server=fork_server)
     a = _tensors(single_recover / "synthetic.safetensors")
     b = _tensors(out / "synthetic.safetensors")
     assert torch.equal(a["images"], b["images"])
 
 
-def test_torchrun_relabel_equals_single_process(digit_experts: Path, single_recover: Path, tmp_path: Path) -> None:
+def test_torchrun_relabel_equals_single_process(
+    digit_experts: Path, single_recover: Path, tmp_path: Path, fork_server: ForkServer
+) -> None:
     common = ["relabel", str(single_recover), "--experts", str(digit_experts), "--set", "epochs=3", "--quiet"]
-    _run([*common, "--out", str(tmp_path / "one")])
+    _run([*common, "--out", str(tmp_path / "one")], server=fork_server)
     _run([*common, "--out", str(tmp_path / "two")], nproc=2)
     for e in range(3):
         a = _tensors(tmp_path / "one" / f"epoch_{e:04d}.safetensors")
@@ -138,7 +142,9 @@ def test_torchrun_relabel_equals_single_process(digit_experts: Path, single_reco
     assert '"complete": true' in (tmp_path / "two" / "labels.json").read_text()
 
 
-def test_torchrun_evaluate_agrees_with_single_process(digit_experts: Path, single_recover: Path) -> None:
+def test_torchrun_evaluate_agrees_with_single_process(
+    digit_experts: Path, single_recover: Path, fork_server: ForkServer
+) -> None:
     """Data parallel: the same global batches and summed gradients, so accuracy agrees within 1 point."""
     common = [
         "evaluate",
@@ -154,7 +160,7 @@ def test_torchrun_evaluate_agrees_with_single_process(digit_experts: Path, singl
         "--quiet",
     ]
     pattern = re.compile(r"top-1 on the real test set: ([0-9.]+)")
-    one = float(pattern.search(_run(common)).group(1))
+    one = float(pattern.search(_run(common, server=fork_server)).group(1))
     two_out = _run(common, nproc=2)
     assert two_out.count("top-1 on the real test set") == 1  # only rank 0 reports
     two = float(pattern.search(two_out).group(1))

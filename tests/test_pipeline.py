@@ -266,13 +266,13 @@ def test_distill_with_stack_seeds_trains_every_student_of_an_ipc_at_once(
         "recover_overrides": {"iterations": 5, "init": "real"},
         "progress": False,
     }
-    plain = cvdd.distill("digits", tmp_path / "plain", overrides={"epochs": 20, "label_mode": "stored"}, **kw)
+    plain = cvdd.distill("digits", tmp_path / "plain", overrides={"epochs": 10, "label_mode": "stored"}, **kw)
     with caplog.at_level("INFO", logger="cvdd.engine.stacked"):
         stacked = cvdd.distill(
-            "digits", tmp_path / "stacked", overrides={"epochs": 20, "label_mode": "stored", "stack_seeds": True}, **kw
+            "digits", tmp_path / "stacked", overrides={"epochs": 10, "label_mode": "stored", "stack_seeds": True}, **kw
         )
-    # 3 methods x (2 soft + 2 hard students) = 12 members of one stack, 20 epochs.
-    assert sum("for 12 members" in r.getMessage() for r in caplog.records) == 20
+    # 3 methods x (2 soft + 2 hard students) = 12 members of one stack, 10 epochs.
+    assert sum("for 12 members" in r.getMessage() for r in caplog.records) == 10
     _check_results(tmp_path / "stacked", ["random-real", "sre2l++", "cvdd"], [2], [0, 1])
     assert [r["method"] for r in stacked] == [r["method"] for r in plain]
     # The same students up to rounding (the stack runs NCHW, fit channels_last): measured equal or one test image.
