@@ -142,9 +142,12 @@ def test_stage_overrides_split_distill_and_bench_sets_by_stage() -> None:
         ("recover.=3", "--set recover.: unknown stage 'recover'"),
         (
             "recover.ipc=5",
-            "recover option 'ipc': the pipeline sets it per method and IPC from the preset's IPCs (--ipc",
+            "recover option 'ipc': the pipeline (per method and IPC) sets it itself, from the preset's IPCs (--ipc",
         ),
-        ("recover.committee_size=3", "recover option 'committee_size': the pipeline sets it per method and IPC"),
+        (
+            "recover.committee_size=3",
+            "recover option 'committee_size': the pipeline (per method and IPC) sets it itself",
+        ),
         ("recover.iteratons=5", "recover options: unknown key 'iteratons'"),
         ("squeeze.epochs=many", "squeeze options"),
     ],

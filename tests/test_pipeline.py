@@ -288,6 +288,8 @@ def test_api_distill_refuses_recover_fields_the_pipeline_sets(key: str, tmp_path
     # Through the API too (not only the CLI's --set): the pipeline would replace them per method and IPC silently.
     from cvdd.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=f"recover option '{key}': the pipeline sets it per method and IPC"):
+    with pytest.raises(
+        ConfigError, match=f"recover option '{key}': the pipeline \\(per method and IPC\\) sets it itself"
+    ):
         cvdd.distill(digits, tmp_path / "run", ipcs=[1], recover_overrides={key: 3}, progress=False)
     assert not (tmp_path / "run" / "experts").exists()  # refused before squeeze started

@@ -46,7 +46,9 @@ def test_prior_cli_takes_recover_and_evaluate_settings(
     base = ["prior", "--experts", str(experts), "--val-per-class", "20", "--quiet"]
     assert main([*base, "--set", "squeeze.epochs=1"]) == 2
     assert "--set squeeze.epochs: prior trains no experts" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="prior recover option 'committee_size': prior sets it itself"):
+    with pytest.raises(
+        ConfigError, match="prior recover option 'committee_size': prior sets it itself, from the method"
+    ):
         cvdd.prior(experts, recover_overrides={"committee_size": 2}, progress=False)
     settings = ["--set", "epochs=2", "--set", "seeds=[0]", "--set", "recover.iterations=3"]
     recover = ["--set", "recover.init_candidates=20", "--set", "recover.init_crops=2"]

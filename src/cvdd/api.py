@@ -613,11 +613,13 @@ def prior(
     import tempfile
 
     from cvdd.artifacts import atomic_write_text
-    from cvdd.config import apply_overrides
+    from cvdd.config import apply_overrides, refuse_owned
     from cvdd.evaluate.student import EvalConfig, evaluate_synthetic
     from cvdd.experts import expert_paths
     from cvdd.pipeline import distill_presets
 
+    owned = {"ipc": "its ipc argument", "committee_size": "the method (N = 1: each expert alone)"}
+    refuse_owned(recover_overrides, owned, "prior recover option", "prior")  # before any work
     pool = load_pool(experts, device=device)
     presets = distill_presets()
     name = preset or pool[0].spec.default_preset
@@ -630,9 +632,6 @@ def prior(
         raise ConfigError("cvdd prior needs an in-memory dataset (images of at most 64 px)")
     val = real.train.subset(per_class, real.spec.num_classes, seed=seed)
     teacher = _teacher(pool, cfg)
-    owned = sorted({"ipc", "committee_size"} & set(recover_overrides or {}))
-    if owned:
-        raise ConfigError(f"prior recover option {owned[0]!r}: prior sets it itself (ipc: its ipc argument; N = 1)")
     work = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="cvdd-prior-"))
     try:
         priors = {}

@@ -256,6 +256,23 @@ def get_squeeze_preset(name: str) -> SqueezePreset:
     return presets[name]
 
 
+def refuse_owned(overrides: dict[str, Any] | None, owned: dict[str, str], what: str, owner: str) -> None:
+    """Refuse overrides of fields a command sets itself (they would be replaced silently).
+
+    Args:
+        overrides: the user's overrides.
+        owned: field -> where its value comes from instead (shown in the error).
+        what: what the overrides are, e.g. ``"recover option"``.
+        owner: who sets the fields, e.g. ``"the pipeline"``.
+
+    Raises:
+        ConfigError: ``<what> '<field>': <owner> sets it itself, from <where>``, for the first such field.
+    """
+    for key, where in owned.items():
+        if key in (overrides or {}):
+            raise ConfigError(f"{what} {key!r}: {owner} sets it itself, from {where}")
+
+
 def apply_overrides(obj: T, overrides: dict[str, Any], where: str) -> T:
     """Return a copy of dataclass ``obj`` with ``overrides`` applied (validated like a preset)."""
     merged = {**to_dict(obj), **overrides}

@@ -20,7 +20,16 @@ from typing import Any
 from cvdd import __version__
 from cvdd import distributed as dd
 from cvdd.artifacts import atomic_write_text, build_stamp, describe_build, other_builds
-from cvdd.config import Recipe, _load_yaml, apply_overrides, from_dict, get_recover_preset, get_squeeze_preset, to_dict
+from cvdd.config import (
+    Recipe,
+    _load_yaml,
+    apply_overrides,
+    from_dict,
+    get_recover_preset,
+    get_squeeze_preset,
+    refuse_owned,
+    to_dict,
+)
 from cvdd.data.sources import RealDataset
 from cvdd.device import PhasePeaks
 from cvdd.errors import ConfigError
@@ -127,10 +136,7 @@ def check_recover_overrides(recover_overrides: dict[str, Any] | None) -> None:
     Raises:
         ConfigError: naming the field and where it is set instead.
     """
-    owned = [k for k in PIPELINE_OWNED if k in (recover_overrides or {})]
-    if owned:
-        key = owned[0]
-        raise ConfigError(f"recover option {key!r}: the pipeline sets it per method and IPC from {PIPELINE_OWNED[key]}")
+    refuse_owned(recover_overrides, PIPELINE_OWNED, "recover option", "the pipeline (per method and IPC)")
 
 
 def distill(
