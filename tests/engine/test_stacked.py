@@ -7,6 +7,7 @@ import torch
 
 from cvdd.config import Recipe
 from cvdd.engine import fit
+from cvdd.engine import stacked
 from cvdd.engine.stacked import StackedModels, fit_stacked
 from cvdd.errors import ConfigError
 from cvdd.evaluate import EvalConfig, evaluate_synthetic, random_real_set
@@ -150,6 +151,59 @@ def test_stacked_students_train_under_bf16_autocast_with_stored_style_shared_bat
     )
     assert all(r.test_acc > 0.4 for r in runs)  # ten classes: chance is 0.1
     assert runs[0].history[-1]["train_loss"] < runs[0].history[0]["train_loss"]
+
+
+def test_stacked_batchnorm_runs_in_fp32_under_bf16_autocast(digits, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 the stack's BN layers get fp32 inputs: CUDA's vmapped batch-norm backward refuses bf16 inputs
+    with fp32 running statistics ("Expected running_mean to have type BFloat16", seen on an H200).
+
+    CPU autocast does not reach inside ``vmap`` (a stacked forward stays fp32 here), so the patch is checked on
+    a plain model, where CPU autocast does feed BN a bf16 input, and its use by ``fit_stacked`` is checked apart.
+    """
+    seen: list[torch.dtype] = []
+    original = torch.nn.functional.batch_norm
+
+    def spy(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(x.dtype)
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", spy)
+    model = _students("resnet8", [0])[0]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+        assert set(seen) == {torch.bfloat16}
+        seen.clear()
+        with stacked.fp32_batchnorm(model) as n:
+            out = model(x)
+        bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        assert n == bns > 0 and set(seen) == {torch.float32} and out.dtype == torch.bfloat16  # the head still in bf16
+        seen.clear()
+        model(x)  # restored on exit
+        assert set(seen) == {torch.bfloat16}
+
+    entered: list[str] = []
+    real = stacked.fp32_batchnorm
+
+    def counting(m: torch.nn.Module):  # noqa: ANN202 - a context manager, as the real one
+        entered.append(type(m).__name__)
+        return real(m)
+
+    monkeypatch.setattr(stacked, "fp32_batchnorm", counting)
+    images, labels = random_real_set(digits, 2, seed=0)
+    for precision in ("bf16", "fp32"):
+        cfg = EvalConfig(student="resnet8", epochs=1, label_mode="hard", seeds=[0, 1], precision=precision)
+        fit_stacked(
+            _students("resnet8", [0, 1]),
+            SyntheticBatches(images, labels, digits.spec, cfg, CPU),
+            None,
+            cfg.recipe(),
+            spec=digits.spec,
+            device=CPU,
+            seeds=[0, 1],
+            progress=False,
+        )
+    assert entered == ["CifarResNet"]  # once, for the bf16 run's template
 
 
 def test_evaluate_many_stacks_compatible_jobs_only(digits, caplog: pytest.LogCaptureFixture) -> None:

@@ -15,7 +15,9 @@ The students must share one recipe: the learning-rate schedule, batch size and s
 stack runs in NCHW (``vmap`` lays the member dimension into the channels; a ``channels_last`` setting does not
 apply), in one process, and random layers (dropout) draw their own masks per member, so "the very students of
 separate runs" holds for dropout-free architectures (every student of the zoo's CIFAR nets). Throughput figures
-(``images_per_s``) are each member's images over the stack's wall time.
+(``images_per_s``) are each member's images over the stack's wall time. Under bf16 the BN layers run on fp32
+inputs (:func:`fp32_batchnorm`); CPU autocast does not reach inside ``vmap`` at all, so a stack on the CPU
+computes in fp32 whatever the precision setting (torch 2.14).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from cvdd.engine.fit import (
 )
 from cvdd.engine.ghost import ghost_batchnorm
 from cvdd.errors import ConfigError
+from cvdd.models.patching import patched_forwards
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,28 @@ class StackedModels(nn.Module):
             for name, b in zip(self.buffer_names, self._buffers_list()):
                 member.get_buffer(name).copy_(b[i])
         return list(self.members)
+
+
+def fp32_batchnorm(model: nn.Module) -> contextlib.AbstractContextManager[int]:
+    """Run every BatchNorm layer of ``model`` on an fp32 copy of its input (for bf16 autocast under ``vmap``).
+
+    Autocast leaves BatchNorm to its input's dtype, so after a bf16 convolution it normalises bf16 activations
+    with fp32 running statistics. A plain CUDA forward and backward accept that mix; under ``vmap`` (the stack's
+    batching rule for batch norm) CUDA's backward refuses it: "Expected running_mean to have type BFloat16 but
+    got Float" (seen on an H200, torch 2.11, 2026-11-27). In fp32 the layer's maths is the usual one, and the next
+    convolution casts back to bf16 under autocast.
+
+    Yields:
+        The number of BN layers patched.
+    """
+
+    def wrap(layer: nn.Module, original: Any) -> Any:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return original(x.float())
+
+        return forward
+
+    return patched_forwards([m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)], wrap)
 
 
 def member_losses(logits: torch.Tensor, members: Sequence[Batch], objectives: Sequence[Objective]) -> torch.Tensor:
@@ -270,7 +295,11 @@ def fit_stacked(
     seen = 0
     ghost = recipe.ghost_bn and recipe.micro_batch > 0
     lr = recipe.lr
-    with ghost_batchnorm(stack.template, recipe.micro_batch) if ghost else contextlib.nullcontext():
+    with contextlib.ExitStack() as patches:
+        if precision == "bf16":
+            patches.enter_context(fp32_batchnorm(stack.template))
+        if ghost:
+            patches.enter_context(ghost_batchnorm(stack.template, recipe.micro_batch))
         for epoch in range(start_epoch, recipe.epochs):
             stack.train()
             iters = [src.epoch(epoch, make_generator(derive_seed(sd, "epoch", epoch), device)) for src, sd in streams]
