@@ -158,3 +158,16 @@ def test_recover_overrides_reach_cvdd_recover(cifar_slice: Path, tmp_path: Path)
             report = run_speed_suite(cfg, device="cpu", out=tmp_path / "speed.md", echo=False)
         text = report.path.read_text()
         assert f"cvdd `recover` {expected}" in text and "naive (one IPC index at a time" in text
+
+
+def test_relabel_then_evaluate_agree_on_the_teacher_under_bf16(cifar_slice: Path, tmp_path: Path) -> None:
+    """The labels the suite stores are the ones its students ask for, also in bf16 (the GPU's default precision:
+    on an H200 the evaluate stage once refused the relabel stage's fp32-described labels)."""
+    over = {**TINY, "ipcs": [1], "stages": ["evaluate"], "evaluate_overrides": {"precision": "bf16"}}
+    cfg = speed_config({**over, "data": str(cifar_slice), "work_dir": str(tmp_path / "work")})
+    assert cfg.evaluate_overrides == {"precision": "bf16"}
+    with num_threads(1):
+        report = run_speed_suite(cfg, device="cpu", out=tmp_path / "speed.md", echo=False)
+    assert report.results["evaluate"] and "## evaluate" in report.path.read_text()
+    labels = (tmp_path / "work" / "labels-cvdd-ipc1" / "labels.json").read_text()
+    assert '"precision": "bf16"' in labels

@@ -487,8 +487,8 @@ def relabel(
     The epochs, batch and micro-batch sizes come from the evaluation recipe (they must match the student's).
     """
     from cvdd.config import apply_overrides
-    from cvdd.device import resolve_device, resolve_precision
-    from cvdd.evaluate.student import EvalConfig
+    from cvdd.device import resolve_device
+    from cvdd.evaluate.student import EvalConfig, configure_teacher
     from cvdd.pipeline import distill_presets
     from cvdd.relabel.stored import relabel_stored
 
@@ -502,8 +502,7 @@ def relabel(
         out = _default_label_dir(synthetic, ipc)
     dev = resolve_device(device)
     teacher = _teacher(pool, cfg)
-    teacher.group_size = cfg.micro_batch
-    teacher.precision = resolve_precision(cfg.precision, dev)
+    configure_teacher(teacher, cfg, dev)
     return relabel_stored(
         images.to(dev), labels.to(dev), real.spec, teacher, cfg.label_settings(label_seed), out, progress=progress
     )

@@ -266,6 +266,7 @@ def naive_relabel(
     seed: int = 0,
     workers: int = 0,
     timer: Any = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Soft labels the naive way: one teacher pass per batch of PIL-decoded files, one ``torch.save`` per batch.
 
@@ -297,7 +298,7 @@ def naive_relabel(
             perm, box = _draw_cutmix(len(x), size, rng)
             x = _numpy_cutmix(x, perm, box).to(device)
             logits = []
-            with torch.no_grad():
+            with torch.no_grad(), _autocast(device, precision):
                 for group in x.split(micro_batch) if micro_batch > 0 else [x]:
                     z = sum(w * t(group).float() for t, w in zip(teachers, weights))
                     logits.append(z)

@@ -85,6 +85,9 @@ class SpeedConfig:
             one IPC index per batch again, ``{ipc_per_block: 10, bn_groups: ipc}`` fuses ten with per-index BN
             statistics); the suite's own fields (ipc, committee size, iterations, init) take precedence. The naive
             code always runs one index per batch.
+        evaluate_overrides: evaluation recipe options over the preset's, for the relabel and evaluate stages of
+            both pipelines (``{precision: fp32}`` turns off the GPU's default bf16); the suite's own fields (epochs,
+            seeds, label mode, student) take precedence.
         recover_reps, recover_warmup: iterations of cvdd's per-iteration micro-benchmark (median after warm-up).
         ipcs: IPCs of the relabel and evaluate stages.
         epochs: student epochs (and stored label epochs) per evaluation.
@@ -107,6 +110,7 @@ class SpeedConfig:
     recover_iterations: int = 300
     recover_init: str = "real"
     recover_overrides: dict[str, Any] = field(default_factory=dict)
+    evaluate_overrides: dict[str, Any] = field(default_factory=dict)
     recover_reps: int = 10
     recover_warmup: int = 2
     ipcs: list[int] = field(default_factory=lambda: [10, 50])
@@ -255,7 +259,12 @@ class _Ctx:
     def eval_config(self) -> Any:
         from cvdd.config import apply_overrides
 
-        over: dict[str, Any] = {"epochs": self.cfg.epochs, "seeds": [self.cfg.seed], "label_mode": "stored"}
+        over: dict[str, Any] = {
+            **self.cfg.evaluate_overrides,
+            "epochs": self.cfg.epochs,
+            "seeds": [self.cfg.seed],
+            "label_mode": "stored",
+        }
         if self.cfg.student:
             over["student"] = self.cfg.student
         return apply_overrides(self.preset().evaluate, over, "speed suite evaluate").validate()
@@ -611,6 +620,7 @@ def _labels_on_disk(folder: Path) -> tuple[int, int]:
 def _stage_relabel(ctx: _Ctx, quiet: bool = False) -> None:
     from cvdd.api import _teacher
     from cvdd.benchkit import ModelTimer, measured
+    from cvdd.evaluate.student import configure_teacher
     from cvdd.naive import naive_relabel
     from cvdd.relabel.stored import relabel_stored
 
@@ -620,7 +630,7 @@ def _stage_relabel(ctx: _Ctx, quiet: bool = False) -> None:
     for ipc in cfg.ipcs:
         s = _synthetic_set(ctx, ipc)
         teacher = _teacher(ctx.pool, ecfg)
-        teacher.group_size, teacher.bssl = ecfg.micro_batch, ecfg.bssl
+        configure_teacher(teacher, ecfg, dev)  # as evaluate will: its students accept only these labels
         _warm_up(ctx, "", _batch_sizes(len(s["labels"]), ecfg.batch_size, ecfg.micro_batch), teacher=teacher)
         c_dir, n_dir = ctx.work / f"labels-cvdd-ipc{ipc}", ctx.work / f"labels-naive-ipc{ipc}"
         for d in (c_dir, n_dir):  # a reused work_dir must not let relabel skip finished epochs
@@ -656,6 +666,7 @@ def _stage_relabel(ctx: _Ctx, quiet: bool = False) -> None:
                 seed=cfg.seed,
                 workers=cfg.naive_workers,
                 timer=tn,
+                precision=teacher.precision,  # the same autocast as cvdd's teacher
             )
         for who, m, t, d in (("cvdd", mc, tc, c_dir), ("naive", mn, tn, n_dir)):
             files, nbytes = _labels_on_disk(d)

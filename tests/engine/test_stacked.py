@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from cvdd.config import Recipe
-from cvdd.engine import fit
-from cvdd.engine import stacked
+from cvdd.engine import fit, stacked
 from cvdd.engine.stacked import StackedModels, fit_stacked
 from cvdd.errors import ConfigError
 from cvdd.evaluate import EvalConfig, evaluate_synthetic, random_real_set
@@ -185,7 +184,7 @@ def test_stacked_batchnorm_runs_in_fp32_under_bf16_autocast(digits, monkeypatch:
     entered: list[str] = []
     real = stacked.fp32_batchnorm
 
-    def counting(m: torch.nn.Module):  # noqa: ANN202 - a context manager, as the real one
+    def counting(m: torch.nn.Module):
         entered.append(type(m).__name__)
         return real(m)
 

@@ -329,7 +329,7 @@ def _prepare(
     imgs = on_device[id(job.images)]
     if cfg.label_mode != "hard" and teacher is None:
         raise ConfigError(f"label mode {cfg.label_mode!r} needs a teacher")
-    _configure_teacher(teacher, cfg, dev)
+    configure_teacher(teacher, cfg, dev)
     label_info: dict[str, Any] = {}
     if cfg.label_mode == "stored":
         from cvdd.relabel.stored import relabel_stored
@@ -363,10 +363,12 @@ def _prepare(
     return _Prepared(job, source, objective, identity, label_info)
 
 
-def _configure_teacher(teacher: Teacher | None, cfg: EvalConfig, dev: torch.device) -> None:
+def configure_teacher(teacher: Teacher | None, cfg: EvalConfig, dev: torch.device) -> None:
     """Set the teacher's BN groups (the student's micro-batch), BSSL and precision (the student's) for ``cfg``.
 
-    Called again right before a job's students train: jobs may share one teacher object with other settings.
+    The one place that does so: labels stored by ``cvdd relabel`` (or the speed suite) and the labels a student
+    then asks for must describe the same teacher, or the student refuses them. Called again right before a job's
+    students train: jobs may share one teacher object with other settings.
     """
     if teacher is not None:
         teacher.group_size = cfg.micro_batch
@@ -454,7 +456,7 @@ def _train_one_by_one(
     p: _Prepared, spec: DatasetSpec, test: TensorSplit | FileSplit, dev: torch.device, progress: bool
 ) -> EvalResult:
     cfg, ckpt = p.job.cfg, p.job.checkpoint_dir
-    _configure_teacher(p.job.teacher, cfg, dev)
+    configure_teacher(p.job.teacher, cfg, dev)
     t0 = time.perf_counter()
     accs, rates = [], []
     for seed in cfg.seeds:
@@ -486,7 +488,7 @@ def _train_stacked(
 
     models, sources, seeds, objectives = [], [], [], []
     for p in group:
-        _configure_teacher(p.job.teacher, p.job.cfg, dev)  # equal settings within a group (its key)
+        configure_teacher(p.job.teacher, p.job.cfg, dev)  # equal settings within a group (its key)
         for seed in p.job.cfg.seeds:
             models.append(_student(p.job.cfg, spec, seed))
             sources.append(p.source)  # shared by the job's seeds only where its batches are seed-independent
