@@ -21,7 +21,7 @@
 # (bench/bench_student.py), `pytest -m gpu`, and recover with and without torch.compile (bench/bench_switches.py);
 # part 2 runs them in order of priority (speed suite, compile, memory, stacked evaluation, student, operators,
 # tests). (bench/bench_fused.py, measured on 2026-11-26, is no longer run.)
-# Figures of 2026-11-26 (H200): docs/benchmarks/gpu-h200.md.
+# Figures of 2026-11-26 and 2026-11-27 (H200): docs/benchmarks/gpu-h200.md.
 set -u
 PART=${1:-1}
 case $PART in 1 | 2 | 3) ;; *) echo "usage: OUT=DIR bash bench/gpu_session.sh 1|2|3 [CIFAR10_TARBALL]" >&2; exit 2 ;; esac
