@@ -4,7 +4,7 @@
 # Every step is time-boxed so that a slow step cannot eat the next ones; every log lands in $OUT.
 #
 #   OUT=/tmp/gpu bash bench/gpu_session.sh 1 [CIFAR10_TARBALL]   # smoke + GPU preset + 224 px memory (~7 min on an H200)
-#   OUT=/tmp/gpu bash bench/gpu_session.sh 2 [CIFAR10_TARBALL]   # speed suite, stacked pipeline evaluation, memory, tests
+#   OUT=/tmp/gpu bash bench/gpu_session.sh 2 [CIFAR10_TARBALL]   # speed suite, fused relabel, stacked students, tests, ...
 #   OUT=/tmp/gpu bash bench/gpu_session.sh 3 [CIFAR10_TARBALL]   # the 10-minute end-to-end target attempt (one call)
 #
 # Part 3 is the issue's long-run target, not one of its checks: the paper's CIFAR-10 IPC 10 setting (preset
@@ -15,12 +15,11 @@
 # part 2, after part 1 or alone. The paper's figure to compare with: 44.6%.
 #
 # Part 1: a CUDA smoke run of the whole pipeline on the embedded digits (fails fast), then
-# `cvdd bench --preset cifar10-gpu --budget small`. Part 2 reuses part 1's work (kept under $WORK, which survives
-# between the calls of a warm machine): the speed suite on CUDA, part 1's pipeline evaluation again with every
-# student stacked (stack_seeds), the 224 px memory benchmark, operator counts, the student-epoch switches
-# (bench/bench_student.py), `pytest -m gpu`, and recover with and without torch.compile (bench/bench_switches.py);
-# part 2 runs them in order of priority (speed suite, compile, memory, stacked evaluation, student, operators,
-# tests). (bench/bench_fused.py, measured on 2026-11-26, is no longer run.)
+# `cvdd bench --preset cifar10-gpu --budget small`, then the 224 px memory benchmark. Part 2 reuses part 1's work
+# (kept under $WORK, which survives between the calls of a warm machine), in order of priority: the speed suite on
+# CUDA, the fused relabel epoch (bench/bench_relabel.py), part 1's pipeline evaluation again with every student
+# stacked (stack_seeds), the student-epoch switches (bench/bench_student.py), `pytest -m gpu`, operator counts,
+# and recover with and without torch.compile (bench/bench_switches.py).
 # Figures of 2026-11-26 and 2026-11-27 (H200): docs/benchmarks/gpu-h200.md.
 set -u
 PART=${1:-1}
@@ -92,14 +91,11 @@ timeout -k 10 190 $PY -m cvdd bench --suite speed --preset cifar10-gpu --device 
 echo "exit $?"
 cat "$OUT/speed-gpu.md" 2>/dev/null || summary "$OUT/speed.log" 30
 
-if [ "$EXPERTS" != auto ]; then
-  # torch.compile of the experts in recover, the lever the CPU measured at 2.9x per iteration (untried on a GPU):
-  # the paper's ImageNet committee (ResNet-18 + ResNet-50 from part 1), IPC 10, 100 images, eager against compiled.
-  step recover and student with and without torch.compile, ResNet-18 + ResNet-50
-  mkdir -p "$WORK/r18r50" && cp "$WORK"/pipe/experts/resnet18.* "$WORK"/pipe/experts/resnet50.* "$WORK/r18r50/"
-  timeout -k 10 170 $PY bench/bench_switches.py --device cuda --experts "$WORK/r18r50" --data "$DATA" \
-    --switches default compile --repeats 1 --short 5 --long 25 2>&1 | grep -v -E "USDT|ERROR|Warning" | tee "$OUT/compile.md" | tail -6
-fi
+# The fused BSSL relabel (one teacher forward per epoch on CUDA since 2026-11-27, unmeasured on a GPU then): the
+# paper's five-expert teacher, one forward per micro-batch against all of an epoch's micro-batches in one.
+step relabel epoch: per micro-batch against fused, the five paper experts
+timeout -k 10 90 $PY bench/bench_relabel.py --device cuda --reps 3 \
+  --archs resnet18 resnet50 shufflenetv2 mobilenetv2 densenet121 2>&1 | grep -v -E "USDT|ERROR" | tee "$OUT/relabel.md"
 
 if ! grep -q "fp32" "$WORK/memory224.log" 2>/dev/null; then memory224; fi
 
@@ -117,9 +113,19 @@ fi
 step student epoch: micro-batch forwards, ghost BN, stacked seeds
 timeout -k 10 60 $PY bench/bench_student.py --device cuda --data "$DATA" --students resnet18 --repeats 1 --ops 2>&1 | tee "$OUT/student.md"
 
+step GPU tests
+timeout -k 10 50 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
+
 step operators per expert step
 timeout -k 10 60 $PY bench/bench_ops.py --device cuda --archs resnet18 resnet50 densenet121 2>&1 | grep -v -E "USDT|ERROR" | tee "$OUT/ops.md"
 
-step GPU tests
-timeout -k 10 50 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tail -15
+if [ "$EXPERTS" != auto ]; then
+  # torch.compile of the experts in recover (an H200 measured 0.44x the eager iteration on 2026-11-27; last, as a
+  # repeat): the paper's ImageNet committee (ResNet-18 + ResNet-50 from part 1), IPC 10, 100 images.
+  step recover and student with and without torch.compile, ResNet-18 + ResNet-50
+  mkdir -p "$WORK/r18r50" && cp "$WORK"/pipe/experts/resnet18.* "$WORK"/pipe/experts/resnet50.* "$WORK/r18r50/"
+  timeout -k 10 170 $PY bench/bench_switches.py --device cuda --experts "$WORK/r18r50" --data "$DATA" \
+    --switches default compile --repeats 1 --short 5 --long 25 2>&1 | grep -v -E "USDT|ERROR|Warning" | tee "$OUT/compile.md" | tail -6
+fi
+
 step done

@@ -175,7 +175,7 @@ def test_stored_fp32_and_online_give_identical_students_and_fp16_stays_close(tmp
     relabel_stored(images, labels, SPEC, teacher, cfg.label_settings(3), tmp_path / "fp32", progress=False)
     stored = _train(images, labels, None, cfg, tmp_path / "fp32")
     for a, b in zip(online.state_dict().values(), stored.state_dict().values()):
-        assert torch.equal(a, b)
+        assert torch.equal(a, b)  # on the CPU relabel runs one teacher forward per micro-batch, as online
 
     cfg16 = EvalConfig(**{**cfg.__dict__, "label_dtype": "fp16"})
     relabel_stored(images, labels, SPEC, teacher, cfg16.label_settings(3), tmp_path / "fp16", progress=False)
@@ -200,3 +200,43 @@ def test_topk_storage_keeps_the_largest_logits(tmp_path: Path) -> None:
     kept = torch.isfinite(b)
     assert int(kept.sum()) == 16 and torch.equal(a[kept], b[kept])
     assert torch.equal(a.topk(2, dim=1).indices.sort(1).values, kept.nonzero()[:, 1].view(8, 2).sort(1).values)
+
+
+@pytest.mark.parametrize("n", [12, 14])  # 14: a last, smaller group of 2
+def test_one_forward_of_all_groups_equals_one_forward_per_group(n: int) -> None:
+    """The BSSL groups of a batch run as one forward (vectorised per-group BN statistics) with the labels of one
+    forward per group; under bf16 autocast too; the expert's BN layers are left as they were."""
+    a, b = _expert(6), _expert(7)
+    x = torch.randn(n, 3, 16, 16)
+    t = Teacher([a, b], [0.3, 0.7], group_size=4)
+    looped = torch.cat([t(part, group=0) for part in x.split(4)])
+    together = t(x)
+    assert torch.allclose(together, looped, atol=1e-5) and together.shape == (n, 4)
+    assert not torch.allclose(together, t(x, group=0), atol=1e-3)  # the groups' statistics, not the batch's
+    t.precision = "bf16"
+    assert torch.allclose(t(x), torch.cat([t(part, group=0) for part in x.split(4)]), atol=0.1)
+    assert all(not m.training and m.track_running_stats for m in a.model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert "forward" not in a.model.features[1].__dict__  # the patched forwards are gone
+
+
+@pytest.mark.parametrize("batch_size, micro_batch", [(8, 4), (6, 4), (8, 0)])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_teacher_logits_of_an_epoch_match_one_call_per_micro_batch(
+    batch_size: int, micro_batch: int, fuse: bool
+) -> None:
+    """Batches fused into one teacher forward (the default on CUDA, when the batch is a multiple of the
+    micro-batch) or one forward per micro-batch give each micro-batch the logits of its own forward."""
+    images = torch.rand(22, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(22) % 4  # 22 images: the last batch, and with it the last group, is smaller
+    teacher = Teacher([_expert(0), _expert(1)], [0.4, 0.6], group_size=micro_batch)
+    settings = LabelSettings(epochs=1, batch_size=batch_size, micro_batch=micro_batch, seed=3, dtype="fp32")
+    plan = plan_for_epoch(settings, len(labels), 16, 0, CPU)
+    norm = Normalize(SPEC)
+    expected = []
+    for step in range(plan.num_batches):
+        x = apply_plan(images, labels, plan, step, norm)[0]
+        expected += [teacher(m, group=0) for m in (x.split(micro_batch) if micro_batch else [x])]
+    got = teacher_logits(images, labels, plan, teacher, norm, micro_batch, fuse=fuse)
+    assert got.shape == (22, 4) and torch.allclose(got, torch.cat(expected), atol=1e-5)
+    if not fuse or micro_batch == 0 or batch_size % micro_batch:  # the very forwards of the loop above
+        assert torch.equal(got, torch.cat(expected))

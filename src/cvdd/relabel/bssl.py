@@ -87,32 +87,39 @@ class Teacher:
         return out
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Soft-label logits of a batch.
+    def __call__(self, x: torch.Tensor, group: int | None = None) -> torch.Tensor:
+        """Soft-label logits of a batch: one forward per expert, each BSSL group with its own BN statistics.
 
         Args:
-            x: (B, 3, S, S) normalised inputs (exactly what the student sees).
+            x: (B, 3, S, S) normalised inputs (exactly what the student sees), as consecutive BN groups.
+            group: images per BN group (default ``group_size``; 0: the whole batch is one group). The groups are
+                consecutive, the last one may be smaller; all run in one forward
+                (:func:`cvdd.engine.ghost.grouped_batch_statistics`).
 
         Returns:
             (B, C) float32 weighted logits.
         """
+        from cvdd.engine.ghost import grouped_batch_statistics
+
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         if layout != self._layout:
             for expert in self.experts:
                 expert.model.to(memory_format=layout)
             self._layout = layout
         x = x.contiguous(memory_format=layout)
-        groups = [x] if self.group_size <= 0 or self.group_size >= len(x) else list(x.split(self.group_size))
-        outs = []
-        for g in groups:
-            total = None
-            for expert, w in zip(self.experts, self.weights):
-                ctx = bssl_mode(expert.model) if self.bssl else contextlib.nullcontext()
-                with ctx, autocast(g.device, self.precision):
-                    z = expert.model(g).float() * w
-                total = z if total is None else total + z
-            outs.append(total)
-        return torch.cat(outs)
+        group = self.group_size if group is None else group
+        total = None
+        for expert, w in zip(self.experts, self.weights):
+            with contextlib.ExitStack() as ctx:
+                if self.bssl:  # without BSSL the BN layers use running statistics: groups do not matter
+                    ctx.enter_context(bssl_mode(expert.model))
+                    if 0 < group < len(x):
+                        ctx.enter_context(grouped_batch_statistics(expert.model, group))
+                ctx.enter_context(autocast(x.device, self.precision))
+                z = expert.model(x).float() * w
+            total = z if total is None else total + z
+        assert total is not None
+        return total
 
 
 def teacher_weights(experts: Sequence[Expert], mode: str = "prior", temperature: float = 10.0) -> list[float]:
