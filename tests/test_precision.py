@@ -155,6 +155,9 @@ def test_compiled_expert_is_one_graph_for_every_batch_size(caplog: pytest.LogCap
     assert "torch.compile failed" not in caplog.text
 
 
+# Slow: with an empty compilation cache (a new machine) it took 78 s on the 2-core CPU, 8 s with a warm one.
+# Compiled experts with per-index BN groups are no default (the GPU presets that use bn_groups: ipc run eager).
+@pytest.mark.slow
 def test_compiled_bn_groups_ipc_with_an_uneven_last_unit(
     digit_experts: Path, digits, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -192,14 +195,22 @@ def test_switches_do_not_change_identities() -> None:
     assert EvalConfig(compile=True).recipe().compile and EvalConfig(channels_last=True).recipe().channels_last
 
 
-def test_evaluate_compile_and_channels_last_accuracy_within_tolerance(digits) -> None:
+@pytest.mark.parametrize(
+    "switch",
+    [
+        "channels_last",
+        # Slow: a cold compilation cache (a new machine) made this test take 42 s on the 2-core CPU; compiled
+        # students are opt-in (1.16x slower on an H200, docs/benchmarks/gpu-h200.md).
+        pytest.param("compile", marks=pytest.mark.slow),
+    ],
+)
+def test_evaluate_compile_and_channels_last_accuracy_within_tolerance(digits, switch: str) -> None:
     images, labels = random_real_set(digits, 5, seed=0)
     accs = {}
-    for name, over in (("plain", {}), ("compile", {"compile": True}), ("channels_last", {"channels_last": True})):
+    for name, over in (("plain", {}), (switch, {switch: True})):
         cfg = EvalConfig(student="convnet_d3_w32", epochs=10, label_mode="hard", seeds=[0], **over)
         accs[name] = evaluate_synthetic(images, labels, digits.spec, digits.test, cfg).mean
-    assert abs(accs["plain"] - accs["compile"]) <= 0.03, accs
-    assert abs(accs["plain"] - accs["channels_last"]) <= 0.03, accs
+    assert abs(accs["plain"] - accs[switch]) <= 0.03, accs
 
 
 def test_compiled_expert_keeps_its_bn_hooks_after_an_unhooked_forward() -> None:
