@@ -7,7 +7,7 @@ import torch
 
 from cvdd.config import Recipe
 from cvdd.engine import fit
-from cvdd.engine.ghost import ghost_batchnorm
+from cvdd.engine.ghost import ghost_batchnorm, grouped_batch_statistics
 from cvdd.errors import ConfigError
 from cvdd.models import create_model
 
@@ -71,3 +71,34 @@ def test_fit_with_ghost_bn_trains_like_micro_batches(digits) -> None:
     assert "ghost_bn" not in Recipe().identity() and Recipe(ghost_bn=True).identity()["ghost_bn"] is True
     with pytest.raises(ConfigError, match="ghost_bn and compile"):
         Recipe(ghost_bn=True, compile=True).validate()
+
+
+def test_grouped_batch_statistics_equal_one_forward_per_group_and_touch_nothing() -> None:
+    """Layers on batch statistics without tracking (a BSSL teacher's) normalise each group with its own statistics
+    in one forward; running buffers stay as they were; layers on running statistics are left alone."""
+    from cvdd.relabel.bssl import bssl_mode
+
+    torch.manual_seed(0)
+    model = create_model("resnet8", 10, 32).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(22, 3, 32, 32) * 2 + 0.5  # groups of 8, 8 and 6
+    with torch.no_grad(), bssl_mode(model):
+        looped = torch.cat([model(part) for part in x.split(8)])
+        with grouped_batch_statistics(model, 8) as n:
+            fused = model(x)
+            fused_nhwc = model(x.contiguous(memory_format=torch.channels_last))
+    assert n == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert torch.allclose(fused, looped, atol=1e-5) and torch.allclose(fused_nhwc, looped, atol=1e-5)
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():  # eval mode, running statistics: the layers run as usual
+        plain = model(x)
+        with grouped_batch_statistics(model, 8):
+            assert torch.equal(model(x), plain)
+    with pytest.raises(ValueError, match="group size"), grouped_batch_statistics(model, 0):
+        pass

@@ -202,13 +202,15 @@ def test_topk_storage_keeps_the_largest_logits(tmp_path: Path) -> None:
     assert torch.equal(a.topk(2, dim=1).indices.sort(1).values, kept.nonzero()[:, 1].view(8, 2).sort(1).values)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])  # the two memory layouts of the grouped statistics
 @pytest.mark.parametrize("n", [12, 14])  # 14: a last, smaller group of 2
-def test_one_forward_of_all_groups_equals_one_forward_per_group(n: int) -> None:
+def test_one_forward_of_all_groups_equals_one_forward_per_group(n: int, channels_last: bool) -> None:
     """The BSSL groups of a batch run as one forward (vectorised per-group BN statistics) with the labels of one
     forward per group; under bf16 autocast too; the expert's BN layers are left as they were."""
     a, b = _expert(6), _expert(7)
     x = torch.randn(n, 3, 16, 16)
     t = Teacher([a, b], [0.3, 0.7], group_size=4)
+    t.channels_last = channels_last
     looped = torch.cat([t(part, group=0) for part in x.split(4)])
     together = t(x)
     assert torch.allclose(together, looped, atol=1e-5) and together.shape == (n, 4)
