@@ -25,7 +25,7 @@ def test_recover_bf16_matches_fp32_loss_and_drift(digit_experts: Path, digits, t
             digit_experts,
             tmp_path / p,
             ipc=2,
-            iterations=50,
+            iterations=25,
             init="real",
             dataset=digits,
             overrides={"precision": p},
@@ -34,7 +34,7 @@ def test_recover_bf16_matches_fp32_loss_and_drift(digit_experts: Path, digits, t
         for p in ("fp32", "bf16")
     }
     a, b = (runs[p].meta["units"][0] for p in ("fp32", "bf16"))
-    # Measured: 0.3392 vs 0.3402 (0.3 %), drift 42.26 vs 42.28 /255.
+    # Measured (25 iterations, 2026-11-27): loss 9.7254 vs 9.7306 (0.05 %), drift 2.4811 vs 2.4801.
     assert abs(a["records"][-1]["loss"] - b["records"][-1]["loss"]) <= 0.05 * a["records"][-1]["loss"]
     assert abs(a["mean_abs_change"] - b["mean_abs_change"]) <= 0.05 * a["mean_abs_change"]
     assert runs["bf16"].meta["config"]["precision"] == "bf16"
