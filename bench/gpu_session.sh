@@ -17,9 +17,10 @@
 # Part 1: a CUDA smoke run of the whole pipeline on the embedded digits (fails fast), then
 # `cvdd bench --preset cifar10-gpu --budget small`, then the 224 px memory benchmark. Part 2 reuses part 1's work
 # (kept under $WORK, which survives between the calls of a warm machine), in order of priority: the speed suite on
-# CUDA, the fused relabel epoch (bench/bench_relabel.py), part 1's pipeline evaluation again with every student
-# stacked (stack_seeds), the student-epoch switches (bench/bench_student.py), `pytest -m gpu`, operator counts,
-# and recover with and without torch.compile (bench/bench_switches.py).
+# CUDA, the fused relabel epoch (bench/bench_relabel.py), the student's resume checkpoints
+# (bench/bench_checkpoint.py), part 1's pipeline evaluation again with every student stacked (stack_seeds), the
+# student-epoch switches (bench/bench_student.py), `pytest -m gpu`, operator counts, and recover with and without
+# torch.compile (bench/bench_switches.py).
 # Figures of 2026-11-26 and 2026-11-27 (H200): docs/benchmarks/gpu-h200.md.
 set -u
 PART=${1:-1}
@@ -96,6 +97,13 @@ cat "$OUT/speed-gpu.md" 2>/dev/null || summary "$OUT/speed.log" 30
 step relabel epoch: per micro-batch against fused, the five paper experts
 timeout -k 10 90 $PY bench/bench_relabel.py --device cuda --reps 3 \
   --archs resnet18 resnet50 shufflenetv2 mobilenetv2 densenet121 2>&1 | grep -v -E "USDT|ERROR" | tee "$OUT/relabel.md"
+
+# Resume checkpoints in a student's training (one per epoch until 2026-11-27, now at most one a minute): on the H200
+# the pipeline's evaluate stage took about 0.35 s per 100-image ResNet-18 student-epoch, against 0.056 s for the
+# epoch alone, and a 134 MB checkpoint took 0.3 s to write on the CPU machine.
+step student checkpoints: every epoch against checkpoint_every_s 60 against none, ResNet-18
+timeout -k 10 60 $PY bench/bench_checkpoint.py --device cuda --data "$DATA" --students resnet18 --epochs 20 \
+  --repeats 2 2>&1 | grep -v -E "USDT|ERROR|Warning" | tee "$OUT/checkpoint.md"
 
 if ! grep -q "fp32" "$WORK/memory224.log" 2>/dev/null; then memory224; fi
 

@@ -38,3 +38,13 @@ def test_bench_ops_counts_operators_with_and_without_bn_matching() -> None:
     rows = _rows(_run("bench_ops.py", "--archs", "resnet8", "--reps", "1", "--batch", "4"))
     plain, hooked = (int(v.replace(",", "")) for v in rows[1][1:3])
     assert rows[1][0] == "resnet8" and hooked > plain > 0
+
+
+def test_bench_checkpoint_times_the_three_checkpoint_modes() -> None:
+    rows = _rows(
+        _run("bench_checkpoint.py", "--data", "digits", "--students", "convnet_d3_w32", "--epochs", "2", "--ipc", "1")
+    )
+    modes = {r[1]: r for r in rows[1:]}
+    assert len(modes) == 3 and all(float(r[2]) > 0 for r in rows[1:])
+    # Two epochs in well under a minute: the default writes once (after the last), every-epoch twice.
+    assert [int(r[4]) for r in modes.values()] == [0, 2, 1]

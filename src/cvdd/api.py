@@ -364,7 +364,8 @@ def evaluate(
         seed: seed of the random-real draw.
         device: where to train.
         progress: progress bars.
-        checkpoints: folder for each student's per-epoch checkpoint (a killed evaluation resumes there).
+        checkpoints: folder for each student's epoch checkpoint (a killed evaluation resumes there; written at
+            most every ``checkpoint_every_s`` seconds and after the last epoch).
 
     Returns:
         An :class:`~cvdd.evaluate.student.EvalResult`.

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train expert classifiers (the committee) on a real dataset",
         description="Train one expert per architecture and store safetensors weights plus JSON "
         "metadata (architecture, dataset classes, test top-1, recipe, seed, wall time). "
-        "Finished experts are reused; a killed run resumes from its last epoch.",
+        "Finished experts are reused; a killed run resumes from its last epoch checkpoint (written at most once a "
+        "minute, --set checkpoint_every_s=0 for every epoch).",
     )
     _add_data(p)
     p.add_argument(
@@ -295,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoints",
         default=None,
         metavar="DIR",
-        help="keep each student's per-epoch checkpoint here; a killed evaluation resumes at its last epoch",
+        help="keep each student's epoch checkpoint here (at most one a minute; --set checkpoint_every_s=0: every "
+        "epoch); a killed evaluation resumes from it",
     )
     p.add_argument("--preset", default=None, help="distill preset whose evaluation recipe is used")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")

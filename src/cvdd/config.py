@@ -169,6 +169,11 @@ class Recipe:
         ghost_bn: run a step's micro-batches as one forward whose BN layers normalise each micro-batch separately
             (:func:`cvdd.engine.ghost.ghost_batchnorm`): the same step up to rounding, with a fraction of the
             kernel launches (for GPUs; one process only, not with ``compile``).
+        checkpoint_every_s: write the resume checkpoint after an epoch only once this many seconds have passed
+            since the last write (and always after the last epoch); 0 writes one after every epoch. Not part of
+            the identity: it changes what a kill can lose, never the trained model. A ResNet-18 checkpoint with
+            its AdamW state is 134 MB (0.2-0.3 s to write on the 2-core CPU), several times a 100-image student epoch
+            on a GPU (``docs/benchmarks/student-cpu.md``).
     """
 
     epochs: int = 10
@@ -193,11 +198,14 @@ class Recipe:
     workers: int = 4
     micro_batch: int = 0
     ghost_bn: bool = False
+    checkpoint_every_s: float = 60.0
 
     def identity(self) -> dict[str, Any]:
         """The fields that define a trained model (checkpoint and expert reuse); execution switches added later
         (``compile``) count only when set, so experts and checkpoints made before them are still recognised."""
-        return identity_dict(self, {"compile": False, "ghost_bn": False})
+        out = identity_dict(self, {"compile": False, "ghost_bn": False})
+        out.pop("checkpoint_every_s")  # when to write a checkpoint never changes the model
+        return out
 
     def validate(self) -> Recipe:
         """Check value ranges; return self."""
@@ -211,6 +219,8 @@ class Recipe:
             raise ConfigError(f"lr must be positive (got {self.lr})")
         if self.ghost_bn and self.compile:
             raise ConfigError("ghost_bn and compile cannot be combined; choose one")
+        if not self.checkpoint_every_s >= 0:  # also refuses NaN
+            raise ConfigError(f"checkpoint_every_s must be >= 0 seconds (got {self.checkpoint_every_s})")
         return self
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from cvdd.config import Recipe
 from cvdd.engine import evaluate_accuracy, fit, lr_factor
 from cvdd.engine.fit import build_optimizer
+from cvdd.errors import ConfigError
 from cvdd.models import create_model
 
 CPU = torch.device("cpu")
@@ -51,6 +53,7 @@ class _StopError(Exception):
 
 def test_interrupted_fit_resumes_to_identical_weights(digits, tmp_path: Path, monkeypatch, caplog) -> None:
     recipe = _recipe(3)
+    recipe.checkpoint_every_s = 0  # a checkpoint after every epoch
     torch.manual_seed(1)
     straight = create_model("convnet_d3_w32", 10, 32)
     fit(straight, digits.train, None, recipe, spec=digits.spec, device=CPU, seed=7, progress=False)
@@ -92,6 +95,46 @@ def test_interrupted_fit_resumes_to_identical_weights(digits, tmp_path: Path, mo
     assert "its first 1 epochs were trained by cvdd" in caplog.text and "(source newer0source)" in caplog.text
     for a, b in zip(straight.state_dict().values(), resumed_model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_checkpoint_clock_writes_at_most_every_interval_and_after_the_last_epoch(monkeypatch) -> None:
+    fit_module = importlib.import_module("cvdd.engine.fit")  # the package binds `fit` to the function
+
+    now = {"t": 1000.0}
+    monkeypatch.setattr(fit_module.time, "perf_counter", lambda: now["t"])
+    clock = fit_module.CheckpointClock(60.0)
+    decisions = []
+    for t, last in ((1030, False), (1061, False), (1100, False), (1121, False), (1122, True)):
+        now["t"] = t
+        decisions.append(clock.due(last))
+    # 61 s after the start, then 60 s after that write; the last epoch always
+    assert decisions == [False, True, False, True, True]
+    every = fit_module.CheckpointClock(0.0)
+    assert all(every.due(False) for _ in range(3))
+
+
+@pytest.mark.parametrize(("every_s", "written"), [(0.0, [1, 2, 3]), (3600.0, [3])])
+def test_fit_writes_checkpoints_per_interval(digits, tmp_path: Path, monkeypatch, every_s, written) -> None:
+    fit_module = importlib.import_module("cvdd.engine.fit")  # the package binds `fit` to the function
+
+    epochs: list[int] = []
+    real_save = fit_module.save_checkpoint
+
+    def counting_save(path, run_hash, epoch, *args, **kwargs):
+        epochs.append(epoch)
+        return real_save(path, run_hash, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "save_checkpoint", counting_save)
+    recipe = _recipe(3)
+    recipe.checkpoint_every_s = every_s
+    model = create_model("convnet_d3_w32", 10, 32)
+    ckpt = tmp_path / "run.pt"
+    fit(model, digits.train, None, recipe, spec=digits.spec, device=CPU, checkpoint=ckpt, progress=False)
+    assert epochs == written
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 3  # a finished run's checkpoint is its last epoch
+    assert "checkpoint_every_s" not in recipe.identity()  # it never changes the model: resumable across values
+    with pytest.raises(ConfigError, match="checkpoint_every_s"):
+        Recipe(checkpoint_every_s=-1).validate()
 
 
 def test_checkpoint_of_another_recipe_is_not_resumed(digits, tmp_path: Path) -> None:

@@ -41,7 +41,10 @@ def test_student_checkpoints_resume_only_under_the_same_evaluation_fields(digits
     evaluate_synthetic(images, labels, digits.spec, digits.test, EvalConfig(**base), checkpoint_dir=ckpt)
     assert (ckpt / "student-seed0.pt").is_file()  # kept until the caller has its result
     with caplog.at_level("INFO", logger="cvdd.engine.fit"):
-        evaluate_synthetic(images, labels, digits.spec, digits.test, EvalConfig(**base), checkpoint_dir=ckpt)
+        # How often checkpoints are written is no part of the evaluation: another interval still resumes.
+        every_epoch = EvalConfig(**base, checkpoint_every_s=0)
+        assert every_epoch.recipe().checkpoint_every_s == 0 and every_epoch.identity() == EvalConfig(**base).identity()
+        evaluate_synthetic(images, labels, digits.spec, digits.test, every_epoch, checkpoint_dir=ckpt)
         assert any("resuming from epoch 2" in r.getMessage() for r in caplog.records)
         caplog.clear()
         changed = EvalConfig(**base, cutmix=False)

@@ -1,7 +1,8 @@
 """One readable supervised training loop.
 
 ``fit`` takes built objects (a model, data splits, a recipe, a device) and returns results. It checkpoints
-at the end of every epoch (atomically) and resumes from that checkpoint after an interruption; every
+at the end of an epoch (atomically; at most every ``recipe.checkpoint_every_s`` seconds, and after the last
+epoch) and resumes from that checkpoint after an interruption; every
 random draw (shuffling, augmentation) comes from a generator derived from the run seed and the epoch, so
 a resumed run replays exactly what an uninterrupted one would have done.
 """
@@ -276,7 +277,7 @@ def load_checkpoint(
     desc: str,
     epochs: int,
 ) -> tuple[int, dict[str, Any]]:
-    """Restore ``model`` and ``optimizer`` from a per-epoch checkpoint made by the same run.
+    """Restore ``model`` and ``optimizer`` from an epoch checkpoint made by the same run.
 
     Returns:
         (epochs already done, the checkpoint's dict); (0, {}) when there is none or it belongs to another run
@@ -325,6 +326,29 @@ def save_checkpoint(
     dd.barrier()  # no rank runs ahead of a checkpoint that is not on disk yet
 
 
+class CheckpointClock:
+    """Decides after which epochs the resume checkpoint is written: the last one, and any that ends at least
+    ``every_s`` seconds after the previous write (or the start); ``every_s`` 0 means every epoch.
+
+    A checkpoint of a small student costs more than its epoch on a GPU (a ResNet-18 with its AdamW state is 134 MB),
+    so writing one per epoch would make checkpoints most of an evaluation's time. Under torch.distributed every
+    rank takes rank 0's decision: a write ends in a barrier that all ranks must reach.
+    """
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.since = time.perf_counter()
+
+    def due(self, last_epoch: bool) -> bool:
+        """Whether to write after the epoch that just ended (resets the clock when it says yes)."""
+        now = time.perf_counter()
+        due = last_epoch or self.every_s <= 0 or now - self.since >= self.every_s
+        due = bool(dd.broadcast_object(due))
+        if due:
+            self.since = now
+        return due
+
+
 def fit(
     model: nn.Module,
     train: TensorSplit | FileSplit | BatchSource,
@@ -351,8 +375,9 @@ def fit(
         spec: dataset spec (normalisation, image size).
         device: where to train.
         seed: run seed; epoch ``e`` draws its shuffling and augmentation from ``derive_seed(seed, e)``.
-        checkpoint: path of the per-epoch checkpoint; if it exists and matches this run it is resumed, and it
-            is kept after the last epoch (the caller removes it once the final artifact is written).
+        checkpoint: path of the epoch checkpoint (written as ``recipe.checkpoint_every_s`` says); if it exists
+            and matches this run it is resumed, and it is kept after the last epoch (the caller removes it once
+            the final artifact is written).
         objective: loss of a micro-batch, (logits, batch) -> scalar mean; default cross-entropy with the
             recipe's label smoothing (CutMix-aware). Each step splits its batch into micro-batches of
             ``recipe.micro_batch`` images, weights each micro-batch loss by its share of the batch, and takes
@@ -393,6 +418,7 @@ def fit(
     history: list[dict[str, Any]] = list(state.get("history", []))
 
     t_start = time.perf_counter()
+    clock = CheckpointClock(recipe.checkpoint_every_s)
     seen = 0
     ghost = recipe.ghost_bn and recipe.micro_batch > 0 and ranks == 1
     # Restored on exit, also when training raises (an interrupted run leaves the model as it found it).
@@ -489,7 +515,8 @@ def fit(
                 recipe.epochs,
                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"),
             )
-            save_checkpoint(checkpoint, run_hash, epoch + 1, model, optimizer, {"history": history})
+            if checkpoint is not None and clock.due(last):
+                save_checkpoint(checkpoint, run_hash, epoch + 1, model, optimizer, {"history": history})
     elapsed = time.perf_counter() - t_start
     if channels_last:
         model.to(memory_format=torch.contiguous_format)

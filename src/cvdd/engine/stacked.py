@@ -42,6 +42,7 @@ from cvdd.device import autocast, derive_seed, make_generator, resolve_precision
 from cvdd.engine.fit import (
     Batch,
     BatchSource,
+    CheckpointClock,
     FitResult,
     Objective,
     build_optimizer,
@@ -243,7 +244,8 @@ def fit_stacked(
         objective: loss of one member's micro-batch, as in ``fit`` (default cross-entropy); or one per member.
         progress: one progress bar for the stack.
         desc: progress-bar label.
-        checkpoint: path of the stack's per-epoch checkpoint (resumed when it matches this run).
+        checkpoint: path of the stack's epoch checkpoint (``recipe.checkpoint_every_s``; resumed when it matches
+            this run).
         identity: extra fields that must match for the checkpoint to be resumed.
 
     Returns:
@@ -292,6 +294,7 @@ def fit_stacked(
     histories: list[list[dict[str, Any]]] = state.get("histories", [[] for _ in range(k)])
 
     t_start = time.perf_counter()
+    clock = CheckpointClock(recipe.checkpoint_every_s)
     seen = 0
     ghost = recipe.ghost_bn and recipe.micro_batch > 0
     lr = recipe.lr
@@ -353,7 +356,8 @@ def fit_stacked(
                 histories[j].append(record)
                 tracking.log(f"{desc} member {j} (seed {seeds[j]})", record, epoch + 1)
             log.info("%s epoch %d/%d: %.2f s for %d members", desc, epoch + 1, recipe.epochs, seconds, k)
-            save_checkpoint(checkpoint, run_hash, epoch + 1, stack, optimizer, {"histories": histories})
+            if checkpoint is not None and clock.due(last):
+                save_checkpoint(checkpoint, run_hash, epoch + 1, stack, optimizer, {"histories": histories})
     elapsed = time.perf_counter() - t_start
     members = stack.write_back()
     results = []

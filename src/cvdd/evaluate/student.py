@@ -71,6 +71,8 @@ class EvalConfig:
         stack_seeds: train every seed's student at once as one vectorised model (:mod:`cvdd.engine.stacked`):
             the same students up to rounding, with a fraction of the kernel launches (for GPUs; one process, not
             with ``compile``).
+        checkpoint_every_s: with a checkpoint folder, write a student's resume checkpoint at most this often
+            (seconds; 0: after every epoch; see :class:`cvdd.config.Recipe`). Not part of the identity.
     """
 
     student: str = "resnet18"
@@ -96,10 +98,13 @@ class EvalConfig:
     compile: bool = False
     ghost_bn: bool = False
     stack_seeds: bool = False
+    checkpoint_every_s: float = 60.0
 
     def identity(self) -> dict[str, Any]:
         """The fields that define an evaluation (result caches); switches added later count only when set."""
-        return identity_dict(self, {"compile": False, "channels_last": None, "ghost_bn": False, "stack_seeds": False})
+        out = identity_dict(self, {"compile": False, "channels_last": None, "ghost_bn": False, "stack_seeds": False})
+        out.pop("checkpoint_every_s")  # when to write a checkpoint never changes a student
+        return out
 
     def validate(self) -> EvalConfig:
         if self.label_mode not in LABEL_MODES:
@@ -130,6 +135,7 @@ class EvalConfig:
             channels_last=self.channels_last,
             compile=self.compile,
             ghost_bn=self.ghost_bn,
+            checkpoint_every_s=self.checkpoint_every_s,
         ).validate()
 
     def label_settings(self, seed: int) -> LabelSettings:
