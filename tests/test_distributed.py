@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cvdd import distributed as dd
 from cvdd.distributed import Shard
 from cvdd.errors import ConfigError
 from forkserver import ForkServer, server_env
@@ -83,6 +84,18 @@ def single_recover(digit_experts: Path, tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("single")
     _run(["recover", "--experts", str(digit_experts), "--out", str(out), *RECOVER], server=fork_server)
     return out
+
+
+def test_gpu_process_groups_also_carry_cpu_tensors() -> None:
+    """cvdd sums counters on the CPU: a GPU group needs gloo for them beside NCCL (plain "nccl" has no CPU backend)."""
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    def devices(backend: str) -> dict[str, str]:
+        return BackendConfig(Backend(backend)).get_device_backend_map()
+
+    assert devices(dd.backend_for(use_cuda=True)) == {"cpu": "gloo", "cuda": "nccl"}
+    assert "cpu" not in devices("nccl")  # what init_from_env asked for before
+    assert devices(dd.backend_for(use_cuda=False))["cpu"] == "gloo"
 
 
 def test_shard_parse_and_take() -> None:

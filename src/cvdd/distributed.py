@@ -63,6 +63,15 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
+def backend_for(use_cuda: bool) -> str:
+    """The process group's backend: gloo on CPUs; on GPUs NCCL for CUDA tensors and gloo for CPU ones.
+
+    A plain ``"nccl"`` group refuses every collective on a CPU tensor ("No backend type associated with device type
+    cpu"), and cvdd sums its small counters (epoch loss and accuracy, test counts) on the CPU.
+    """
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+
+
 def init_from_env(device: str | None = None) -> bool:
     """Join the process group described by the launcher's environment, if any.
 
@@ -78,7 +87,7 @@ def init_from_env(device: str | None = None) -> bool:
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    dist.init_process_group(backend=backend_for(use_cuda))
     log.info("rank %d of %d joined the process group (%s)", dist.get_rank(), world, dist.get_backend())
     return True
 
