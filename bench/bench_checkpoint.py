@@ -43,7 +43,7 @@ def main() -> None:
     import torch
 
     from cvdd.api import load_dataset
-    from cvdd.evaluate.student import EvalConfig, SyntheticBatches, random_real_set
+    from cvdd.evaluation.student import EvalConfig, SyntheticBatches, random_real_set
     from cvdd.models import create_model
 
     fit_module = importlib.import_module("cvdd.engine.fit")  # `cvdd.engine.fit` the attribute is the function

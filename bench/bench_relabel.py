@@ -3,7 +3,7 @@
 The BSSL teacher labels each student micro-batch with that micro-batch's own BN statistics. Run one micro-batch at
 a time, a 100-image epoch in batches of 16 and micro-batches of 8 is 14 forwards per expert; on a GPU such an epoch
 is bound by kernel launches (relabel took 76 of the 380 s of `cvdd bench --preset cifar10-gpu --budget small` on an
-H200, docs/benchmarks/gpu-h200.md). On CUDA ``cvdd.relabel.stored.teacher_logits`` runs the batches of an epoch as
+H200, docs/benchmarks/gpu-h200.md). On CUDA ``cvdd.labels.stored.teacher_logits`` runs the batches of an epoch as
 one forward whose BN layers compute every micro-batch's statistics at once
 (``cvdd.engine.ghost.grouped_batch_statistics``). This script times both on the same teacher and inputs:
 
@@ -40,9 +40,9 @@ def main() -> None:
     from cvdd.data.augment import Normalize
     from cvdd.data.specs import DatasetSpec
     from cvdd.experts import Expert
+    from cvdd.labels import LabelSettings, Teacher
+    from cvdd.labels.stored import plan_for_epoch, teacher_logits
     from cvdd.models import create_model
-    from cvdd.relabel import LabelSettings, Teacher
-    from cvdd.relabel.stored import plan_for_epoch, teacher_logits
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", nargs="+", default=["convnet_d3_w64", "resnet8"])

@@ -56,7 +56,7 @@ def main() -> None:
     from cvdd.api import load_dataset
     from cvdd.engine import fit
     from cvdd.engine.stacked import fit_stacked
-    from cvdd.evaluate.student import EvalConfig, SyntheticBatches, random_real_set
+    from cvdd.evaluation.student import EvalConfig, SyntheticBatches, random_real_set
     from cvdd.models import create_model
 
     data = load_dataset(args.data, progress=False)

@@ -44,7 +44,7 @@ MARK = "BENCH_SWITCH "
 def _child(args: argparse.Namespace) -> None:
     import cvdd
     from cvdd.api import load_dataset
-    from cvdd.evaluate.student import EvalConfig, evaluate_synthetic, random_real_set
+    from cvdd.evaluation.student import EvalConfig, evaluate_synthetic, random_real_set
 
     over = SWITCHES[args.switch]
     data = load_dataset(args.data, progress=False)

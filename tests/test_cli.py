@@ -42,6 +42,22 @@ def test_python_m_cvdd_version() -> None:
     assert out.stdout.startswith("cvdd ")
 
 
+def test_help_and_version_do_not_import_torch() -> None:
+    """`cvdd --help` answers at once: PyTorch (about 3 s to import here) is loaded by the commands that use it."""
+    code = (
+        "import sys\n"
+        "from cvdd.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['squeeze', '--help'], ['distill', '--help'], ['bench', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "usage: cvdd" in out.stdout and out.stdout.rstrip().endswith("torch imported: False")
+
+
 def test_models_lists_every_architecture(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "--image-size", "32"]) == 0
     out = capsys.readouterr().out

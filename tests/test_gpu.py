@@ -72,7 +72,7 @@ def test_evaluate_on_cuda_learns(digit_experts: Path, digits) -> None:
 
 def test_stacked_students_on_cuda_match_separate_ones(digits) -> None:
     """Stacked seeds under bf16 autocast on the GPU: the per-seed accuracies of separate students, within noise."""
-    from cvdd.evaluate import EvalConfig, evaluate_synthetic, random_real_set
+    from cvdd.evaluation import EvalConfig, evaluate_synthetic, random_real_set
 
     images, labels = random_real_set(digits, 5, seed=0)
     base = {"student": "resnet8", "epochs": 10, "label_mode": "hard", "seeds": [0, 1, 2]}

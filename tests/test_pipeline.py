@@ -83,7 +83,7 @@ def test_distill_tiny_budget_writes_valid_results(tmp_path: Path, digits, monkey
     )
     assert row_file.stat().st_mtime_ns == stamp and [r["acc"] for r in again] == [r["acc"] for r in rows]
     warned = [r.getMessage() for r in caplog.records if "not by this cvdd" in r.getMessage()]
-    for what in ("finished recover units", "finished evaluations at IPC 1"):  # (relabel: tests/relabel)
+    for what in ("finished recover units", "finished evaluations at IPC 1"):  # (relabel: tests/labels)
         assert any(what in m and "newer0source" in m for m in warned), (what, warned)
     table = (tmp_path / "results.md").read_text()
     assert "measured by another build than this run's (cvdd" in table and "source newer0source" in table

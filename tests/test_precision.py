@@ -14,8 +14,8 @@ import torch
 import cvdd
 from cvdd.api import load_pool
 from cvdd.data.augment import Normalize
-from cvdd.evaluate.student import EvalConfig, evaluate_synthetic, random_real_set
-from cvdd.relabel.bssl import Teacher
+from cvdd.evaluation.student import EvalConfig, evaluate_synthetic, random_real_set
+from cvdd.labels.bssl import Teacher
 from cvdd.synthesis.recover import load_synthetic
 
 

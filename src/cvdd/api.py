@@ -16,7 +16,7 @@ from cvdd.distributed import Shard
 from cvdd.errors import ConfigError, CvddError
 from cvdd.experts import Expert
 from cvdd.models import ModelInfo, count_parameters, create_model, forward_mflops, list_models, model_info
-from cvdd.squeeze import SqueezeResult, resolve_squeeze_config, squeeze_experts
+from cvdd.squeezing import SqueezeResult, resolve_squeeze_config, squeeze_experts
 from cvdd.synthesis.recover import RecoverResult, merge_units, recover_images
 
 
@@ -288,7 +288,7 @@ def export(synthetic: str | os.PathLike[str], out: str | os.PathLike[str], *, fo
 
 
 def _teacher(pool: list[Expert], cfg: Any) -> Any:
-    from cvdd.relabel.bssl import Teacher, teacher_weights
+    from cvdd.labels.bssl import Teacher, teacher_weights
 
     if cfg.teacher == "committee":
         return Teacher(pool, teacher_weights(pool, "prior", cfg.teacher_temperature), bssl=cfg.bssl)
@@ -314,7 +314,7 @@ def _synthetic_or_random(
     of class sub-folders named like the dataset's classes, or a ``cvdd export`` ``.npz``/``.safetensors`` file.
     """
     from cvdd.data.external import is_external_set, load_external_set
-    from cvdd.evaluate.student import random_real_set
+    from cvdd.evaluation.student import random_real_set
     from cvdd.synthesis.recover import load_synthetic
 
     source = _source_or_experts(dataset, pool[0].meta)
@@ -358,7 +358,7 @@ def evaluate(
         experts: folder of experts (the teacher and the dataset they were trained on).
         ipc: images per class for ``random-real``.
         preset: distill preset whose evaluation recipe is used (default: the dataset's own).
-        overrides: :class:`~cvdd.evaluate.student.EvalConfig` fields (``label_mode``, ``seeds``, ``student``...).
+        overrides: :class:`~cvdd.evaluation.student.EvalConfig` fields (``label_mode``, ``seeds``, ``student``...).
         label_dir: folder for stored labels (stored mode; default ``<synthetic folder>/labels``).
         dataset, data, cache_dir: the real data (default: the dataset the experts were squeezed on).
         seed: seed of the random-real draw.
@@ -368,10 +368,10 @@ def evaluate(
             most every ``checkpoint_every_s`` seconds and after the last epoch).
 
     Returns:
-        An :class:`~cvdd.evaluate.student.EvalResult`.
+        An :class:`~cvdd.evaluation.student.EvalResult`.
     """
     from cvdd.config import apply_overrides
-    from cvdd.evaluate.student import EvalConfig, evaluate_synthetic
+    from cvdd.evaluation.student import EvalConfig, evaluate_synthetic
     from cvdd.pipeline import distill_presets, get_distill_preset
 
     pool = load_pool(experts, device=device)
@@ -420,13 +420,13 @@ def ablate(
 ) -> list[dict[str, Any]]:
     """Compare configurations on a validation split carved from the training set (``cvdd ablate``).
 
-    See :func:`cvdd.ablate.run_ablation`; ``only`` restricts the grid, ``final`` evaluates the named
+    See :func:`cvdd.ablation.run_ablation`; ``only`` restricts the grid, ``final`` evaluates the named
     configurations once on the test split. Returns the table rows.
 
     ``dataset`` None: the one the experts were squeezed on. ``grid`` and ``preset`` None: ``digits`` for the
     embedded digits, else ``cifar10-cpu`` (the CPU-sized recipe).
     """
-    from cvdd.ablate import load_grid, run_ablation
+    from cvdd.ablation import load_grid, run_ablation
     from cvdd.experts import list_experts, read_expert_meta
 
     if dataset is None:
@@ -463,7 +463,7 @@ def report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None =
     >>> paths["html"]  # doctest: +SKIP
     PosixPath('runs/demo/report/report.html')
     """
-    from cvdd.report import write_report
+    from cvdd.reporting import write_report
 
     return write_report(run_dir, out)
 
@@ -489,9 +489,9 @@ def relabel(
     """
     from cvdd.config import apply_overrides
     from cvdd.device import resolve_device
-    from cvdd.evaluate.student import EvalConfig, configure_teacher
+    from cvdd.evaluation.student import EvalConfig, configure_teacher
+    from cvdd.labels.stored import relabel_stored
     from cvdd.pipeline import distill_presets
-    from cvdd.relabel.stored import relabel_stored
 
     pool = load_pool(experts, device=device)
     presets = distill_presets()
@@ -614,7 +614,7 @@ def prior(
 
     from cvdd.artifacts import atomic_write_text
     from cvdd.config import apply_overrides, refuse_owned
-    from cvdd.evaluate.student import EvalConfig, evaluate_synthetic
+    from cvdd.evaluation.student import EvalConfig, evaluate_synthetic
     from cvdd.experts import expert_paths
     from cvdd.pipeline import distill_presets
 

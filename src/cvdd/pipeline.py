@@ -33,7 +33,7 @@ from cvdd.config import (
 from cvdd.data.sources import RealDataset
 from cvdd.device import PhasePeaks
 from cvdd.errors import ConfigError
-from cvdd.evaluate.student import EvalConfig, EvalJob, EvalResult, evaluate_many, random_real_set
+from cvdd.evaluation.student import EvalConfig, EvalJob, EvalResult, evaluate_many, random_real_set
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def distill(
     """Run the pipeline and write ``results.json``, ``results.md``, grids and the resolved config to ``out``."""
     from cvdd.api import load_pool, squeeze
     from cvdd.experts import list_experts, read_expert_meta
-    from cvdd.relabel.bssl import Teacher, teacher_weights
+    from cvdd.labels.bssl import Teacher, teacher_weights
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +176,7 @@ def distill(
     # 1. squeeze: the committee (reused when already trained with the same recipe), or the user's experts.
     t0 = time.perf_counter()
     if experts_dir is not None and list_experts_or_empty(experts_dir):
-        from cvdd.squeeze import SqueezeResult
+        from cvdd.squeezing import SqueezeResult
 
         if squeeze_overrides:
             log.warning("squeeze options %s not used: the experts are reused from %s", squeeze_overrides, experts_dir)

@@ -377,7 +377,7 @@ def _warm_up(ctx: _Ctx, arch: str, sizes: list[int], teacher: Any = None) -> Non
 def _synthetic_set(ctx: _Ctx, ipc: int) -> dict[str, Any]:
     """Random real images of the slice at ``ipc``: uint8 for cvdd, the same pixels as PNG files for the naive code."""
     if ipc not in ctx.sets:
-        from cvdd.evaluate.student import random_real_set
+        from cvdd.evaluation.student import random_real_set
         from cvdd.naive import write_png_folder
 
         images, labels = random_real_set(ctx.data, ipc, ctx.cfg.seed)
@@ -620,9 +620,9 @@ def _labels_on_disk(folder: Path) -> tuple[int, int]:
 def _stage_relabel(ctx: _Ctx, quiet: bool = False) -> None:
     from cvdd.api import _teacher
     from cvdd.benchkit import ModelTimer, measured
-    from cvdd.evaluate.student import configure_teacher
+    from cvdd.evaluation.student import configure_teacher
+    from cvdd.labels.stored import relabel_stored
     from cvdd.naive import naive_relabel
-    from cvdd.relabel.stored import relabel_stored
 
     cfg, dev, spec = ctx.cfg, ctx.device, ctx.data.spec
     ecfg = ctx.eval_config()
@@ -727,12 +727,12 @@ def _cvdd_evaluate(
 ) -> tuple[Any, list[Any], Any, dict[str, Any]]:
     """``evaluate_synthetic`` as it is, with timing hooks on its student and ``fit``'s results (history) kept.
 
-    The module-level names ``create_model`` and ``fit`` of :mod:`cvdd.evaluate.student` are wrapped for the call and
+    The module-level names ``create_model`` and ``fit`` of :mod:`cvdd.evaluation.student` are wrapped for the call and
     restored after it (nothing in the package is modified).
     """
     import importlib
 
-    st = importlib.import_module("cvdd.evaluate.student")
+    st = importlib.import_module("cvdd.evaluation.student")
     from cvdd.benchkit import ModelTimer, measured
 
     fits: list[Any] = []

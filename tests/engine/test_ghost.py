@@ -76,7 +76,7 @@ def test_fit_with_ghost_bn_trains_like_micro_batches(digits) -> None:
 def test_grouped_batch_statistics_equal_one_forward_per_group_and_touch_nothing() -> None:
     """Layers on batch statistics without tracking (a BSSL teacher's) normalise each group with its own statistics
     in one forward; running buffers stay as they were; layers on running statistics are left alone."""
-    from cvdd.relabel.bssl import bssl_mode
+    from cvdd.labels.bssl import bssl_mode
 
     torch.manual_seed(0)
     model = create_model("resnet8", 10, 32).eval()

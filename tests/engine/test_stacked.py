@@ -9,8 +9,8 @@ from cvdd.config import Recipe
 from cvdd.engine import fit, stacked
 from cvdd.engine.stacked import StackedModels, fit_stacked
 from cvdd.errors import ConfigError
-from cvdd.evaluate import EvalConfig, evaluate_synthetic, random_real_set
-from cvdd.evaluate.student import SyntheticBatches
+from cvdd.evaluation import EvalConfig, evaluate_synthetic, random_real_set
+from cvdd.evaluation.student import SyntheticBatches
 from cvdd.models import create_model
 
 CPU = torch.device("cpu")
@@ -207,7 +207,7 @@ def test_stacked_batchnorm_runs_in_fp32_under_bf16_autocast(digits, monkeypatch:
 
 def test_evaluate_many_stacks_compatible_jobs_only(digits, caplog: pytest.LogCaptureFixture) -> None:
     """Two sets with one recipe share a stack (2 x 2 students); a job with another student trains on its own."""
-    from cvdd.evaluate import EvalJob, evaluate_many
+    from cvdd.evaluation import EvalJob, evaluate_many
 
     (a, la), (b, lb) = random_real_set(digits, 2, seed=0), random_real_set(digits, 2, seed=1)
     base = {"epochs": 3, "batch_size": 10, "micro_batch": 5, "label_mode": "hard", "seeds": [0, 1]}
@@ -228,7 +228,7 @@ def test_member_losses_batch_equal_objectives_and_match_one_by_one() -> None:
     """Per-row batching of CE (with CutMix) and stored-label KD gives each member's own loss and gradient."""
     from cvdd.engine.fit import Batch, hard_label_loss
     from cvdd.engine.stacked import member_losses
-    from cvdd.evaluate.student import kd_loss
+    from cvdd.evaluation.student import kd_loss
 
     gen = torch.Generator().manual_seed(0)
     k, m, c = 5, 4, 10

@@ -16,7 +16,7 @@ from cvdd.cli import build_parser, main
 from cvdd.data.external import is_external_set, load_external_set, load_image_folder
 from cvdd.data.specs import DatasetSpec
 from cvdd.errors import ConfigError, DataError
-from cvdd.evaluate.student import random_real_set
+from cvdd.evaluation.student import random_real_set
 from cvdd.synthesis.export import EXPORT_FORMATS, EXPORT_KIND, export_path, export_synthetic, to_uint8
 from cvdd.synthesis.recover import SYNTHETIC_KIND, load_synthetic
 

@@ -55,7 +55,7 @@ def grouped_batch_statistics(model: nn.Module, group: int) -> contextlib.Abstrac
     cuDNN computes them) and applies the normalisation and its affine weights as one multiply-add; a last, smaller
     group (the set's last micro-batch) goes through the layer's own forward. Unlike :func:`ghost_batchnorm`
     nothing is updated, so it applies only to layers that use batch statistics without tracking them (inside
-    :func:`cvdd.relabel.bssl.bssl_mode`); any other layer runs as usual.
+    :func:`cvdd.labels.bssl.bssl_mode`); any other layer runs as usual.
 
     Yields:
         The number of BN layers patched.

@@ -8,7 +8,7 @@ channels with its own statistics and updates its own running statistics). Every 
 initialisation, its own batches (its seed's plans) and its own micro-batch BN groups; the summed loss gives each
 student exactly its own gradient (the parameters are disjoint), and Adam/AdamW/SGD act element by element, so a
 stacked run trains the very students of k separate runs, up to floating-point rounding
-(``tests/engine/test_stacked.py``). Members need not share a set: :func:`cvdd.evaluate.evaluate_many` stacks the
+(``tests/engine/test_stacked.py``). Members need not share a set: :func:`cvdd.evaluation.evaluate_many` stacks the
 soft- and hard-label students of several synthetic sets, each member with its own batches and loss.
 
 The students must share one recipe: the learning-rate schedule, batch size and step count are common. The

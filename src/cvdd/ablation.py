@@ -186,7 +186,7 @@ def run_ablation(
         The table rows (also written as JSON and Markdown).
     """
     from cvdd.api import _teacher, load_pool, recover
-    from cvdd.evaluate.student import evaluate_synthetic, random_real_set
+    from cvdd.evaluation.student import evaluate_synthetic, random_real_set
     from cvdd.pipeline import get_distill_preset
     from cvdd.synthesis.recover import load_synthetic
 

@@ -15,12 +15,12 @@ from cvdd.artifacts import build_stamp
 from cvdd.data.augment import Normalize
 from cvdd.data.specs import DatasetSpec
 from cvdd.engine import fit
-from cvdd.evaluate.student import EvalConfig, SyntheticBatches, kd_loss
+from cvdd.evaluation.student import EvalConfig, SyntheticBatches, kd_loss
 from cvdd.experts import Expert
+from cvdd.labels import LabelSettings, Teacher, bssl_mode, load_shard, relabel_stored
+from cvdd.labels.plans import apply_plan
+from cvdd.labels.stored import plan_for_epoch, teacher_logits
 from cvdd.models import create_model
-from cvdd.relabel import LabelSettings, Teacher, bssl_mode, load_shard, relabel_stored
-from cvdd.relabel.plans import apply_plan
-from cvdd.relabel.stored import plan_for_epoch, teacher_logits
 
 SPEC = DatasetSpec("toy", tuple("abcd"), 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 CPU = torch.device("cpu")

@@ -24,8 +24,8 @@ from cvdd.data.augment import Normalize
 from cvdd.data.specs import DatasetSpec
 from cvdd.device import derive_seed, make_generator
 from cvdd.errors import ArtifactError
-from cvdd.relabel.bssl import Teacher
-from cvdd.relabel.plans import EpochPlan, apply_plan, make_plan
+from cvdd.labels.bssl import Teacher
+from cvdd.labels.plans import EpochPlan, apply_plan, make_plan
 
 log = logging.getLogger(__name__)
 

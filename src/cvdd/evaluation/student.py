@@ -1,7 +1,7 @@
 """Student training on a synthetic set, under one frozen recipe for every method (evaluation.md).
 
 The synthetic set (a few hundred images) and its labels live on the device for the whole run; every epoch
-follows an :class:`~cvdd.relabel.plans.EpochPlan` (random-resized crop, flip, CutMix), drawn online from the
+follows an :class:`~cvdd.labels.plans.EpochPlan` (random-resized crop, flip, CutMix), drawn online from the
 seed or replayed from stored label shards. Loss: KL(softmax(z_t / T) || softmax(z_s / T)) with batchmean
 reduction and no T² factor (as the method), or cross-entropy with ``label_mode="hard"``. The accuracy
 reported is the top-1 on the real test split after the final epoch, never the best over epochs.
@@ -31,10 +31,10 @@ from cvdd.device import derive_seed, resolve_device, resolve_precision
 from cvdd.engine import fit
 from cvdd.engine.fit import Batch, Objective, hard_label_loss
 from cvdd.errors import ConfigError
+from cvdd.labels.bssl import Teacher
+from cvdd.labels.plans import apply_plan, make_plan
+from cvdd.labels.stored import LabelSettings, load_shard
 from cvdd.models import create_model
-from cvdd.relabel.bssl import Teacher
-from cvdd.relabel.plans import apply_plan, make_plan
-from cvdd.relabel.stored import LabelSettings, load_shard
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def _prepare(
     configure_teacher(teacher, cfg, dev)
     label_info: dict[str, Any] = {}
     if cfg.label_mode == "stored":
-        from cvdd.relabel.stored import relabel_stored
+        from cvdd.labels.stored import relabel_stored
 
         assert teacher is not None and job.label_dir is not None
         label_info = relabel_stored(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvdd.ablate import carve_validation, load_grid
+from cvdd.ablation import carve_validation, load_grid
 from cvdd.cli import main
 from cvdd.errors import ConfigError
 

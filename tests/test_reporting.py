@@ -14,7 +14,7 @@ import pytest
 
 import cvdd
 from cvdd.errors import ArtifactError, CvddError
-from cvdd.report import write_report
+from cvdd.reporting import write_report
 
 
 def _chromium() -> str | None:
@@ -175,7 +175,7 @@ def test_missing_and_corrupt_pieces_are_skipped_with_a_note(run: Path, tmp_path:
 
 
 def test_large_sets_are_read_in_slices_like_small_ones(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cvdd import report as rep
+    from cvdd import reporting as rep
 
     whole = rep._SetInfo("cvdd", 2, run / "cvdd" / "ipc2")
     rep._read_set(whole)

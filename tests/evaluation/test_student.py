@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cvdd.errors import ConfigError
-from cvdd.evaluate import EvalConfig, evaluate_synthetic, random_real_set
+from cvdd.evaluation import EvalConfig, evaluate_synthetic, random_real_set
 
 
 def test_random_real_set_is_balanced_seeded_and_in_range(digits) -> None:
@@ -54,7 +54,7 @@ def test_student_checkpoints_resume_only_under_the_same_evaluation_fields(digits
 
 def test_jobs_of_one_set_share_its_device_copy(digits) -> None:
     """Soft- and hard-label jobs of one set hold one device copy of its pixels, not one each."""
-    from cvdd.evaluate.student import EvalJob, _prepare
+    from cvdd.evaluation.student import EvalJob, _prepare
 
     images, labels = random_real_set(digits, 1, seed=0)
     cfg = EvalConfig(student="convnet_d3_w32", epochs=1, label_mode="hard", seeds=[0])

@@ -1,6 +1,6 @@
 """Evaluate: train students on a synthetic set with soft (or hard) labels and report real test top-1."""
 
-from cvdd.evaluate.student import (
+from cvdd.evaluation.student import (
     EvalConfig,
     EvalJob,
     EvalResult,

@@ -1,0 +1,29 @@
+"""The Python API: the CLI's names, importable lazily, never replaced by a submodule of the same name."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import pytest
+
+import cvdd
+import cvdd.api
+
+
+def test_every_api_name_stays_the_function_after_every_submodule_is_imported() -> None:
+    """Importing a submodule binds it on its package: a module named like an API function would replace it."""
+    for mod in pkgutil.walk_packages(cvdd.__path__, "cvdd."):
+        importlib.import_module(mod.name)
+    for name in cvdd.__all__[1:]:
+        assert getattr(cvdd, name) is getattr(cvdd.api, name), name
+    assert set(cvdd.__all__) <= set(dir(cvdd))
+
+
+def test_a_report_can_be_written_twice_in_one_session(tmp_path) -> None:
+    """`cvdd.report` was a module after its first call (it imported the module of the same name)."""
+    from cvdd.errors import ArtifactError
+
+    for _ in range(2):  # the function runs both times and refuses the folder, as a user would see it
+        with pytest.raises(ArtifactError, match="does not exist"):
+            cvdd.report(tmp_path / "missing")
