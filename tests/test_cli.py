@@ -178,6 +178,18 @@ def test_distill_rejects_a_bad_stage_setting_before_any_work(
     assert not (out / "experts").exists()  # refused before squeeze started
 
 
+def test_a_named_preset_is_checked_before_the_dataset_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --preset, a bad setting is named before the dataset is decoded (which takes minutes for CIFAR)."""
+    missing = tmp_path / "no-such-data.tar.gz"
+    args = ["bench", "--preset", "cifar10-ipc10", "--data", str(missing), "--out", str(tmp_path / "r"), "--quiet"]
+    assert main([*args, "--set", "squeeze.epochz=8"]) == 2
+    assert "squeeze options: unknown key 'epochz'" in capsys.readouterr().err
+    assert main([*args, "--methods", "cvdd", "--set", "recover.iterations=5"]) == 2  # good settings: then the data
+    assert "dataset path does not exist" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["report", "merge", "export", "info", "models", "presets"])
 def test_commands_that_compute_nothing_do_not_take_seed_device_or_track(
     command: str, capsys: pytest.CaptureFixture[str]

@@ -557,19 +557,28 @@ def distill(
         The rows of ``results.json``.
     """
     from cvdd.config import apply_overrides
+    from cvdd.pipeline import DistillPreset, check_settings, get_distill_preset
     from cvdd.pipeline import distill as run_distill
-    from cvdd.pipeline import get_distill_preset
 
+    def choose(name: str) -> DistillPreset:
+        chosen = get_distill_preset(name)
+        evaluate_over = dict(overrides or {})
+        if seeds is not None:
+            evaluate_over["seeds"] = seeds
+        chosen.evaluate = apply_overrides(chosen.evaluate, evaluate_over, "evaluate options").validate()
+        if methods is not None:
+            chosen.methods = list(methods)
+        if ipcs is not None:
+            chosen.ipcs = list(ipcs)
+        check_settings(chosen, recover_overrides, squeeze_overrides)
+        return chosen
+
+    # A named preset is checked with every override before the dataset is read (a decode can take minutes); the
+    # dataset's default preset is known only once it is.
+    chosen = choose(preset) if preset is not None else None
     real = _real(dataset, data, cache_dir, download, progress)
-    chosen = get_distill_preset(preset or real.spec.default_preset)
-    evaluate_over = dict(overrides or {})
-    if seeds is not None:
-        evaluate_over["seeds"] = seeds
-    chosen.evaluate = apply_overrides(chosen.evaluate, evaluate_over, "evaluate options").validate()
-    if methods is not None:
-        chosen.methods = list(methods)
-    if ipcs is not None:
-        chosen.ipcs = list(ipcs)
+    if chosen is None:
+        chosen = choose(real.spec.default_preset)
     return run_distill(
         real,
         out,

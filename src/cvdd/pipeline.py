@@ -139,6 +139,32 @@ def check_recover_overrides(recover_overrides: dict[str, Any] | None) -> None:
     refuse_owned(recover_overrides, PIPELINE_OWNED, "recover option", "the pipeline (per method and IPC)")
 
 
+def check_settings(
+    preset: DistillPreset,
+    recover_overrides: dict[str, Any] | None = None,
+    squeeze_overrides: dict[str, Any] | None = None,
+) -> EvalConfig:
+    """Check a preset's methods and evaluation and every stage's overrides; return the validated evaluation.
+
+    Called before any work (and by ``cvdd.distill`` before the dataset is read when the preset is named), so that
+    a typo cannot cost a finished squeeze or a dataset decode.
+
+    Raises:
+        ConfigError: one line naming the bad method, field or value.
+    """
+    for m in preset.methods:
+        if m not in METHODS:
+            raise ConfigError(f"unknown method {m!r}; choose among {', '.join(METHODS)}")
+    cfg = preset.evaluate.validate()
+    check_recover_overrides(recover_overrides)
+    base = apply_overrides(get_recover_preset(preset.recover_preset), recover_overrides or {}, "recover options")
+    base.validate()
+    apply_overrides(
+        get_squeeze_preset(preset.squeeze_preset).recipe, squeeze_overrides or {}, "squeeze options"
+    ).validate()
+    return cfg
+
+
 def distill(
     data: RealDataset,
     out: str | os.PathLike[str],
@@ -158,17 +184,8 @@ def distill(
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for m in preset.methods:
-        if m not in METHODS:
-            raise ConfigError(f"unknown method {m!r}; choose among {', '.join(METHODS)}")
-    cfg = preset.evaluate.validate()
-    check_recover_overrides(recover_overrides)
-    # Every stage's overrides are checked before any work, so a typo cannot cost a finished squeeze.
+    cfg = check_settings(preset, recover_overrides, squeeze_overrides)
     base = apply_overrides(get_recover_preset(preset.recover_preset), recover_overrides or {}, "recover options")
-    base.validate()
-    apply_overrides(
-        get_squeeze_preset(preset.squeeze_preset).recipe, squeeze_overrides or {}, "squeeze options"
-    ).validate()
     t_all = time.perf_counter()
     squeeze_peaks = PhasePeaks()  # peak memory per stage, for results.json and the report
     spec = data.spec
