@@ -19,7 +19,7 @@ from pathlib import Path
 _SERVER = r"""
 import json, os, sys, traceback
 from cvdd.cli import main
-import cvdd  # noqa: F401  (the API and torch: what every command imports)
+import cvdd.api  # noqa: F401  (the API and torch, what every command imports; `import cvdd` alone loads neither)
 
 for line in sys.stdin:
     args, log = json.loads(line)

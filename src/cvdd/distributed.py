@@ -14,7 +14,8 @@ How the stages use it:
   single-process update up to floating-point summation order. BN running statistics are averaged across
   ranks at the end of each epoch; the test split is evaluated in shards and the counts summed.
 
-Backends: NCCL on CUDA, gloo on CPU (what CI tests).
+Backends: gloo on CPU (what CI tests); on GPUs NCCL for CUDA tensors and gloo for the CPU counters
+(:func:`backend_for`), so a multi-node GPU job also needs gloo's network interface (``GLOO_SOCKET_IFNAME``).
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ def test_soft_labels_need_a_teacher(digits) -> None:
         evaluate_synthetic(images, labels, digits.spec, digits.test, EvalConfig(student="convnet_d3_w32", epochs=1))
     with pytest.raises(ConfigError, match="unknown label mode"):
         EvalConfig(label_mode="magic").validate()
+    with pytest.raises(ConfigError, match="checkpoint_every_s"):  # a training field, refused before any work
+        EvalConfig(checkpoint_every_s=-1).validate()
 
 
 def test_student_checkpoints_resume_only_under_the_same_evaluation_fields(digits, tmp_path, caplog) -> None:

@@ -281,7 +281,7 @@ def load_checkpoint(
 
     Returns:
         (epochs already done, the checkpoint's dict); (0, {}) when there is none or it belongs to another run
-        (a warning says so; the file is left alone and overwritten by the next epoch).
+        (a warning says so; the file is left alone and overwritten by this run's next checkpoint).
     """
     if path is None or not Path(path).is_file():
         return 0, {}

@@ -117,6 +117,7 @@ class EvalConfig:
             raise ConfigError(f"unknown label dtype {self.label_dtype!r}; choose fp16 or fp32")
         if self.stack_seeds and self.compile:
             raise ConfigError("stack_seeds and compile cannot be combined; choose one")
+        self.recipe()  # the training fields too (checkpoint_every_s...), before any work rather than at training
         return self
 
     def recipe(self) -> Recipe:
@@ -281,9 +282,9 @@ def evaluate_synthetic(
         label_dir: folder for stored label shards (stored mode; created by relabel if missing).
         device: where to train.
         progress: progress bars.
-        checkpoint_dir: keep a per-epoch checkpoint of each seed's student here, so a killed evaluation
-            resumes at its last finished epoch (a checkpoint made from other pixels, labels or recipe is
-            ignored); None trains without checkpoints.
+        checkpoint_dir: keep a resume checkpoint of each seed's student here (written as
+            ``cfg.checkpoint_every_s`` says), so a killed evaluation resumes from its last written epoch (a
+            checkpoint made from other pixels, labels or recipe is ignored); None trains without checkpoints.
     """
     job = EvalJob(images, labels, cfg, teacher=teacher, label_dir=label_dir, checkpoint_dir=checkpoint_dir)
     return evaluate_many([job], spec, test, device=device, progress=progress)[0]
@@ -299,7 +300,7 @@ class EvalJob:
         cfg: the evaluation recipe.
         teacher: soft-label teacher (online and stored modes).
         label_dir: folder for stored label shards (stored mode).
-        checkpoint_dir: where the set's per-epoch student checkpoints live (None: no checkpoints).
+        checkpoint_dir: where the set's student resume checkpoints live (None: no checkpoints).
     """
 
     images: torch.Tensor
