@@ -18,7 +18,6 @@ Modes alternate, ``--repeats`` times; medians are printed.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import statistics
 import tempfile
@@ -42,11 +41,11 @@ def main() -> None:
 
     import torch
 
+    import cvdd.engine.loop as fit_module
     from cvdd.api import load_dataset
     from cvdd.evaluation.student import EvalConfig, SyntheticBatches, random_real_set
     from cvdd.models import create_model
 
-    fit_module = importlib.import_module("cvdd.engine.fit")  # `cvdd.engine.fit` the attribute is the function
     writes: list[int] = []
     real_save = fit_module.save_checkpoint
 

@@ -24,7 +24,7 @@ from cvdd.config import apply_overrides, get_squeeze_preset
 from cvdd.data.sources import load_dataset
 from cvdd.device import resolve_device
 from cvdd.engine import fit
-from cvdd.engine.fit import build_optimizer
+from cvdd.engine.loop import build_optimizer
 from cvdd.models import create_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"

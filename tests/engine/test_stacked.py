@@ -226,7 +226,7 @@ def test_evaluate_many_stacks_compatible_jobs_only(digits, caplog: pytest.LogCap
 
 def test_member_losses_batch_equal_objectives_and_match_one_by_one() -> None:
     """Per-row batching of CE (with CutMix) and stored-label KD gives each member's own loss and gradient."""
-    from cvdd.engine.fit import Batch, hard_label_loss
+    from cvdd.engine.loop import Batch, hard_label_loss
     from cvdd.engine.stacked import member_losses
     from cvdd.evaluation.student import kd_loss
 

@@ -42,7 +42,7 @@ def test_student_checkpoints_resume_only_under_the_same_evaluation_fields(digits
     ckpt = tmp_path / "students"
     evaluate_synthetic(images, labels, digits.spec, digits.test, EvalConfig(**base), checkpoint_dir=ckpt)
     assert (ckpt / "student-seed0.pt").is_file()  # kept until the caller has its result
-    with caplog.at_level("INFO", logger="cvdd.engine.fit"):
+    with caplog.at_level("INFO", logger="cvdd.engine.loop"):
         # How often checkpoints are written is no part of the evaluation: another interval still resumes.
         every_epoch = EvalConfig(**base, checkpoint_every_s=0)
         assert every_epoch.recipe().checkpoint_every_s == 0 and every_epoch.identity() == EvalConfig(**base).identity()

@@ -39,7 +39,8 @@ from cvdd.config import Recipe
 from cvdd.data.sources import FileSplit, TensorSplit
 from cvdd.data.specs import DatasetSpec
 from cvdd.device import autocast, derive_seed, make_generator, resolve_precision
-from cvdd.engine.fit import (
+from cvdd.engine.ghost import ghost_batchnorm
+from cvdd.engine.loop import (
     Batch,
     BatchSource,
     CheckpointClock,
@@ -53,7 +54,6 @@ from cvdd.engine.fit import (
     recipe_hash,
     save_checkpoint,
 )
-from cvdd.engine.ghost import ghost_batchnorm
 from cvdd.errors import ConfigError
 from cvdd.models.patching import patched_forwards
 
@@ -157,7 +157,7 @@ def member_losses(logits: torch.Tensor, members: Sequence[Batch], objectives: Se
     """Each member's loss on its micro-batch, with as few calls as the objectives allow.
 
     Members whose objectives compute the same per-row function (equal ``rowwise_key``, with ``per_row``; see
-    :func:`cvdd.engine.fit.hard_label_loss`) are scored in one call on their concatenated rows: with 18 stacked
+    :func:`cvdd.engine.loop.hard_label_loss`) are scored in one call on their concatenated rows: with 18 stacked
     students that is two loss computations per step instead of 18. The rest (an online teacher) one by one.
 
     Args:
@@ -231,7 +231,7 @@ def fit_stacked(
 
     Args:
         models: the k members (trained in place: their final weights are written back).
-        sources: one :class:`~cvdd.engine.fit.BatchSource` per member, each drawing epoch ``e`` from
+        sources: one :class:`~cvdd.engine.loop.BatchSource` per member, each drawing epoch ``e`` from
             ``derive_seed(seeds[i], "epoch", e)`` as ``fit`` does. Members given the same source object share its
             batches when the source says its batches do not depend on the generator (``seed_independent``, as
             stored soft labels, where every seed replays the same plans). One source instead of a list: every
@@ -249,7 +249,7 @@ def fit_stacked(
         identity: extra fields that must match for the checkpoint to be resumed.
 
     Returns:
-        One :class:`~cvdd.engine.fit.FitResult` per member; ``seconds`` is the stack's wall time and
+        One :class:`~cvdd.engine.loop.FitResult` per member; ``seconds`` is the stack's wall time and
         ``images_per_s`` each member's images over it.
     """
     from tqdm import tqdm

@@ -29,7 +29,7 @@ from cvdd.data.sources import FileSplit, RealDataset, TensorSplit
 from cvdd.data.specs import DatasetSpec
 from cvdd.device import derive_seed, resolve_device, resolve_precision
 from cvdd.engine import fit
-from cvdd.engine.fit import Batch, Objective, hard_label_loss
+from cvdd.engine.loop import Batch, Objective, hard_label_loss
 from cvdd.errors import ConfigError
 from cvdd.labels.bssl import Teacher
 from cvdd.labels.plans import apply_plan, make_plan
@@ -202,7 +202,7 @@ def kd_loss(temperature: float, teacher: Teacher | None) -> Objective:
     """KL(softmax(z_t / T) || softmax(z_s / T)), batchmean; z_t stored in the batch or from the online teacher.
 
     With stored logits in the batch the loss is a mean over rows, given by ``per_row`` (``rowwise_key`` names it,
-    ``needs_soft`` says it holds only then; see :func:`cvdd.engine.fit.hard_label_loss`). An online teacher labels
+    ``needs_soft`` says it holds only then; see :func:`cvdd.engine.loop.hard_label_loss`). An online teacher labels
     each micro-batch with its BN statistics (BSSL), which couples the rows, so that case is never batched further.
     """
 
