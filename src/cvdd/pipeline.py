@@ -143,11 +143,15 @@ def check_settings(
     preset: DistillPreset,
     recover_overrides: dict[str, Any] | None = None,
     squeeze_overrides: dict[str, Any] | None = None,
-) -> EvalConfig:
-    """Check a preset's methods and evaluation and every stage's overrides; return the validated evaluation.
+) -> tuple[EvalConfig, Any]:
+    """Check a preset's methods and evaluation and every stage's overrides.
 
     Called before any work (and by ``cvdd.distill`` before the dataset is read when the preset is named), so that
     a typo cannot cost a finished squeeze or a dataset decode.
+
+    Returns:
+        The validated evaluation recipe and the recover configuration with the overrides applied (before the
+        per-method and per-IPC fields).
 
     Raises:
         ConfigError: one line naming the bad method, field or value.
@@ -162,7 +166,7 @@ def check_settings(
     apply_overrides(
         get_squeeze_preset(preset.squeeze_preset).recipe, squeeze_overrides or {}, "squeeze options"
     ).validate()
-    return cfg
+    return cfg, base
 
 
 def distill(
@@ -184,8 +188,7 @@ def distill(
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = check_settings(preset, recover_overrides, squeeze_overrides)
-    base = apply_overrides(get_recover_preset(preset.recover_preset), recover_overrides or {}, "recover options")
+    cfg, base = check_settings(preset, recover_overrides, squeeze_overrides)
     t_all = time.perf_counter()
     squeeze_peaks = PhasePeaks()  # peak memory per stage, for results.json and the report
     spec = data.spec
