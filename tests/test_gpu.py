@@ -56,13 +56,14 @@ def test_recover_on_cuda_is_close_to_the_cpu(digit_experts: Path, digits, tmp_pa
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
 
 
-def test_evaluate_on_cuda_learns(digit_experts: Path, digits) -> None:
+def test_evaluate_on_cuda_learns(digit_experts: Path, digits, tmp_path: Path) -> None:
     """Student training with stored BSSL labels on the GPU (bf16 autocast, channels_last by default) learns."""
     res = cvdd.evaluate(
         "random-real",
         digit_experts,
         ipc=5,
         dataset=digits,
+        label_dir=tmp_path / "labels",  # not runs/ of the working directory: a re-run's experts differ on CUDA
         overrides={"epochs": 20, "seeds": [0], "label_mode": "stored"},
         device="cuda",
         progress=False,
@@ -75,7 +76,9 @@ def test_stacked_students_on_cuda_match_separate_ones(digits) -> None:
     from cvdd.evaluation import EvalConfig, evaluate_synthetic, random_real_set
 
     images, labels = random_real_set(digits, 5, seed=0)
-    base = {"student": "resnet8", "epochs": 10, "label_mode": "hard", "seeds": [0, 1, 2]}
+    # A recipe that learns well past chance: on the CPU 0.70 / 0.57 / 0.51 separate and 0.70 / 0.57 / 0.52 stacked
+    # (resnet8 at lr 1e-3 for 10 epochs gave 0.21-0.25, too close to a 0.3 bar; it never ran that far on a GPU).
+    base = {"student": "convnet_d3_w32", "epochs": 30, "lr": 0.003, "label_mode": "hard", "seeds": [0, 1, 2]}
     plain = evaluate_synthetic(images, labels, digits.spec, digits.test, EvalConfig(**base), device="cuda")
     stack = evaluate_synthetic(
         images, labels, digits.spec, digits.test, EvalConfig(**base, stack_seeds=True), device="cuda"

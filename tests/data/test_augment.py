@@ -130,3 +130,12 @@ def test_train_augment_modes_are_seeded() -> None:
         aug = TrainAugment(SPEC, mode, padding=2)
         a, b = aug(x, _gen(3)), aug(x, _gen(3))
         assert a.shape == (6, 3, 8, 8) and a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_every_train_augment_mode_normalises_pixels_alike() -> None:
+    """A flat grey image stays that grey in every mode: rrc_flip once normalised 0..255 floats as if in [0, 1]."""
+    x = torch.full((4, 3, 8, 8), 200, dtype=torch.uint8)
+    flat = Normalize(SPEC)(x)[:, :, 3:5, 3:5]  # the centre, which zero padding (crop_flip) never reaches
+    for mode in TrainAugment.MODES:
+        out = TrainAugment(SPEC, mode, padding=2)(x, _gen(1))
+        assert torch.allclose(out[:, :, 3:5, 3:5], flat, atol=1e-5), mode

@@ -231,3 +231,22 @@ def test_micro_batches_accumulate_into_one_step(digits) -> None:
     fit(b, digits.train, None, split, spec=digits.spec, device=CPU, progress=False)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-5)
+
+
+def test_streamed_files_are_random_resized_cropped_once(tiny_folder: Path) -> None:
+    """rrc_flip on files: the workers crop (files differ in size) and the device only flips; other modes get a
+    centre crop in the workers and their own augmentation on the device."""
+    from cvdd.api import load_dataset
+    from cvdd.data.sources import FileSplit
+    from cvdd.engine.loop import AugmentedBatches
+
+    ds = load_dataset(tiny_folder, image_size=224, progress=False)
+    assert isinstance(ds.train, FileSplit)
+    for augment, worker_crop, device_mode in (("rrc_flip", True, "flip"), ("crop_flip", False, "crop_flip")):
+        recipe = Recipe(batch_size=4, augment=augment, workers=0)
+        source = AugmentedBatches(ds.train, ds.spec, recipe, CPU)
+        tf = str(source.batches.dataset.tf)
+        assert ("RandomResizedCrop" in tf) == worker_crop and ("CenterCrop" in tf) != worker_crop
+        assert source.augment.mode == device_mode
+        batch = next(iter(source.epoch(0, torch.Generator().manual_seed(0))))
+        assert batch.inputs.shape == (4, 3, 224, 224) and batch.inputs.abs().max() < 5  # normalised [0, 1] pixels

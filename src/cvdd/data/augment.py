@@ -237,7 +237,8 @@ class TrainAugment:
             x = random_crop(x, self.padding, generator)
         elif self.mode == "rrc_flip":
             boxes = random_resized_crop_boxes(x.shape[0], generator, x.device, self.rrc_scale)
-            x = crop_resize(x.float(), boxes, self.size)
+            # crop_resize needs floats: in [0, 1], which is what Normalize takes a float batch to be
+            x = crop_resize(x.float().div_(255.0) if x.dtype == torch.uint8 else x.float(), boxes, self.size)
         if self.mode != "none":
             x = random_flip(x, generator)
         return self.normalize(x)

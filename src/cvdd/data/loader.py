@@ -48,14 +48,18 @@ class TensorBatches:
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    """Decode one image file into a uint8 (3, S, S) tensor (used only for large, streamed datasets)."""
+    """Decode one image file into a uint8 (3, S, S) tensor (used only for large, streamed datasets).
 
-    def __init__(self, split: FileSplit, size: int, train: bool) -> None:
+    ``random_crop``: a random-resized crop to S (the training recipe's ``rrc_flip``); otherwise a resize and centre
+    crop (evaluation, and training recipes whose own crop then runs on the device).
+    """
+
+    def __init__(self, split: FileSplit, size: int, random_crop: bool) -> None:
         from torchvision import transforms
 
         self.files = split.files
         self.labels = split.labels
-        if train:
+        if random_crop:
             self.tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.PILToTensor()])
         else:
             self.tf = transforms.Compose(
@@ -106,8 +110,10 @@ class _ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
 class StreamBatches:
     """Mini-batches of a large split through a DataLoader with workers and pinned memory.
 
-    Training batches get RandomResizedCrop in the workers (images differ in size on disk); the flip and
-    normalisation are then applied on the device like for in-memory data. With ``shard`` = (index, count)
+    Files differ in size on disk, so the workers bring each image to the image size: a RandomResizedCrop when
+    ``random_crop`` is set (training with ``rrc_flip``: the flip then runs on the device), else a resize and centre
+    crop (evaluation; other training augmentations then run on the device as for in-memory data), and
+    normalisation runs on the device. With ``shard`` = (index, count)
     each process decodes only its slice of every global batch (data-parallel training over many ranks).
     """
 
@@ -120,8 +126,9 @@ class StreamBatches:
         train: bool,
         workers: int = 4,
         shard: tuple[int, int] = (0, 1),
+        random_crop: bool = False,
     ) -> None:
-        self.dataset = _FileDataset(split, spec.image_size, train)
+        self.dataset = _FileDataset(split, spec.image_size, random_crop)
         self.batch_size = batch_size
         self.device = device
         self.train = train
@@ -162,12 +169,14 @@ def make_batches(
     train: bool,
     workers: int = 4,
     shard: tuple[int, int] = (0, 1),
+    random_crop: bool = False,
 ) -> TensorBatches | StreamBatches:
     """The right batch iterator for a split: in memory on the device, or streamed from files.
 
     ``shard`` only applies to streamed splits (in-memory batches are whole on every rank; the training loop
-    takes its share of each batch).
+    takes its share of each batch). ``random_crop``: streamed files are random-resized-cropped by the workers
+    (see :class:`StreamBatches`); in-memory images are already at the image size.
     """
     if isinstance(split, TensorSplit):
         return TensorBatches(split, batch_size, device, shuffle=train)
-    return StreamBatches(split, spec, batch_size, device, train, workers, shard)
+    return StreamBatches(split, spec, batch_size, device, train, workers, shard, random_crop)

@@ -96,10 +96,20 @@ class AugmentedBatches:
 
     def __init__(self, split: TensorSplit | FileSplit, spec: DatasetSpec, recipe: Recipe, device: torch.device) -> None:
         shard = (dd.rank(), dd.world())
+        # A streamed split's workers must bring every file to the image size anyway: for rrc_flip they make the
+        # random-resized crop there and only the flip is left for the device (each augmentation applied once).
+        crop_in_workers = isinstance(split, FileSplit) and recipe.augment == "rrc_flip"
         self.batches = make_batches(
-            split, spec, recipe.batch_size, device, train=True, workers=recipe.workers, shard=shard
+            split,
+            spec,
+            recipe.batch_size,
+            device,
+            train=True,
+            workers=recipe.workers,
+            shard=shard,
+            random_crop=crop_in_workers,
         )
-        self.augment = TrainAugment(spec, recipe.augment, recipe.padding)
+        self.augment = TrainAugment(spec, "flip" if crop_in_workers else recipe.augment, recipe.padding)
         self.steps_per_epoch = len(self.batches)
         self.num_samples = self.batches.num_samples
         self.sharded = isinstance(split, FileSplit) and shard[1] > 1
