@@ -839,8 +839,10 @@ def _cmd_bench(args: argparse.Namespace, progress: bool) -> int:
         progress=progress,
     )
     wall = time.perf_counter() - t0
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else "none"
+    from cvdd.device import resolve_device
+
+    dev = resolve_device(args.device)  # the device the run used ("auto", "cuda:1" and CVDD_DEVICE included)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none"
     stage_s = {
         k: max(r["seconds"][k] for r in rows) if k == "squeeze" else sum(r["seconds"][k] for r in rows)
         for k in ("squeeze", "recover", "relabel", "evaluate")

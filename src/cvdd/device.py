@@ -120,11 +120,17 @@ class PhasePeaks:
     On Linux, writing ``5`` to ``/proc/self/clear_refs`` resets VmHWM (and so ``ru_maxrss``) to the current RSS,
     so the next reading is the peak of the next phase alone. Where that is not possible only the process peak
     (the maximum of all readings) is meaningful and ``per_phase`` is False.
+
+    Args:
+        device: the run's device. A CUDA device (``"cuda:1"``) is the one whose peak allocated memory is read,
+            also when it is not the current device (one process given ``--device cuda:1``); ``"cpu"`` reads no GPU
+            memory; None or ``"auto"`` read the current CUDA device once CUDA is in use.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: str | torch.device | None = None) -> None:
         self.peaks: dict[str, float] = {}
         self.per_phase = sys.platform.startswith("linux") and self._reset()
+        self._device = None if device is None or str(device) == "auto" else torch.device(device)
 
     @staticmethod
     def _reset() -> bool:
@@ -138,14 +144,16 @@ class PhasePeaks:
     def mark(self, phase: str) -> None:
         """End ``phase``: record its peak RSS (MiB) and, on CUDA, its peak allocated memory, then start the next."""
         self.peaks[phase] = max(self.peaks.get(phase, 0.0), peak_rss_mib())
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            gpu = torch.cuda.max_memory_allocated() / 2**20
+        on_gpu = self._device is None or self._device.type == "cuda"
+        if on_gpu and torch.cuda.is_available() and torch.cuda.is_initialized():
+            # torch.device("cuda") (no index) means the current device to these calls.
+            gpu = torch.cuda.max_memory_allocated(self._device) / 2**20
             self.peaks[f"{phase}_gpu"] = max(self.peaks.get(f"{phase}_gpu", 0.0), gpu)
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self._device)
         if self.per_phase:
             self._reset()
 
     @property
     def process(self) -> float:
-        """The process peak (MiB): the largest phase peak."""
-        return max(self.peaks.values())
+        """The process peak RSS (MiB): the largest phase peak (GPU readings left out)."""
+        return max(v for k, v in self.peaks.items() if not k.endswith("_gpu"))

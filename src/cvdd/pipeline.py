@@ -190,7 +190,7 @@ def distill(
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg, base = check_settings(preset, recover_overrides, squeeze_overrides)
     t_all = time.perf_counter()
-    squeeze_peaks = PhasePeaks()  # peak memory per stage, for results.json and the report
+    squeeze_peaks = PhasePeaks(device)  # peak memory per stage, for results.json and the report
     spec = data.spec
 
     # 1. squeeze: the committee (reused when already trained with the same recipe), or the user's experts.
@@ -286,7 +286,7 @@ def distill(
         hard_cfg = apply_overrides(cfg, {"label_mode": "hard"}, "evaluate")
         batches = [pending] if cfg.stack_seeds else [[s] for s in pending]
         for batch in batches:
-            peaks = PhasePeaks()  # the evaluation's peaks (the high-water mark restarts here)
+            peaks = PhasePeaks(device)  # the evaluation's peaks (the high-water mark restarts here)
             jobs = []
             for s in batch:
                 run_dir = s["run_dir"]
@@ -345,7 +345,7 @@ def _make_set(
 
     run_dir = out_dir / method / f"ipc{ipc}"
     t0 = time.perf_counter()
-    peaks = PhasePeaks()  # this set's peaks (the high-water mark restarts here)
+    peaks = PhasePeaks(device)  # this set's peaks (the high-water mark restarts here)
     if method == "random-real":
         images, labels = random_real_set(data, ipc, seed)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -970,7 +970,7 @@ def run_speed_suite(
     )
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(_work_dir(cfg))
-        ctx = _Ctx(cfg, dev, work, emit, PhasePeaks())
+        ctx = _Ctx(cfg, dev, work, emit, PhasePeaks(dev))
         _setup(ctx)
         emit(
             f"preset: {cfg.preset}; memory: peak RSS of the process during each run alone (high-water mark reset at "
