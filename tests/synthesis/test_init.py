@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cvdd.data.augment import Normalize
 from cvdd.data.sources import load_dataset
 from cvdd.errors import DataError
 from cvdd.models import create_model
@@ -39,6 +40,19 @@ def test_patch_init_factor_one_and_two(digits) -> None:
     assert not torch.equal(mosaic[:, :, :16, :16], mosaic[:, :, 16:, 16:])
     with pytest.raises(DataError, match="needs 400 candidate images"):
         patch_init(digits, 2, 100, obs, seed=0, candidates=1000, crops=1, factor=2)
+
+
+def test_patch_init_scores_crops_in_the_normalised_range(digits) -> None:
+    """The observer must see crops as a network sees images (bug: 0..255 floats were normalised as [0, 1])."""
+    seen: list[torch.Tensor] = []
+    obs = _observer(10, 32)
+    obs.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    patch_init(digits, 2, 3, obs, seed=0, candidates=30, crops=2, factor=1)
+    mean, std = Normalize(digits.spec).stats(torch.device("cpu"))
+    lo, hi = float(((0 - mean) / std).min()), float(((1 - mean) / std).max())
+    x = torch.cat(seen)
+    assert lo - 1e-4 <= float(x.min()) and float(x.max()) <= hi + 1e-4
+    assert float(x.max()) - float(x.min()) > 0.5 * (hi - lo)  # real pixels span most of the range
 
 
 def test_patch_init_on_a_streamed_224px_dataset(tiny_folder: Path) -> None:

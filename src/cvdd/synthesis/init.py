@@ -117,7 +117,7 @@ def patch_init(
     target = torch.full((batch_size,), cls, device=device, dtype=torch.int64)
     pad = (size - cell) // 2
     for start in range(0, patches.shape[0], batch_size):
-        chunk = normalize(patches[start : start + batch_size])
+        chunk = normalize(patches[start : start + batch_size] / 255)  # Normalize takes floats in [0, 1]
         if cell != size:  # centred zero padding back to the observer's input size (zeros in normalised space)
             chunk = nn.functional.pad(chunk, (pad, size - cell - pad, pad, size - cell - pad))
         logits = observer(chunk)
