@@ -1,7 +1,8 @@
-"""Build stamps: which code made an artifact, and the one-line warning when a resume mixes builds."""
+"""Build stamps (which code made an artifact, the one-line warning when a resume mixes builds) and digests."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import torch
@@ -14,6 +15,7 @@ from cvdd.artifacts import (
     describe_build,
     distinct_builds,
     other_builds,
+    tensor_digest,
 )
 from cvdd.data.specs import DatasetSpec
 
@@ -49,3 +51,12 @@ def test_distinct_builds_lists_each_stamp_once_in_a_stable_order() -> None:
     listed = distinct_builds([now, None, old, now])
     assert listed == distinct_builds([old, now, None])  # the order does not depend on the input's
     assert len(listed) == 3 and listed[0] is None and old in listed and now in listed
+
+
+def test_tensor_digest_streams_rows_as_the_whole_bytes_would_hash() -> None:
+    x = torch.arange(7 * 3 * 2, dtype=torch.float32).view(7, 3, 2)
+    y = torch.tensor([3, 1, 4], dtype=torch.int64)
+    whole = hashlib.sha256(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()
+    assert tensor_digest(x, y, chunk_rows=2) == tensor_digest(x, y) == whole
+    assert tensor_digest(x.to(torch.uint8)) != tensor_digest(x)  # the dtype is part of the bytes
+    assert tensor_digest(torch.tensor(1.0)) == hashlib.sha256(torch.tensor([1.0]).numpy().tobytes()).hexdigest()

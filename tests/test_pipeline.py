@@ -211,6 +211,14 @@ def test_relabel_and_evaluate_cli(
     assert len(stored) == 2 and main(evaluate) == 0
     assert "over seeds [0]" in capsys.readouterr().out
     assert {f: f.stat().st_mtime_ns for f in elsewhere.glob("epoch_*.safetensors")} == stored  # read, not rewritten
+    # relabel's plans follow the recipe's first student seed by default: the seed whose plans evaluate replays.
+    seeded = tmp_path / "seeded"
+    relabel = ["relabel", str(syn), "--experts", str(digit_experts), "--set", "epochs=2", "--out", str(seeded)]
+    assert main([*relabel, "--set", "seeds=[5, 6]", "--quiet"]) == 0
+    assert json.loads((seeded / "labels.json").read_text())["ident"]["settings"]["seed"] == 5
+    evaluate = ["evaluate", str(syn), "--experts", str(digit_experts), "--labels", "stored", "--epochs", "2"]
+    assert main([*evaluate, "--seeds", "5", "--label-dir", str(seeded), "--quiet"]) == 0
+    capsys.readouterr()
     # random-real: relabel and evaluate agree on the default folder, runs/random-real-ipc<N>/labels.
     monkeypatch.chdir(tmp_path)
     rr = ["random-real", "--ipc", "1", "--experts", str(digit_experts)]

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from cvdd.artifacts import atomic_write_text
+from cvdd.artifacts import atomic_write_text, tensor_digest
 from cvdd.config import _load_yaml, apply_overrides, get_recover_preset, to_dict
 from cvdd.data.sources import RealDataset, TensorSplit
 from cvdd.errors import ConfigError, DataError
@@ -237,7 +237,7 @@ def run_ablation(
                 for n, a in u["expert_accuracy"].items():
                     accs.setdefault(n, []).append(a)
             info["experts_on_synthetic"] = {n: statistics.fmean(a) for n, a in accs.items()}
-        digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+        digest = tensor_digest(images)[:16]
         key = _key({"images": digest, "eval": cfg.identity(), "split": split, "val": [val_per_class, seed]})
         row_path = out_dir / split / c.name / "row.json"
         diversity = within_class_correlation(images, labels)

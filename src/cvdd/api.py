@@ -479,13 +479,15 @@ def relabel(
     dataset: str | os.PathLike[str] | RealDataset | None = None,
     data: str | os.PathLike[str] | None = None,
     seed: int = 0,
-    label_seed: int = 0,
+    label_seed: int | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Store per-epoch soft labels (BSSL teacher) for a synthetic set (``cvdd relabel``); returns their description.
 
-    The epochs, batch and micro-batch sizes come from the evaluation recipe (they must match the student's).
+    The epochs, batch and micro-batch sizes come from the evaluation recipe (they must match the student's), and
+    so does the plans' seed by default: ``label_seed`` None is the recipe's first student seed, the seed whose
+    plans ``evaluate`` replays from stored labels.
     """
     from cvdd.config import apply_overrides
     from cvdd.device import resolve_device
@@ -505,7 +507,13 @@ def relabel(
     teacher = _teacher(pool, cfg)
     configure_teacher(teacher, cfg, dev)
     return relabel_stored(
-        images.to(dev), labels.to(dev), real.spec, teacher, cfg.label_settings(label_seed), out, progress=progress
+        images.to(dev),
+        labels.to(dev),
+        real.spec,
+        teacher,
+        cfg.label_settings(cfg.seeds[0] if label_seed is None else label_seed),
+        out,
+        progress=progress,
     )
 
 

@@ -253,7 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, help="committee (default) or one expert's name")
     p.add_argument("--no-bssl", action="store_true", help="teacher BN uses its running statistics")
     p.add_argument("--preset", default=None, help="distill preset whose evaluation recipe sets epochs and batches")
-    p.add_argument("--label-seed", type=int, default=0, help="seed of the per-epoch augmentation plans")
+    p.add_argument(
+        "--label-seed",
+        type=int,
+        default=None,
+        help="seed of the per-epoch augmentation plans (default: the recipe's first student seed, which evaluate "
+        "replays)",
+    )
     p.add_argument(
         "--set",
         action="append",

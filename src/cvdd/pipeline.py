@@ -428,9 +428,10 @@ def _row_key(images: Any, labels: Any, cfg: EvalConfig, full_real_hard: float, e
     """Hash of what determines an evaluation: the pixels, the labels, the recipe, the teacher's experts."""
     import hashlib
 
+    from cvdd.artifacts import update_digest
+
     h = hashlib.sha256()
-    h.update(images.detach().cpu().float().contiguous().numpy().tobytes())
-    h.update(labels.detach().cpu().contiguous().numpy().tobytes())
+    update_digest(h, images.float(), labels)
     h.update(json.dumps({"cfg": cfg.identity(), "ref": full_real_hard, "experts": experts}, sort_keys=True).encode())
     return h.hexdigest()[:24]
 

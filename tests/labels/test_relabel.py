@@ -15,6 +15,7 @@ from cvdd.artifacts import build_stamp
 from cvdd.data.augment import Normalize
 from cvdd.data.specs import DatasetSpec
 from cvdd.engine import fit
+from cvdd.errors import ArtifactError
 from cvdd.evaluation.student import EvalConfig, SyntheticBatches, kd_loss
 from cvdd.experts import Expert
 from cvdd.labels import LabelSettings, Teacher, bssl_mode, load_shard, relabel_stored
@@ -145,6 +146,28 @@ def test_relabel_resumed_by_another_build_keeps_its_epochs_and_says_so(tmp_path:
     caplog.clear()
     relabel_stored(images, labels, SPEC, teacher, settings, tmp_path, progress=False)
     assert "1 of 3 stored label epochs" not in caplog.text and "2 of 3 stored label epochs" in caplog.text
+
+
+def test_stored_labels_of_another_set_or_teacher_file_are_refused(tmp_path: Path) -> None:
+    """Labels are keyed by the very pixels and the experts' weight files, not only by names and settings."""
+    images, labels = _toy_set()
+    settings = LabelSettings(epochs=1, batch_size=8, micro_batch=4, seed=11)
+    expert = _expert(0)
+    expert.meta["sha256"] = "a" * 64
+    relabel_stored(images, labels, SPEC, Teacher([expert], [1.0], group_size=4), settings, tmp_path, progress=False)
+    relabel_stored(images, labels, SPEC, Teacher([expert], [1.0], group_size=4), settings, tmp_path, progress=False)
+    other = images.clone()
+    other[0, 0, 0, 0] += 0.5  # a set recovered again, another draw of random real images...
+    with pytest.raises(ArtifactError, match=r"labels made for another synthetic set; choose another --out"):
+        relabel_stored(other, labels, SPEC, Teacher([expert], [1.0], group_size=4), settings, tmp_path, progress=False)
+    squeezed_again = _expert(0)
+    squeezed_again.meta["sha256"] = "b" * 64  # same name, another weight file
+    with pytest.raises(ArtifactError, match=r"labels made for another teacher;"):
+        relabel_stored(images, labels, SPEC, Teacher([squeezed_again], [1.0], group_size=4), settings, tmp_path)
+    with pytest.raises(ArtifactError, match=r"another label settings \(seed"):
+        relabel_stored(
+            images, labels, SPEC, Teacher([expert], [1.0], group_size=4), LabelSettings(1, 8, 4, seed=12), tmp_path
+        )
 
 
 def _train(images, labels, teacher, cfg: EvalConfig, label_dir=None) -> nn.Module:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cvdd import distributed as dd
+from cvdd.artifacts import tensor_digest
 from cvdd.config import Recipe, identity_dict
 from cvdd.data.augment import Normalize
 from cvdd.data.sources import FileSplit, RealDataset, TensorSplit
@@ -327,8 +328,6 @@ def _prepare(
 ) -> _Prepared:
     """Relabel (stored mode) and build the job's batch source; ``on_device`` caches each set's device copy by the
     ``id`` of its images, so jobs of one set (soft and hard labels) share one copy."""
-    import hashlib
-
     cfg, teacher = job.cfg.validate(), job.teacher
     if id(job.images) not in on_device:
         imgs = job.images.float() / 255 if job.images.dtype == torch.uint8 else job.images.float()
@@ -352,13 +351,12 @@ def _prepare(
             progress=progress,
         )
     objective = hard_label_loss() if cfg.label_mode == "hard" else kd_loss(cfg.temperature, teacher)
-    digest = hashlib.sha256(imgs.cpu().contiguous().numpy().tobytes())
-    digest.update(job.labels.cpu().contiguous().numpy().tobytes())
+    digest = tensor_digest(imgs, job.labels)
     # What a student checkpoint must match to be resumed: the set, the teacher and every evaluation field that
     # shapes training (temperature, crops, CutMix, label mode...); seeds are matched per run, switches as the recipe.
     evaluation = {k: v for k, v in cfg.identity().items() if k not in ("seeds", "stack_seeds")}
     identity = {
-        "data": digest.hexdigest()[:16],
+        "data": digest[:16],
         "student": cfg.student,
         "teacher": teacher.describe() if teacher is not None else None,
         "classes": list(spec.classes),

@@ -82,6 +82,11 @@ class Teacher:
             "bssl": self.bssl,
             "group_size": self.group_size,
         }
+        # The experts' weight files (sha256 from their metadata): experts squeezed again under the same names make
+        # another teacher. In-memory experts without a file have none.
+        files = [str(e.meta.get("sha256", ""))[:16] for e in self.experts]
+        if any(files):
+            out["files"] = files
         if self.precision != "fp32":  # stored labels made in fp32 keep their identity
             out["precision"] = self.precision
         return out

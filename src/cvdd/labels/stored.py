@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from cvdd import distributed as dd
-from cvdd.artifacts import atomic_write_text, build_stamp, distinct_builds, other_builds
+from cvdd.artifacts import atomic_write_text, build_stamp, distinct_builds, other_builds, tensor_digest
 from cvdd.data.augment import Normalize
 from cvdd.data.specs import DatasetSpec
 from cvdd.device import derive_seed, make_generator
@@ -120,17 +120,26 @@ def relabel_stored(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / "labels.json"
+    # What the labels depend on: the settings, the teacher (its experts' weight files included) and the very set:
+    # a folder of labels of other pixels (a set recovered again, another draw of random real images) is refused.
     ident = {
         "settings": settings.key(),
         "teacher": teacher.describe(),
         "n": len(labels),
         "classes": list(spec.classes),
+        "data": tensor_digest(images.float(), labels)[:16],
     }
     reused: list[dict[str, str] | None] = []  # the builds that made the epochs already on disk
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
         if old.get("ident") != ident:
-            raise ArtifactError(f"{out_dir} holds labels made with another teacher or settings; choose another --out")
+            prev = old.get("ident") or {}
+            what = {"settings": "label settings (seed, epochs, crops, CutMix...)", "teacher": "teacher"}
+            differ = sorted({what.get(k, "synthetic set") for k in ident if prev.get(k) != ident[k]})
+            raise ArtifactError(
+                f"{out_dir} holds labels made for another {' and '.join(differ)}; choose another --out "
+                "or remove that folder"
+            )
         reused = [
             _shard_build(p) for e in range(settings.epochs) if (p := out_dir / f"epoch_{e:04d}.safetensors").is_file()
         ]
