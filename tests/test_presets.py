@@ -109,6 +109,9 @@ def test_distill_preset_loads(name: str) -> None:
     assert cfg.teacher == "committee" or cfg.teacher in squeeze.archs
     assert set(recover.fixed) <= set(squeeze.archs)
     recover.validate(pool_size=len(squeeze.archs))
+    if "resnet18" in squeeze.archs and "sre2l++" in preset.methods:
+        # The paper pool's SRe2L++ recovers with ResNet-18 (method section 3.2), not the highest-prior expert.
+        assert recover.single == "resnet18"
     # BSSL labels each micro-batch with its own BN statistics: the micro-batch must split the batch evenly.
     assert cfg.micro_batch == 0 or cfg.batch_size % cfg.micro_batch == 0
     dataset = _dataset_of(name)
