@@ -169,7 +169,9 @@ class FitResult:
 def lr_factor(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
     """Learning-rate multiplier at optimiser step ``step`` (0-based), updated every step.
 
-    Linear warm-up over ``warmup_epochs``, then the schedule over the remaining steps.
+    Linear warm-up over ``warmup_epochs``, then the schedule over the remaining steps. The paper's students step
+    their cosine once per epoch; per step is the same curve sampled finer (at CIFAR-10 IPC 10, 7 steps per epoch
+    of a 300-epoch run, the two differ by at most one epoch's decay, under 1% of the base lr).
     """
     total = recipe.epochs * steps_per_epoch
     warm = int(recipe.warmup_epochs * steps_per_epoch)
