@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cvdd.ablation import carve_validation, load_grid
+from cvdd.ablation import carve_validation, load_grid, with_baselines
 from cvdd.cli import main
 from cvdd.errors import ConfigError
 
@@ -27,9 +27,22 @@ def test_carve_validation_is_disjoint_balanced_and_seeded(digits) -> None:
     assert len(a.test) == 20 * digits.spec.num_classes
     assert torch.bincount(a.test.labels).tolist() == [20] * digits.spec.num_classes
     assert len(a.train) + len(a.test) == len(digits.train)
+    # Its own fingerprint per carve: recover keys its units on the pool it initialises from.
+    assert a.fingerprint == b.fingerprint != digits.fingerprint
+    assert (
+        carve_validation(digits, 30, seed=0).fingerprint != a.fingerprint != carve_validation(digits, 20, 1).fingerprint
+    )
     # No validation image remains in the pool that initialisation and random real draw from.
     train_rows = {bytes(x.numpy().tobytes()) for x in a.train.images}
     assert not any(bytes(x.numpy().tobytes()) in train_rows for x in a.test.images[:50])
+
+
+def test_a_selection_keeps_the_random_real_rows_it_is_compared_with() -> None:
+    grid = load_grid("cifar10-cpu")
+    kept = [c.name for c in with_baselines(grid, ["cvdd-real-lr0.01-teacher-d4"])]
+    # The d4-teacher row's gain is taken against random real images labelled by the same teacher.
+    assert kept == ["random-real", "random-real-teacher-d4", "cvdd-real-lr0.01-teacher-d4"]
+    assert [c.name for c in with_baselines(grid, ["cvdd"])] == ["random-real", "cvdd"]
 
 
 def test_grids_load_and_reject_bad_entries(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import cvdd
 from cvdd.cli import main
@@ -301,3 +302,32 @@ def test_api_distill_refuses_recover_fields_the_pipeline_sets(key: str, tmp_path
     ):
         cvdd.distill(digits, tmp_path / "run", ipcs=[1], recover_overrides={key: 3}, progress=False)
     assert not (tmp_path / "run" / "experts").exists()  # refused before squeeze started
+
+
+def test_method_overrides_make_sre2l_one_expert_under_any_committee_policy() -> None:
+    from cvdd.config import get_recover_preset
+    from cvdd.pipeline import method_overrides
+
+    paper = get_recover_preset("cifar10-ipc1")  # a fixed pair for CV-DD
+    assert method_overrides("sre2l++", 1, paper) == {
+        "ipc": 1,
+        "committee_size": 1,
+        "ipc_per_block": 1,
+        "committee": "single",
+    }
+    assert method_overrides("cvdd", 1, paper) == {"ipc": 1, "committee_size": 2, "ipc_per_block": 1}
+    auto = get_recover_preset("cifar10-cpu")  # auto resolves to single itself: no override, the hash is kept
+    assert "committee" not in method_overrides("sre2l++", 10, auto)
+
+
+def test_finished_rows_are_keyed_on_the_teacher() -> None:
+    from cvdd.evaluation.student import EvalConfig
+    from cvdd.pipeline import _row_key
+
+    images, labels, cfg = torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]), EvalConfig()
+    teacher = {"experts": ["a"], "weights": [1.0], "bssl": True, "group_size": 8, "files": ["0123"]}
+    key = _row_key(images, labels, cfg, 0.5, teacher)
+    assert key == _row_key(images.clone(), labels, cfg, 0.5, dict(teacher))
+    assert key != _row_key(images, labels, cfg, 0.5, {**teacher, "files": ["4567"]})  # experts squeezed again
+    assert key != _row_key(images, labels, cfg, 0.5, {**teacher, "weights": [0.9]})  # a prior measured since
+    assert key != _row_key(images + 1, labels, cfg, 0.5, teacher)

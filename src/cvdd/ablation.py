@@ -26,6 +26,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,24 @@ def carve_validation(real: RealDataset, per_class: int, seed: int = 0) -> RealDa
     keep[val] = False
     train = TensorSplit(real.train.images[keep], real.train.labels[keep])
     test = TensorSplit(real.train.images[val], real.train.labels[val])
-    return RealDataset(real.spec, train, test, f"{real.source} (validation carve)", real.fingerprint)
+    # Its own fingerprint: a set recovered from this pool (init real or patches) differs from one recovered from
+    # the whole training set, or from another carve's pool (recover keys its units on it).
+    fingerprint = hashlib.sha256(f"{real.fingerprint}:carve:{per_class}:{seed}".encode()).hexdigest()[:16]
+    return RealDataset(real.spec, train, test, f"{real.source} (validation carve)", fingerprint)
+
+
+def with_baselines(configs: list[AblationConfig], names: Iterable[str]) -> list[AblationConfig]:
+    """The configurations named, plus the random-real rows they are compared with: the plain one, and each
+    random-real variant evaluated the same way as a named configuration (same teacher, BSSL...)."""
+    names = set(names)
+    evals = {json.dumps(c.evaluate, sort_keys=True) for c in configs if c.name in names}
+    return [
+        c
+        for c in configs
+        if c.name in names
+        or c.is_baseline
+        or (c.method == "random-real" and json.dumps(c.evaluate, sort_keys=True) in evals)
+    ]
 
 
 def _key(payload: dict[str, Any]) -> str:
@@ -187,7 +205,7 @@ def run_ablation(
     """
     from cvdd.api import _teacher, load_pool, recover
     from cvdd.evaluation.student import evaluate_synthetic, random_real_set
-    from cvdd.pipeline import get_distill_preset
+    from cvdd.pipeline import get_distill_preset, method_overrides
     from cvdd.synthesis.recover import load_synthetic
 
     chosen = get_distill_preset(preset)
@@ -201,7 +219,7 @@ def run_ablation(
         missing = [n for n in final if n not in names]
         if missing:
             raise ConfigError(f"--final names unknown configurations: {', '.join(missing)}")
-        configs = [c for c in configs if c.name in final or c.is_baseline]
+        configs = with_baselines(configs, final)
     evaluation = carved if not final else RealDataset(real.spec, carved.train, real.test, real.source, real.fingerprint)
     pool = load_pool(experts, device=device)
     out_dir = Path(out)
@@ -215,9 +233,8 @@ def run_ablation(
             images, labels = random_real_set(carved, ipc, seed)
             recover_s = 0.0
         else:
-            over = {"ipc": ipc, "committee_size": 1 if c.method == "sre2l++" else 2, **c.recover}
             base = get_recover_preset(chosen.recover_preset)
-            over.setdefault("ipc_per_block", min(ipc, base.ipc_per_block))
+            over = {**method_overrides(c.method, ipc, base), **c.recover}  # as distill makes the method
             res = recover(
                 experts,
                 set_dir,
@@ -237,8 +254,17 @@ def run_ablation(
                 for n, a in u["expert_accuracy"].items():
                     accs.setdefault(n, []).append(a)
             info["experts_on_synthetic"] = {n: statistics.fmean(a) for n, a in accs.items()}
+        teacher = None if cfg.label_mode == "hard" else _teacher(pool, cfg)
         digest = tensor_digest(images)[:16]
-        key = _key({"images": digest, "eval": cfg.identity(), "split": split, "val": [val_per_class, seed]})
+        key = _key(
+            {
+                "images": digest,
+                "eval": cfg.identity(),
+                "split": split,
+                "val": [val_per_class, seed],
+                **({"teacher": teacher.describe()} if teacher is not None else {}),
+            }
+        )
         row_path = out_dir / split / c.name / "row.json"
         diversity = within_class_correlation(images, labels)
         if row_path.is_file():
@@ -247,7 +273,6 @@ def run_ablation(
                 rows.append({**saved["row"], "within_class_correlation": diversity})
                 log.info("%s: reusing %s", c.name, row_path)
                 continue
-        teacher = None if cfg.label_mode == "hard" else _teacher(pool, cfg)
         label_dir = out_dir / "labels" / c.name if cfg.label_mode == "stored" else None
         res_eval = evaluate_synthetic(
             images,

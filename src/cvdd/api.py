@@ -426,7 +426,7 @@ def ablate(
     ``dataset`` None: the one the experts were squeezed on. ``grid`` and ``preset`` None: ``digits`` for the
     embedded digits, else ``cifar10-cpu`` (the CPU-sized recipe).
     """
-    from cvdd.ablation import load_grid, run_ablation
+    from cvdd.ablation import load_grid, run_ablation, with_baselines
     from cvdd.experts import list_experts, read_expert_meta
 
     if dataset is None:
@@ -439,7 +439,7 @@ def ablate(
         unknown = sorted(set(only) - {c.name for c in configs})
         if unknown:
             raise ConfigError(f"--only names unknown configurations: {', '.join(unknown)}")
-        configs = [c for c in configs if c.name in only or c.is_baseline]
+        configs = with_baselines(configs, only)
     return run_ablation(
         real,
         experts,

@@ -271,7 +271,7 @@ def distill(
         for s in made:
             # A finished evaluation of the very same images under the very same recipe is reused, so a killed
             # distill resumes without retraining students (recover and relabel resume on their own).
-            s["key"] = _row_key(s["images"], s["labels"], cfg, full_real_hard, [r.name for r in squeezed])
+            s["key"] = _row_key(s["images"], s["labels"], cfg, full_real_hard, teacher.describe())
             s["row"] = _cached_row(s["run_dir"] / "row.json", s["key"])
             if s["row"] is not None:
                 log.info(
@@ -327,6 +327,20 @@ def distill(
     return rows
 
 
+def method_overrides(method: str, ipc: int, base: Any) -> dict[str, Any]:
+    """The recover overrides that make ``method`` (``sre2l++`` or ``cvdd``) at ``ipc`` from a recover preset.
+
+    N = 1 for SRe2L++, 2 for CV-DD. A paper preset names its CV-DD committee policy (fixed pair, pairs, random);
+    SRe2L++ is always one expert, so it gets ``single`` there. ``auto`` already resolves to ``single`` for N = 1
+    and is left as it is, so runs made with the older presets keep their configuration hash (resume).
+    """
+    n = 1 if method == "sre2l++" else 2
+    out: dict[str, Any] = {"ipc": ipc, "committee_size": n, "ipc_per_block": min(ipc, base.ipc_per_block)}
+    if n == 1 and base.committee not in ("auto", "single"):
+        out["committee"] = "single"
+    return out
+
+
 def _make_set(
     data: RealDataset,
     method: str,
@@ -351,14 +365,7 @@ def _make_set(
         run_dir.mkdir(parents=True, exist_ok=True)
         save_grid(images, data.spec, ipc, run_dir / "grid.png")
     else:
-        n = 1 if method == "sre2l++" else 2
-        per_method: dict[str, Any] = {"ipc": ipc, "committee_size": n, "ipc_per_block": min(ipc, base.ipc_per_block)}
-        # A paper preset names its CV-DD committee policy (fixed pair, pairs, random); SRe2L++ is always one
-        # expert, so it gets `single` there. `auto` already resolves to `single` for N = 1 and is left as it is,
-        # so runs made with the older presets keep their configuration hash (resume).
-        if n == 1 and base.committee not in ("auto", "single"):
-            per_method["committee"] = "single"
-        rcfg = apply_overrides(base, per_method, "recover")
+        rcfg = apply_overrides(base, method_overrides(method, ipc, base), "recover")
         res = recover(
             [r.path for r in squeezed],
             run_dir,
@@ -424,15 +431,16 @@ def _finish_row(
     return row
 
 
-def _row_key(images: Any, labels: Any, cfg: EvalConfig, full_real_hard: float, experts: list[str]) -> str:
-    """Hash of what determines an evaluation: the pixels, the labels, the recipe, the teacher's experts."""
+def _row_key(images: Any, labels: Any, cfg: EvalConfig, full_real_hard: float, teacher: dict[str, Any]) -> str:
+    """Hash of what determines an evaluation: the pixels, the labels, the recipe, the teacher (its experts, their
+    weight files and weights: a prior measured since, or experts squeezed again, make other rows)."""
     import hashlib
 
     from cvdd.artifacts import update_digest
 
     h = hashlib.sha256()
     update_digest(h, images.float(), labels)
-    h.update(json.dumps({"cfg": cfg.identity(), "ref": full_real_hard, "experts": experts}, sort_keys=True).encode())
+    h.update(json.dumps({"cfg": cfg.identity(), "ref": full_real_hard, "teacher": teacher}, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import cvdd
+from cvdd.ablation import carve_validation
 from cvdd.artifacts import build_stamp
 from cvdd.cli import main
 from cvdd.errors import ArtifactError, ConfigError
 from cvdd.experts import list_experts, load_expert
-from cvdd.synthesis.recover import load_synthetic
+from cvdd.synthesis.recover import RecoverConfig, config_hash, load_synthetic, plan_committees
 
 TINY = {"iterations": 12, "log_every": 4, "init_candidates": 20, "init_crops": 2}
 
@@ -71,6 +72,26 @@ def test_same_seed_same_images_and_resume_equals_uninterrupted(
         _recover(digit_experts, tmp_path / "b", digits, seed=7, **kw)
     redone = _recover(digit_experts, tmp_path / "b", digits, seed=7, restart=True, **kw)
     assert redone.units_run == 6
+
+
+def test_units_are_keyed_on_the_real_images_they_start_from(digit_experts: Path, digits, tmp_path: Path) -> None:
+    """A set initialised from the whole training set is not reused for a validation carve's pool (leakage)."""
+    experts = [load_expert(p) for p in list_experts(digit_experts)]
+    cfg = RecoverConfig(ipc=1, init="real").validate(len(experts))
+    plan = plan_committees(experts, cfg, 0)
+    carved = carve_validation(digits, 20)
+    plain = config_hash(cfg, plan, digits.spec, 0, experts)
+    # From the experts' own training set the hash is the one of runs made before the pool was hashed (resume).
+    assert config_hash(cfg, plan, digits.spec, 0, experts, digits.fingerprint) == plain
+    assert config_hash(cfg, plan, digits.spec, 0, experts, carved.fingerprint) != plain
+    gauss = RecoverConfig(ipc=1, init="gaussian").validate(len(experts))
+    assert config_hash(gauss, plan, digits.spec, 0, experts, carved.fingerprint) == config_hash(
+        gauss, plan, digits.spec, 0, experts
+    )
+    kw = {"ipc": 1, "committee_size": 1, "overrides": {"init": "real", "iterations": 2}}
+    _recover(digit_experts, tmp_path / "set", digits, **kw)
+    with pytest.raises(ArtifactError, match="another configuration"):
+        _recover(digit_experts, tmp_path / "set", carved, **kw)
 
 
 def test_loss_falls_and_experts_stay_frozen(digit_experts: Path, digits, tmp_path: Path) -> None:

@@ -251,8 +251,20 @@ def plan_committees(experts: list[Expert], cfg: RecoverConfig, seed: int) -> Rec
     return RecoverPlan(pool, priors, sources, committees, weights, policy)
 
 
-def config_hash(cfg: RecoverConfig, plan: RecoverPlan, spec: DatasetSpec, seed: int, experts: list[Expert]) -> str:
-    """Hash of everything that determines the images; units made under another hash are never mixed in."""
+def config_hash(
+    cfg: RecoverConfig,
+    plan: RecoverPlan,
+    spec: DatasetSpec,
+    seed: int,
+    experts: list[Expert],
+    init_data: str | None = None,
+) -> str:
+    """Hash of everything that determines the images; units made under another hash are never mixed in.
+
+    ``init_data`` is the fingerprint of the real images that ``real`` / ``patches`` initialisation draws from.
+    It enters the hash only when it differs from the experts' training set (a validation carve, another version
+    of the data), so that runs initialised from the experts' own data keep their hash (resume).
+    """
     # Options added after the first release are hashed only when set, so older runs keep their hash (resume).
     late = {
         "anchor": 0.0,
@@ -274,6 +286,9 @@ def config_hash(cfg: RecoverConfig, plan: RecoverPlan, spec: DatasetSpec, seed: 
         "weights": plan.weights,
         "experts": {e.name: [e.arch, e.meta.get("dataset_fingerprint"), e.meta.get("test_acc")] for e in experts},
     }
+    own_data = {e.meta.get("dataset_fingerprint") for e in experts} == {init_data}
+    if cfg.init in ("real", "patches") and init_data is not None and not own_data:
+        payload["init_data"] = init_data
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -758,7 +773,7 @@ def recover_images(
         raise ConfigError(f"init '{cfg.init}' needs the real dataset (give --dataset)")
     dev = resolve_device(device)
     plan = plan_committees(experts, cfg, seed)
-    chash = config_hash(cfg, plan, spec, seed, experts)
+    chash = config_hash(cfg, plan, spec, seed, experts, data.fingerprint if data is not None else None)
     out_dir = Path(out)
     (out_dir / "units").mkdir(parents=True, exist_ok=True)
     units = plan_units(spec.num_classes, cfg)
