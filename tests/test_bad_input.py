@@ -308,6 +308,26 @@ def with_set(command: str, *settings: str) -> Callable[[Ctx], list[str]]:
     return build
 
 
+def expert_of_another_width(c: Ctx) -> list[str]:
+    """An expert whose metadata names a wider variant of its architecture: same tensor names, other shapes."""
+    moved = c.tmp / "experts"
+    shutil.copytree(c.experts, moved)
+    meta_path = moved / "convnet_d3_w32.json"
+    meta = json.loads(meta_path.read_text())
+    meta["arch"] = "convnet_d3_w64"
+    meta_path.write_text(json.dumps(meta))
+    (moved / "results.json").write_text("[]")  # a JSON list beside the experts (a pipeline's table) is skipped
+    return recover_on(c, experts=moved)
+
+
+def truncated_npz(c: Ctx) -> list[str]:
+    path = c.tmp / "set.npz"
+    images = np.zeros((10, 32, 32, 3), dtype=np.uint8)
+    np.savez(path, images=images, labels=np.arange(10), classes=np.array([str(i) for i in range(10)]))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return ["evaluate", str(path), "--experts", str(c.experts), "--labels", "hard", "--epochs", "1"]
+
+
 def tampered_unit(command: str) -> Callable[[Ctx], list[str]]:
     """A finished unit whose recorded sha256 was edited: recover refuses to resume, merge refuses to assemble."""
 
@@ -431,6 +451,13 @@ CASES = [
     pytest.param(with_set("squeeze", "lr=[0.1"), 2, "--set lr: cannot parse '[0.1'", id="set-unparsable"),
     pytest.param(preset_file_path, 2, "unknown squeeze preset '{tmp}/mine.yaml'; choose one of", id="preset-file-path"),
     pytest.param(with_set("squeeze", "lr=1e-3", "weight_decay=5E-4"), 0, "convnet_d3_w32", id="handled-set-1e-3"),
+    pytest.param(
+        expert_of_another_width,
+        2,
+        "does not match architecture 'convnet_d3_w64': size mismatch for",
+        id="expert-shapes-of-another-arch",
+    ),
+    pytest.param(truncated_npz, 2, "{tmp}/set.npz is not a cvdd export (.npz with", id="truncated-npz"),
     # 13. a tampered checksum, 14. merge of a folder that is not a recover run
     pytest.param(tampered_unit("recover"), 2, "with a checksum mismatch", id="tampered-unit-recover"),
     pytest.param(tampered_unit("merge"), 2, "checksum mismatch", id="tampered-unit-merge"),

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -36,9 +37,16 @@ def test_squeeze_digits_reaches_90_percent_and_writes_metadata(digits, tmp_path:
     again = cvdd.squeeze(digits, archs=["convnet_d3_w32"], out=tmp_path, progress=False)
     assert again[0].skipped and again[0].test_acc == r.test_acc
 
-    with pytest.raises(ArtifactError, match="another dataset, recipe or seed"):
-        cvdd.squeeze(digits, archs=["convnet_d3_w32"], out=tmp_path, epochs=1, progress=False)
     before = (tmp_path / "convnet_d3_w32.safetensors").read_bytes()
+    with pytest.raises(ArtifactError, match="another dataset, image size, normalisation, recipe or seed"):
+        cvdd.squeeze(digits, archs=["convnet_d3_w32"], out=tmp_path, epochs=1, progress=False)
+    # The same files under another normalisation (another named dataset's constants): not the same expert.
+    renormed = dataclasses.replace(digits, spec=dataclasses.replace(digits.spec, mean=(0.4, 0.4, 0.4)))
+    assert renormed.fingerprint == digits.fingerprint
+    with pytest.raises(ArtifactError, match="another dataset, image size, normalisation"):
+        cvdd.squeeze(renormed, archs=["convnet_d3_w32"], out=tmp_path, progress=False)
+    with pytest.raises(ArtifactError, match=r"made with normalisation mean \["):
+        load_expert(r.path, renormed.spec)
     assert before == (tmp_path / "convnet_d3_w32.safetensors").read_bytes()  # finished work untouched
 
     other = DatasetSpec("cifar-like", tuple("abcdefghijk"), 32, (0.5,) * 3, (0.2,) * 3)

@@ -77,6 +77,8 @@ def read_expert_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"unreadable expert metadata {meta_path}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{meta_path} is not a cvdd expert (a JSON {type(meta).__name__}, not an object)")
     check_kind(meta, EXPERT_KIND, meta_path)
     return meta
 
@@ -93,7 +95,7 @@ def list_experts(directory: str | os.PathLike[str]) -> list[Path]:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if meta.get("kind") == EXPERT_KIND and weights.is_file():
+        if isinstance(meta, dict) and meta.get("kind") == EXPERT_KIND and weights.is_file():
             out.append(weights)
     return out
 
@@ -107,8 +109,8 @@ def load_expert(
 
     Args:
         path: the expert's ``.safetensors`` (or ``.json``, or stem) path.
-        spec: the dataset it will be used with; a different class count, class order or image size is an
-            :class:`ArtifactError` naming both datasets.
+        spec: the dataset it will be used with; a different class count, class order, image size or
+            normalisation is an :class:`ArtifactError` naming both datasets.
         device: where to put the model.
 
     Returns:
@@ -130,7 +132,11 @@ def load_expert(
         model = create_model(arch, stored.num_classes, stored.image_size)
     except ModelError as exc:
         raise ArtifactError(f"expert {weights}: {exc}") from None
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # same names, other shapes: PyTorch's message is one line per tensor
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), "tensor shapes differ")
+        raise ArtifactError(f"expert {weights} does not match architecture '{arch}': {first}") from None
     if missing or unexpected:
         raise ArtifactError(
             f"expert {weights} does not match architecture '{arch}' "

@@ -14,6 +14,7 @@ import torch
 from cvdd.artifacts import base_metadata
 from cvdd.config import Recipe, SqueezePreset, apply_overrides, get_squeeze_preset
 from cvdd.data.sources import RealDataset
+from cvdd.data.specs import DatasetSpec
 from cvdd.device import derive_seed, resolve_device
 from cvdd.engine import fit
 from cvdd.errors import ArtifactError, ConfigError
@@ -97,8 +98,11 @@ def squeeze_experts(
         weights, meta_path = expert_paths(out_dir, arch)
         if meta_path.is_file() and weights.is_file() and not force:
             meta = read_expert_meta(meta_path)
+            made_for = meta.get("dataset")
             same = (
                 meta.get("dataset_fingerprint") == data.fingerprint
+                and made_for is not None
+                and DatasetSpec.from_dict(made_for).input_key() == data.spec.input_key()
                 and meta.get("recipe") == recipe_dict
                 and meta.get("seed") == seed
                 and meta.get("arch") == arch
@@ -122,7 +126,7 @@ def squeeze_experts(
                 )
                 continue
             raise ArtifactError(
-                f"{meta_path} holds an expert made with another dataset, recipe or seed; "
+                f"{meta_path} holds an expert made with another dataset, image size, normalisation, recipe or seed; "
                 f"pass --force to replace it or choose another --out"
             )
         arch_seed = derive_seed(seed, "squeeze", arch)
@@ -141,7 +145,7 @@ def squeeze_experts(
             checkpoint=ckpt,
             progress=progress,
             desc=f"squeeze {arch}",
-            identity={"arch": arch, "dataset": data.fingerprint},
+            identity={"arch": arch, "dataset": data.fingerprint, "input": data.spec.input_key()},
         )
         wall = time.perf_counter() - t0
         meta = base_metadata(EXPERT_KIND, data.spec)

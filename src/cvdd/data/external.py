@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     try:
         with np.load(path, allow_pickle=False) as z:
             images, labels, classes = z["images"], z["labels"], [str(c) for c in z["classes"]]
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:  # truncated: BadZipFile
         raise DataError(f"{path} is not a cvdd export (.npz with images, labels, classes): {exc}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise DataError(f"{path}: images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")

@@ -70,8 +70,16 @@ class DatasetSpec:
             extra=dict(d.get("extra", {})),
         )
 
+    def input_key(self) -> list[Any]:
+        """What a network trained on this dataset depends on besides its images: image size, normalisation, classes.
+
+        Part of the identity of experts and their checkpoints (the data's fingerprint covers only its files: the
+        same folder loads at another size or with another named dataset's normalisation).
+        """
+        return [self.image_size, [round(v, 6) for v in self.mean], [round(v, 6) for v in self.std], list(self.classes)]
+
     def check_compatible(self, other: DatasetSpec, what: str) -> None:
-        """Raise :class:`DataError` unless ``other`` has the same classes, order and image size.
+        """Raise :class:`DataError` unless ``other`` has the same classes, order, image size and normalisation.
 
         Args:
             other: the spec stored with an artifact (an expert, a synthetic set).
@@ -91,6 +99,11 @@ class DatasetSpec:
         if other.image_size != self.image_size:
             raise DataError(
                 f"{what} was made for {other.image_size} px images, but '{self.name}' uses {self.image_size} px"
+            )
+        if other.input_key()[1:3] != self.input_key()[1:3]:
+            raise DataError(
+                f"{what} was made with normalisation mean {list(other.mean)} std {list(other.std)}, "
+                f"but '{self.name}' uses mean {list(self.mean)} std {list(self.std)}"
             )
 
 
