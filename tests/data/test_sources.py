@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cvdd.data.sources import FileSplit, TensorSplit, load_dataset
+from cvdd.data.sources import FileSplit, TensorSplit, _strip_prefix, load_dataset
 from cvdd.data.specs import CIFAR10_CLASSES, DatasetSpec
 from cvdd.errors import DataError
 
@@ -155,6 +155,9 @@ def test_tiny_imagenet_val_layout(tmp_path: Path) -> None:
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "val" / "images" / f"v{i}.JPEG")
         lines.append(f"v{i}.JPEG\t{cls}\t0\t0\t63\t63")
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines))
+    # As downloaded, a test/ of unlabelled images sits beside val/: it cannot be scored, so val/ is the test split.
+    (root / "test" / "images").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "test" / "images" / "t0.JPEG")
     ds = load_dataset(root, progress=False)
     assert ds.spec.image_size == 64 and ds.spec.classes == ("n01", "n02")
     assert ds.test.labels.tolist() == [0, 0, 1]
@@ -188,3 +191,44 @@ def test_subset_is_balanced_and_seeded(digits) -> None:
     assert torch.equal(torch.bincount(a.labels), torch.full((10,), 3))
     with pytest.raises(DataError, match="fewer than"):
         digits.train.subset(10_000, 10)
+
+
+@pytest.mark.parametrize(
+    ("member", "split", "prefix"),
+    [
+        ("train/cat/a.jpg", "train", ""),
+        ("cifar10/train/cat/a.jpg", "train", "cifar10/"),
+        ("pretrain/train/cat/a.jpg", "train", "pretrain/"),  # "train/" inside a folder name is no split folder
+        ("interval/val/cat/a.jpg", "val", "interval/"),
+        ("data/set/test/cat/a.jpg", "test", "data/set/"),
+    ],
+)
+def test_tar_member_prefix_is_a_whole_folder(member: str, split: str, prefix: str) -> None:
+    assert _strip_prefix(member, split) == prefix
+
+
+def test_a_corrupt_streamed_image_is_one_line_naming_the_file(tiny_folder: Path) -> None:
+    from cvdd.data.loader import make_batches
+
+    victim = sorted((tiny_folder / "train" / "ship").iterdir())[0]
+    ds = load_dataset(tiny_folder, image_size=224, progress=False)  # streamed: files are read by the workers
+    victim.write_bytes(b"not an image at all")
+    batches = make_batches(ds.train, ds.spec, 16, torch.device("cpu"), train=False, workers=1)
+    with pytest.raises(DataError) as err:
+        list(batches.epoch())
+    assert str(err.value).startswith(f"corrupt or unreadable image {victim}") and "\n" not in str(err.value)
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped() -> None:
+    import io
+
+    from cvdd.data.sources import decode_image
+
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0..65472
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    out = decode_image(buf.getvalue(), 32, "ramp.png")
+    expected = np.clip(np.round(ramp / 257.0), 0, 255).astype(np.uint8)
+    assert out.shape == (32, 32, 3) and np.array_equal(out[..., 0], expected) and np.array_equal(out[..., 2], expected)
+    assert (out == 255).mean() < 0.01  # convert("RGB") alone made 99.6% of it white

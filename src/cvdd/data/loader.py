@@ -72,12 +72,13 @@ class _FileDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         from PIL import Image
 
+        from cvdd.data.sources import to_rgb
         from cvdd.errors import DataError
 
         try:
             with Image.open(self.files[i]) as img:
-                x = self.tf(img.convert("RGB"))
-        except OSError as exc:
+                x = self.tf(to_rgb(img))
+        except (OSError, ValueError, SyntaxError) as exc:  # as decode_image: PIL raises all three on bad files
             raise DataError(f"corrupt or unreadable image {self.files[i]}: {exc}") from None
         return x, self.labels[i]
 
@@ -157,8 +158,16 @@ class StreamBatches:
             generator=torch.Generator().manual_seed(seed),
             persistent_workers=False,
         )
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        from cvdd.errors import DataError
+
+        try:
+            for x, y in loader:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        except DataError as exc:
+            # A worker's error comes back with its traceback in the message ("Caught DataError in DataLoader worker
+            # process 0. Original Traceback ..."); keep the one line that names the file.
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+            raise DataError(lines[-1].split("DataError: ", 1)[-1] if lines else str(exc)) from None
 
 
 def make_batches(

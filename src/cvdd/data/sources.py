@@ -28,7 +28,9 @@ from cvdd.errors import DataError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
-CACHE_FORMAT = 1  # bump when the cache layout or the decoding changes, so stale caches are not reused
+# Bump when the cache layout or the decoding changes, so stale caches are not reused (2: 16-bit greyscale
+# scaled, not clipped).
+CACHE_FORMAT = 2
 TEST_SPLIT_NAMES = ("test", "val")
 
 
@@ -112,6 +114,16 @@ def default_cache_dir() -> Path:
 # ----------------------------------------------------------------------------------------------- decoding
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a PIL image; 16-bit greyscale (modes ``I;16*``, or ``I`` holding values above 255) is
+    scaled by 255/65535 instead of clipped at 255 as ``convert("RGB")`` alone would (a PNG ramp came out 99.6%
+    white)."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and (img.getextrema()[1] or 0) > 255):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
     """Decode image bytes into a (size, size, 3) uint8 array.
 
@@ -124,7 +136,7 @@ def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            rgb = img.convert("RGB")
+            rgb = to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"corrupt or unreadable image {name}: {_image_error(exc)}") from None
     if rgb.size != (size, size):
@@ -176,14 +188,24 @@ def _check_classes(listing: _Listing, where: str, class_order: list[str] | None)
     return tuple(sorted(train))
 
 
+def _labelled(split_dir: Path) -> bool:
+    """Class folders, or Tiny-ImageNet's images/ + val_annotations.txt; not an unlabelled images/ folder alone."""
+    if (split_dir / "val_annotations.txt").is_file():
+        return True
+    return any(e.is_dir() and e.name != "images" and not e.name.startswith(".") for e in os.scandir(split_dir))
+
+
 def _list_directory(root: Path) -> _Listing:
     if not (root / "train").is_dir():
         raise DataError(
             f"{root} has no train/ folder (expected ImageFolder layout: train/<class>/<image> and test/ or val/)"
         )
-    test_split = next((s for s in TEST_SPLIT_NAMES if (root / s).is_dir()), None)
-    if test_split is None:
+    present = [s for s in TEST_SPLIT_NAMES if (root / s).is_dir()]
+    if not present:
         raise DataError(f"{root} has train/ but neither test/ nor val/")
+    # A split that is only a flat images/ folder without labels (Tiny-ImageNet's test/) cannot be scored: take
+    # the first labelled one (its val/ with val_annotations.txt).
+    test_split = next((s for s in present if _labelled(root / s)), present[0])
     splits: dict[str, dict[str, list[str]]] = {}
     for split in ("train", test_split):
         classes: dict[str, list[str]] = {}
@@ -665,6 +687,11 @@ def _streamed(
 
 
 def _strip_prefix(rel: str, split: str) -> str:
-    """The part of a tar member name before ``<split>/`` (the tarball's top folder, if any)."""
-    i = rel.find(f"{split}/")
-    return rel[:i] if i > 0 else ""
+    """The part of a tar member name before its ``<split>/`` folder (the tarball's top folders, if any).
+
+    The split must be a whole path component: ``pretrain/train/c/x.jpg`` has the prefix ``pretrain/``.
+    """
+    if rel.startswith(f"{split}/"):
+        return ""
+    i = rel.find(f"/{split}/")
+    return rel[: i + 1] if i >= 0 else ""
