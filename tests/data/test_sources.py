@@ -232,3 +232,28 @@ def test_16_bit_greyscale_is_scaled_not_clipped() -> None:
     expected = np.clip(np.round(ramp / 257.0), 0, 255).astype(np.uint8)
     assert out.shape == (32, 32, 3) and np.array_equal(out[..., 0], expected) and np.array_equal(out[..., 2], expected)
     assert (out == 255).mean() < 0.01  # convert("RGB") alone made 99.6% of it white
+
+
+def test_a_killed_extraction_leaves_no_copy_behind(tiny_folder: Path, tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    tar_path = tmp_path / "mini.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(tiny_folder, arcname="mini")
+    cache = tmp_path / "cache"
+    first = load_dataset(tar_path, image_size=224, cache_dir=cache, progress=False)
+    (root,) = (cache / "extracted").iterdir()
+    assert Path(first.train.files[0]).is_file() and (root / ".complete").is_file()
+    # A run killed mid-extraction (its process gone) and one killed between the rename and the marker.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = root.with_name(f"{root.name}.tmp-{socket.gethostname()}-{int(gone.stdout)}")
+    leftover.mkdir()
+    (leftover / "half.jpg").write_bytes(b"x")
+    other_host = root.with_name(f"{root.name}.tmp-elsewhere-1")
+    other_host.mkdir()
+    (root / ".complete").unlink()
+    again = load_dataset(tar_path, image_size=224, cache_dir=cache, progress=False)
+    assert again.train.files == first.train.files and (root / ".complete").is_file()
+    assert sorted(p.name for p in (cache / "extracted").iterdir()) == sorted([root.name, other_host.name])

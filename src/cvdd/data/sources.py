@@ -12,6 +12,8 @@ import io
 import json
 import logging
 import os
+import shutil
+import socket
 import tarfile
 import zlib
 from collections.abc import Callable, Iterable
@@ -649,6 +651,25 @@ def _load_imagefolder(
             tar.close()
 
 
+def _remove_dead_extractions(root: Path) -> None:
+    """Delete this host's unfinished extractions of ``root`` whose process is gone (a killed run leaves a whole
+    copy of the dataset behind); extractions by live processes or other hosts are left alone."""
+    import shutil
+
+    mine = f"{root.name}.tmp-{socket.gethostname()}-"
+    for tmp in root.parent.glob(f"{root.name}.tmp-*") if root.parent.is_dir() else []:
+        pid = tmp.name[len(mine) :] if tmp.name.startswith(mine) else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing an unfinished extraction of a killed run: %s", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def _streamed(
     source: Path,
     tar: tarfile.TarFile | None,
@@ -666,10 +687,16 @@ def _streamed(
         root = cache / "extracted" / key
         done = root / ".complete"
         if not done.exists():
-            log.info("extracting %s to %s (once)", source, root)
-            tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-            tar.extractall(tmp, filter="data")
-            os.replace(tmp, root) if not root.exists() else None
+            _remove_dead_extractions(root)
+            # root only ever appears whole (renamed from a finished extraction): present means complete.
+            if not root.exists():
+                log.info("extracting %s to %s (once)", source, root)
+                tmp = root.with_name(f"{root.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+                tar.extractall(tmp, filter="data")
+                try:
+                    os.replace(tmp, root)
+                except OSError:  # another process (a torchrun rank) finished first: keep its copy, drop ours
+                    shutil.rmtree(tmp, ignore_errors=True)
             done.touch()
         _, prefix = _list_tar(m.name for m in tar.getmembers() if m.isfile())
         root = root / prefix if prefix else root
