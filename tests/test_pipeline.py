@@ -331,3 +331,12 @@ def test_finished_rows_are_keyed_on_the_teacher() -> None:
     assert key != _row_key(images, labels, cfg, 0.5, {**teacher, "files": ["4567"]})  # experts squeezed again
     assert key != _row_key(images, labels, cfg, 0.5, {**teacher, "weights": [0.9]})  # a prior measured since
     assert key != _row_key(images + 1, labels, cfg, 0.5, teacher)
+
+
+def test_one_seed_shows_no_spread() -> None:
+    from cvdd.pipeline import _pct
+    from cvdd.reporting import _pm
+
+    assert _pct(0.4567, 0.0123, 3) == "45.67 ± 1.23" and _pct(0.4567, 0.0, 1) == "45.67 (1 seed)"
+    assert _pm(0.4567, 0.0123, [0, 1]) == "45.67 ± 1.23" and _pm(0.4567, 0.0, [0]) == "45.67 (1 seed)"
+    assert _pm(None, None, [0]) == "-"

@@ -478,8 +478,9 @@ def list_experts_or_empty(folder: str | os.PathLike[str]) -> list[Path]:
     return list_experts(folder) if Path(folder).is_dir() else []
 
 
-def _pct(mean: float, std: float) -> str:
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+def _pct(mean: float, std: float, seeds: int = 2) -> str:
+    """``mean ± std`` in percent; one seed has no spread to show (``(1 seed)``, not a misleading ``± 0.00``)."""
+    return f"{100 * mean:.2f} (1 seed)" if seeds == 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def results_markdown(rows: list[dict[str, Any]], resolved: dict[str, Any]) -> str:
@@ -498,9 +499,11 @@ def results_markdown(rows: list[dict[str, Any]], resolved: dict[str, Any]) -> st
     ]
     for r in rows:
         ior = "-" if r["ior"] is None else f"{100 * r['ior']:+.2f}"
+        n = len(r["seeds"])
+        soft, hard = _pct(r["acc_mean"], r["acc_std"], n), _pct(r["hard_acc_mean"], r["hard_acc_std"], n)
         lines.append(
-            f"| {r['method']} | {r['ipc']} | {r['student']} | {r['label_mode']} | {_pct(r['acc_mean'], r['acc_std'])} "
-            f"| {ior} | {_pct(r['hard_acc_mean'], r['hard_acc_std'])} | {100 * r['hlr']:.2f} | "
+            f"| {r['method']} | {r['ipc']} | {r['student']} | {r['label_mode']} | {soft} "
+            f"| {ior} | {hard} | {100 * r['hlr']:.2f} | "
             f"{r['seconds']['recover']:.0f} | {r['seconds']['relabel']:.0f} | {r['seconds']['evaluate']:.0f} |"
         )
     lines += [

@@ -470,10 +470,12 @@ def _num(x: Any) -> float | None:
     return float(x)
 
 
-def _pm(mean: Any, std: Any) -> str:
+def _pm(mean: Any, std: Any, seeds: Any = None) -> str:
     m, s = _num(mean), _num(std)
     if m is None:
         return "-"
+    if isinstance(seeds, list) and len(seeds) == 1:  # no spread to show: not a misleading "± 0.00"
+        return f"{100 * m:.2f} (1 seed)"
     return f"{100 * m:.2f}" + ("" if s is None else f" ± {100 * s:.2f}")
 
 
@@ -506,9 +508,9 @@ def _results_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str
             str(r["ipc"]),
             str(r.get("student", "-")),
             str(r.get("label_mode", "-")),
-            _pm(r.get("acc_mean"), r.get("acc_std")),
+            _pm(r.get("acc_mean"), r.get("acc_std"), r.get("seeds")),
             _pts(r.get("ior"), signed=True),
-            _pm(r.get("hard_acc_mean"), r.get("hard_acc_std")),
+            _pm(r.get("hard_acc_mean"), r.get("hard_acc_std"), r.get("seeds")),
             _pts(r.get("hlr"), signed=False),
             f"{int(lb):,}" if _num(lb) is not None else "-",
         ]
