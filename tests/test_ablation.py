@@ -93,4 +93,7 @@ def test_ablate_validation_then_final(digit_experts: Path, tmp_path: Path, capsy
     assert main([*common, "--final", "cvdd-real"]) == 0
     final = json.loads((out / "ablation-test.json").read_text())["rows"]
     assert [r["name"] for r in final] == ["random-real", "cvdd-real"] and final[1]["split"] == "test"
+    assert main([*common, "--final", "sre2l++"]) == 0  # a second look: the first stays on record
+    looks = [json.loads(line) for line in (out / "test-split-looks.jsonl").read_text().splitlines()]
+    assert [sorted(look["rows"]) for look in looks] == [["cvdd-real", "random-real"], ["random-real", "sre2l++"]]
     assert main([*common, "--final", "nope"]) == 2

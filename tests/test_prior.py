@@ -5,11 +5,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import cvdd
+from cvdd.ablation import carve_validation
 from cvdd.api import load_pool
 from cvdd.cli import main
 from cvdd.errors import ConfigError
+from cvdd.synthesis.recover import load_synthetic
 
 
 def test_prior_is_measured_on_training_images_and_used_by_recover(digit_experts: Path, digits, tmp_path: Path) -> None:
@@ -28,7 +31,23 @@ def test_prior_is_measured_on_training_images_and_used_by_recover(digit_experts:
     for name, value in priors.items():
         meta = json.loads((experts / f"{name}.json").read_text())
         assert meta["prior"] == pytest.approx(value) and 0.0 <= value <= 100.0
-        assert meta["prior_recipe"]["validation"] == "20 real training images per class"
+        assert meta["prior_recipe"]["validation"] == "20 real training images per class, carved out of the init pool"
+    # Each expert's set started from the pool without the scoring images (leakage otherwise).
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(experts / f"resnet8{suffix}", alone / f"resnet8{suffix}")
+    again = cvdd.recover(
+        alone,
+        tmp_path / "again",
+        dataset=carve_validation(digits, 20, 0),
+        ipc=1,
+        committee_size=1,
+        overrides={"iterations": 3, "init_candidates": 20, "init_crops": 2},
+        progress=False,
+    )
+    made, _, _ = load_synthetic(tmp_path / "work" / "resnet8")
+    assert torch.equal(made, again.images)
     pool = load_pool(experts)
     assert all(e.prior == (priors[e.name], "prior") for e in pool)
     res = cvdd.recover(
@@ -58,7 +77,7 @@ def test_prior_cli_takes_recover_and_evaluate_settings(
     for name in ("convnet_d3_w32", "resnet8"):
         meta = json.loads((experts / f"{name}.json").read_text())
         assert f"{name:<18} prior {meta['prior']:.2f}%" in printed
-        assert meta["prior_recipe"]["validation"] == "20 real training images per class"
+        assert meta["prior_recipe"]["validation"] == "20 real training images per class, carved out of the init pool"
         assert meta["prior_recipe"]["recover_overrides"] == {"iterations": 3, "init_candidates": 20, "init_crops": 2}
 
 

@@ -629,6 +629,7 @@ def prior(
     import shutil
     import tempfile
 
+    from cvdd.ablation import carve_validation
     from cvdd.artifacts import atomic_write_text
     from cvdd.config import apply_overrides, refuse_owned
     from cvdd.evaluation.student import EvalConfig, evaluate_synthetic
@@ -644,10 +645,13 @@ def prior(
     cfg = apply_overrides(cfg, overrides or {}, "prior options").validate()
     source = _source_or_experts(dataset, pool[0].meta)
     real = source if isinstance(source, RealDataset) else load_dataset(source, data=data, progress=progress)
-    per_class = min(val_per_class, _smallest_class(real))
     if not isinstance(real.train, TensorSplit):
         raise ConfigError("cvdd prior needs an in-memory dataset (images of at most 64 px)")
-    val = real.train.subset(per_class, real.spec.num_classes, seed=seed)
+    # The scoring images are carved out of the pool that recover initialises from (real images, patches): a
+    # student scored on the very images its set started from would overrate that expert. Half a class at most.
+    per_class = min(val_per_class, _smallest_class(real) // 2)
+    carved = carve_validation(real, per_class, seed)
+    val = carved.test
     teacher = _teacher(pool, cfg)
     work = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="cvdd-prior-"))
     try:
@@ -658,7 +662,7 @@ def prior(
                 work / expert.name,
                 ipc=ipc,
                 committee_size=1,
-                dataset=real,
+                dataset=carved,
                 seed=seed,
                 device=device,
                 progress=progress,
@@ -678,7 +682,7 @@ def prior(
                 "seeds": cfg.seeds,
                 "label_mode": cfg.label_mode,
                 "teacher": teacher.describe(),
-                "validation": f"{per_class} real training images per class",
+                "validation": f"{per_class} real training images per class, carved out of the init pool",
                 "seed": seed,
                 "recover_overrides": dict(recover_overrides or {}),
             }
