@@ -60,3 +60,5 @@ def test_tensor_digest_streams_rows_as_the_whole_bytes_would_hash() -> None:
     assert tensor_digest(x, y, chunk_rows=2) == tensor_digest(x, y) == whole
     assert tensor_digest(x.to(torch.uint8)) != tensor_digest(x)  # the dtype is part of the bytes
     assert tensor_digest(torch.tensor(1.0)) == hashlib.sha256(torch.tensor([1.0]).numpy().tobytes()).hexdigest()
+    bf = torch.tensor([1.5, -2.0], dtype=torch.bfloat16)  # numpy has no bfloat16: its 2 bytes per value
+    assert tensor_digest(bf) == hashlib.sha256(bf.view(torch.int16).numpy().tobytes()).hexdigest()

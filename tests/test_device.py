@@ -58,12 +58,23 @@ class _FakeCuda:
 def test_phase_peaks_read_the_runs_gpu(monkeypatch: pytest.MonkeyPatch, device: object, expected: object) -> None:
     fake = _FakeCuda()
     fake.install(monkeypatch)
+    monkeypatch.delenv("CVDD_DEVICE", raising=False)
     peaks = PhasePeaks(device)  # type: ignore[arg-type]
     peaks.mark("recover")
     # The run's device, not the current one (cuda:0 for a single process given --device cuda:1).
     assert fake.read == [expected] and fake.reset == [expected]
     assert peaks.peaks["recover_gpu"] == 3 * 1024
     assert peaks.process == peaks.peaks["recover"]  # the process RSS peak leaves the GPU reading out
+
+
+def test_phase_peaks_follow_cvdd_device_and_ignore_invalid_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    monkeypatch.setenv("CVDD_DEVICE", "cuda:3")
+    PhasePeaks(None).mark("a")
+    PhasePeaks("auto").mark("b")
+    PhasePeaks("gpu").mark("c")  # invalid: resolve_device refuses it in one line elsewhere; no traceback here
+    assert fake.read == [torch.device("cuda:3"), torch.device("cuda:3"), None]
 
 
 def test_phase_peaks_cpu_run_reads_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -331,12 +331,18 @@ def test_finished_rows_are_keyed_on_the_teacher() -> None:
     assert key != _row_key(images, labels, cfg, 0.5, {**teacher, "files": ["4567"]})  # experts squeezed again
     assert key != _row_key(images, labels, cfg, 0.5, {**teacher, "weights": [0.9]})  # a prior measured since
     assert key != _row_key(images + 1, labels, cfg, 0.5, teacher)
+    # Rows finished by an older cvdd (key without the teacher, with the experts' names) are still found.
+    import hashlib
+    import json as _json
+
+    old = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes())
+    old.update(_json.dumps({"cfg": cfg.identity(), "ref": 0.5, "experts": ["a"]}, sort_keys=True).encode())
+    assert _row_key(images, labels, cfg, 0.5, None, ["a"]) == old.hexdigest()[:24]
 
 
 def test_one_seed_shows_no_spread() -> None:
-    from cvdd.pipeline import _pct
-    from cvdd.reporting import _pm
+    from cvdd.reporting import _pm, mean_std
 
-    assert _pct(0.4567, 0.0123, 3) == "45.67 ± 1.23" and _pct(0.4567, 0.0, 1) == "45.67 (1 seed)"
+    assert mean_std(0.4567, 0.0123, 3) == "45.67 ± 1.23" and mean_std(0.4567, 0.0, 1) == "45.67 (1 seed)"
     assert _pm(0.4567, 0.0123, [0, 1]) == "45.67 ± 1.23" and _pm(0.4567, 0.0, [0]) == "45.67 (1 seed)"
     assert _pm(None, None, [0]) == "-"

@@ -37,6 +37,7 @@ from cvdd.artifacts import atomic_write_text, tensor_digest
 from cvdd.config import _load_yaml, apply_overrides, get_recover_preset, to_dict
 from cvdd.data.sources import RealDataset, TensorSplit
 from cvdd.errors import ConfigError, DataError
+from cvdd.reporting import mean_std
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +385,7 @@ def ablation_markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str
         vs = f" (vs {ref})" if ref and ref != "random-real" and ref != r["name"] else ""
         exp = r.get("experts_on_synthetic")
         lines.append(
-            f"| {r['name']} | {r['method']} | {over} | {100 * r['acc_mean']:.2f} ± {100 * r['acc_std']:.2f} | "
+            f"| {r['name']} | {r['method']} | {over} | {mean_std(r['acc_mean'], r['acc_std'], len(r['seeds']))} | "
             f"{'' if gain is None else f'{100 * gain:+.2f}'}{vs} | "
             f"{'-' if change is None else f'{change:.1f}'} | {r.get('within_class_correlation', 0.0):.2f} | "
             f"{'-' if not exp else f'{100 * statistics.fmean(exp.values()):.0f}'} | {r['wall_seconds']:.0f} |"

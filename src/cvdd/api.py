@@ -649,7 +649,7 @@ def prior(
         raise ConfigError("cvdd prior needs an in-memory dataset (images of at most 64 px)")
     # The scoring images are carved out of the pool that recover initialises from (real images, patches): a
     # student scored on the very images its set started from would overrate that expert. Half a class at most.
-    per_class = min(val_per_class, _smallest_class(real) // 2)
+    per_class = max(1, min(val_per_class, _smallest_class(real) // 2))
     carved = carve_validation(real, per_class, seed)
     val = carved.test
     teacher = _teacher(pool, cfg)

@@ -152,7 +152,10 @@ def update_digest(h: Any, *tensors: torch.Tensor, chunk_rows: int = 1024) -> Non
         t = t.detach()
         rows = t.reshape(-1) if t.dim() == 0 else t
         for start in range(0, rows.shape[0], chunk_rows):
-            h.update(rows[start : start + chunk_rows].cpu().contiguous().numpy().tobytes())
+            chunk = rows[start : start + chunk_rows].cpu().contiguous()
+            if chunk.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the same 2 bytes per value
+                chunk = chunk.view(torch.int16)
+            h.update(chunk.numpy().tobytes())
 
 
 @functools.lru_cache(maxsize=1)

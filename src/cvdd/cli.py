@@ -694,6 +694,7 @@ def _cmd_relabel(args: argparse.Namespace, progress: bool) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace, progress: bool) -> int:
     from cvdd.api import evaluate
+    from cvdd.reporting import mean_std
 
     res = evaluate(
         args.synthetic,
@@ -711,7 +712,7 @@ def _cmd_evaluate(args: argparse.Namespace, progress: bool) -> int:
     )
     accs = ", ".join(f"{100 * a:.2f}" for a in res.accs)
     print(
-        f"top-1 on the real test set: {100 * res.mean:.2f} ± {100 * res.std:.2f}% over seeds {res.seeds} ({accs}); "
+        f"top-1 on the real test set: {mean_std(res.mean, res.std, len(res.seeds))}% over seeds {res.seeds} ({accs}); "
         f"{res.seconds:.1f} s" + (f"; soft labels stored: {res.label_bytes:,} bytes" if res.label_bytes else "")
     )
     return 0

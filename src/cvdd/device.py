@@ -124,13 +124,18 @@ class PhasePeaks:
     Args:
         device: the run's device. A CUDA device (``"cuda:1"``) is the one whose peak allocated memory is read,
             also when it is not the current device (one process given ``--device cuda:1``); ``"cpu"`` reads no GPU
-            memory; None or ``"auto"`` read the current CUDA device once CUDA is in use.
+            memory; None or ``"auto"`` read ``CVDD_DEVICE``'s device, else the current CUDA device once CUDA is in
+            use.
     """
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         self.peaks: dict[str, float] = {}
         self.per_phase = sys.platform.startswith("linux") and self._reset()
-        self._device = None if device is None or str(device) == "auto" else torch.device(device)
+        name = os.environ.get("CVDD_DEVICE") if device is None or str(device) == "auto" else device
+        try:
+            self._device = torch.device(name) if name and str(name) != "auto" else None
+        except (RuntimeError, TypeError):  # an invalid name: resolve_device refuses it in one line, not here
+            self._device = None
 
     @staticmethod
     def _reset() -> bool:

@@ -34,6 +34,7 @@ from cvdd.data.sources import RealDataset
 from cvdd.device import PhasePeaks
 from cvdd.errors import ConfigError
 from cvdd.evaluation.student import EvalConfig, EvalJob, EvalResult, evaluate_many, random_real_set
+from cvdd.reporting import mean_std
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,8 @@ def distill(
             # A finished evaluation of the very same images under the very same recipe is reused, so a killed
             # distill resumes without retraining students (recover and relabel resume on their own).
             s["key"] = _row_key(s["images"], s["labels"], cfg, full_real_hard, teacher.describe())
-            s["row"] = _cached_row(s["run_dir"] / "row.json", s["key"])
+            legacy = _row_key(s["images"], s["labels"], cfg, full_real_hard, None, [r.name for r in squeezed])
+            s["row"] = _cached_row(s["run_dir"] / "row.json", s["key"], legacy)
             if s["row"] is not None:
                 log.info(
                     "%s ipc %d: reusing the finished evaluation in %s", s["method"], ipc, s["run_dir"] / "row.json"
@@ -431,27 +433,40 @@ def _finish_row(
     return row
 
 
-def _row_key(images: Any, labels: Any, cfg: EvalConfig, full_real_hard: float, teacher: dict[str, Any]) -> str:
+def _row_key(
+    images: Any,
+    labels: Any,
+    cfg: EvalConfig,
+    full_real_hard: float,
+    teacher: dict[str, Any] | None,
+    legacy_experts: list[str] | None = None,
+) -> str:
     """Hash of what determines an evaluation: the pixels, the labels, the recipe, the teacher (its experts, their
-    weight files and weights: a prior measured since, or experts squeezed again, make other rows)."""
+    weight files and weights: a prior measured since, or experts squeezed again, make other rows).
+
+    ``legacy_experts`` (with ``teacher`` None) gives the key of rows finished before the teacher was part of it,
+    which named only the experts: those rows are still reused (finished work is kept).
+    """
     import hashlib
 
     from cvdd.artifacts import update_digest
 
     h = hashlib.sha256()
     update_digest(h, images.float(), labels)
-    h.update(json.dumps({"cfg": cfg.identity(), "ref": full_real_hard, "teacher": teacher}, sort_keys=True).encode())
+    who = {"teacher": teacher} if legacy_experts is None else {"experts": legacy_experts}
+    h.update(json.dumps({"cfg": cfg.identity(), "ref": full_real_hard, **who}, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
-def _cached_row(path: Path, key: str) -> dict[str, Any] | None:
+def _cached_row(path: Path, key: str, legacy: str | None = None) -> dict[str, Any] | None:
+    """A finished row saved under ``key`` (or the ``legacy`` key of an older cvdd), else None."""
     if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return saved["row"] if saved.get("key") == key else None
+    return saved["row"] if saved.get("key") in (key, legacy) else None
 
 
 def _versions() -> dict[str, str]:
@@ -478,11 +493,6 @@ def list_experts_or_empty(folder: str | os.PathLike[str]) -> list[Path]:
     return list_experts(folder) if Path(folder).is_dir() else []
 
 
-def _pct(mean: float, std: float, seeds: int = 2) -> str:
-    """``mean ± std`` in percent; one seed has no spread to show (``(1 seed)``, not a misleading ``± 0.00``)."""
-    return f"{100 * mean:.2f} (1 seed)" if seeds == 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
-
-
 def results_markdown(rows: list[dict[str, Any]], resolved: dict[str, Any]) -> str:
     """The results table (mean ± std over seeds, IOR, HLR, time per stage) as Markdown."""
     lines = [
@@ -500,7 +510,7 @@ def results_markdown(rows: list[dict[str, Any]], resolved: dict[str, Any]) -> st
     for r in rows:
         ior = "-" if r["ior"] is None else f"{100 * r['ior']:+.2f}"
         n = len(r["seeds"])
-        soft, hard = _pct(r["acc_mean"], r["acc_std"], n), _pct(r["hard_acc_mean"], r["hard_acc_std"], n)
+        soft, hard = mean_std(r["acc_mean"], r["acc_std"], n), mean_std(r["hard_acc_mean"], r["hard_acc_std"], n)
         lines.append(
             f"| {r['method']} | {r['ipc']} | {r['student']} | {r['label_mode']} | {soft} "
             f"| {ior} | {hard} | {100 * r['hlr']:.2f} | "

@@ -470,13 +470,19 @@ def _num(x: Any) -> float | None:
     return float(x)
 
 
+def mean_std(mean: float, std: float | None, seeds: int | None = None) -> str:
+    """Accuracy (a fraction) as ``mean ± std`` in percent, e.g. ``45.67 ± 1.23``; one seed has no spread to show
+    (``45.67 (1 seed)``, not a misleading ``± 0.00``); ``std`` None prints the mean alone."""
+    if seeds == 1:
+        return f"{100 * mean:.2f} (1 seed)"
+    return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
 def _pm(mean: Any, std: Any, seeds: Any = None) -> str:
-    m, s = _num(mean), _num(std)
+    m = _num(mean)
     if m is None:
         return "-"
-    if isinstance(seeds, list) and len(seeds) == 1:  # no spread to show: not a misleading "± 0.00"
-        return f"{100 * m:.2f} (1 seed)"
-    return f"{100 * m:.2f}" + ("" if s is None else f" ± {100 * s:.2f}")
+    return mean_std(m, _num(std), len(seeds) if isinstance(seeds, list) else None)
 
 
 def _pts(x: Any, signed: bool) -> str:

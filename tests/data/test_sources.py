@@ -182,6 +182,14 @@ def test_spec_round_trip_and_compatibility() -> None:
     swapped = DatasetSpec("c", ("y", "x"), 32, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
     with pytest.raises(DataError, match="class order differs"):
         spec.check_compatible(swapped, "expert e")
+    # Statistics computed from data differ in the 7th digit between reduction orders: the same normalisation.
+    rounding = DatasetSpec("a", ("x", "y"), 32, (0.50000075, 0.5, 0.5), (0.2, 0.2, 0.19999962))
+    spec.check_compatible(rounding, "expert e")
+    assert rounding.input_key() == spec.input_key()
+    renormed = DatasetSpec("a", ("x", "y"), 32, (0.485, 0.456, 0.406), (0.2, 0.2, 0.2))
+    with pytest.raises(DataError, match=r"made with normalisation mean \[0.485"):
+        spec.check_compatible(renormed, "expert e")
+    assert renormed.input_key() != spec.input_key()
 
 
 def test_subset_is_balanced_and_seeded(digits) -> None:
@@ -234,10 +242,12 @@ def test_16_bit_greyscale_is_scaled_not_clipped() -> None:
     assert (out == 255).mean() < 0.01  # convert("RGB") alone made 99.6% of it white
 
 
-def test_a_killed_extraction_leaves_no_copy_behind(tiny_folder: Path, tmp_path: Path) -> None:
+def test_a_killed_extraction_leaves_no_copy_behind(tiny_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    import os
     import socket
     import subprocess
     import sys
+    import time
 
     tar_path = tmp_path / "mini.tar.gz"
     with tarfile.open(tar_path, "w:gz") as tar:
@@ -251,9 +261,21 @@ def test_a_killed_extraction_leaves_no_copy_behind(tiny_folder: Path, tmp_path: 
     leftover = root.with_name(f"{root.name}.tmp-{socket.gethostname()}-{int(gone.stdout)}")
     leftover.mkdir()
     (leftover / "half.jpg").write_bytes(b"x")
+    older_cvdd = root.with_name(f"{root.name}.tmp{int(gone.stdout)}")
+    older_cvdd.mkdir()
+    recent = root.with_name(f"{root.name}.tmp-{socket.gethostname()}-{int(gone.stdout) + 1}")
+    recent.mkdir()  # not a day old: kept (it may be another container's live extraction)
+    day_old = time.time() - 2 * 86400
+    for d in (leftover, older_cvdd):
+        os.utime(d, (day_old, day_old))
     other_host = root.with_name(f"{root.name}.tmp-elsewhere-1")
     other_host.mkdir()
+    os.utime(other_host, (day_old, day_old))
     (root / ".complete").unlink()
     again = load_dataset(tar_path, image_size=224, cache_dir=cache, progress=False)
     assert again.train.files == first.train.files and (root / ".complete").is_file()
-    assert sorted(p.name for p in (cache / "extracted").iterdir()) == sorted([root.name, other_host.name])
+    assert sorted(p.name for p in (cache / "extracted").iterdir()) == sorted([root.name, other_host.name, recent.name])
+    # A new decoding format re-decodes small datasets but does not extract a large tarball again.
+    monkeypatch.setattr("cvdd.data.sources.CACHE_FORMAT", 99)
+    load_dataset(tar_path, image_size=224, cache_dir=cache, progress=False)
+    assert sorted(p.name for p in (cache / "extracted").iterdir()) == sorted([root.name, other_host.name, recent.name])

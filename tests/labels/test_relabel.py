@@ -170,6 +170,27 @@ def test_stored_labels_of_another_set_or_teacher_file_are_refused(tmp_path: Path
         )
 
 
+def test_label_folders_made_before_the_digests_stay_valid(tmp_path: Path) -> None:
+    images, labels = _toy_set()
+    settings = LabelSettings(epochs=2, batch_size=8, micro_batch=4, seed=11)
+    expert = _expert(0)
+    expert.meta["sha256"] = "a" * 64
+    relabel_stored(images, labels, SPEC, Teacher([expert], [1.0], group_size=4), settings, tmp_path, progress=False)
+    meta_path = tmp_path / "labels.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["ident"]["data"], meta["ident"]["teacher"]["files"]  # as an older cvdd wrote it
+    meta_path.write_text(json.dumps(meta))
+    kept = (tmp_path / "epoch_0001.safetensors").stat().st_mtime_ns
+    relabel_stored(images, labels, SPEC, Teacher([expert], [1.0], group_size=4), settings, tmp_path, progress=False)
+    assert (tmp_path / "epoch_0001.safetensors").stat().st_mtime_ns == kept  # reused, not refused or redone
+    ident = json.loads(meta_path.read_text())["ident"]
+    assert "data" in ident and ident["teacher"]["files"] == ["a" * 16]  # the full identity from now on
+    other = images.clone()
+    other[0] += 0.25
+    with pytest.raises(ArtifactError, match="another synthetic set"):
+        relabel_stored(other, labels, SPEC, Teacher([expert], [1.0], group_size=4), settings, tmp_path)
+
+
 def _train(images, labels, teacher, cfg: EvalConfig, label_dir=None) -> nn.Module:
     torch.manual_seed(5)
     student = create_model("convnet_d3_w32", 4, 16)

@@ -88,6 +88,22 @@ def test_units_are_keyed_on_the_real_images_they_start_from(digit_experts: Path,
     assert config_hash(gauss, plan, digits.spec, 0, experts, carved.fingerprint) == config_hash(
         gauss, plan, digits.spec, 0, experts
     )
+    # The expert named for SRe2L++ (`single`) is no part of a committee's hash (it shapes nothing there).
+    pair = RecoverConfig(ipc=1, committee_size=2).validate(len(experts))
+    named = RecoverConfig(ipc=1, committee_size=2, single="resnet8").validate(len(experts))
+    pair_plan = plan_committees(experts, pair, 0)
+    assert config_hash(named, pair_plan, digits.spec, 0, experts) == config_hash(
+        pair, pair_plan, digits.spec, 0, experts
+    )
+    alone = RecoverConfig(ipc=1, committee_size=1, single="resnet8").validate(len(experts))
+    alone_plan = plan_committees(experts, alone, 0)
+    assert config_hash(alone, alone_plan, digits.spec, 0, experts) != config_hash(
+        RecoverConfig(ipc=1, committee_size=1, single="convnet_d3_w32").validate(len(experts)),
+        alone_plan,
+        digits.spec,
+        0,
+        experts,
+    )
     kw = {"ipc": 1, "committee_size": 1, "overrides": {"init": "real", "iterations": 2}}
     _recover(digit_experts, tmp_path / "set", digits, **kw)
     with pytest.raises(ArtifactError, match="another configuration"):

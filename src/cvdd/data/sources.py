@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import tarfile
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -622,12 +623,17 @@ def _load_imagefolder(
         probed = _probe_folder_size(listing.splits["train"], classes, read)
         spec = _spec_for_folder(name_hint, classes, probed, source, image_size)
         fingerprint = hashlib.sha256(f"{fingerprint}:{classes}".encode()).hexdigest()[:16]
-        key = hashlib.sha256(
-            f"v{CACHE_FORMAT}:{fingerprint}:{spec.image_size}:{','.join(classes)}".encode()
-        ).hexdigest()[:24]
+
+        def cache_key(version: int) -> str:
+            return hashlib.sha256(
+                f"v{version}:{fingerprint}:{spec.image_size}:{','.join(classes)}".encode()
+            ).hexdigest()[:24]
 
         if spec.large:
-            return _streamed(source, tar, listing, classes, spec, cache, key, fingerprint)
+            # A large tarball is extracted, not decoded: its folder keeps the key of format 1, so a change of the
+            # decoding does not extract ImageNet again.
+            return _streamed(source, tar, listing, classes, spec, cache, cache_key(1), fingerprint)
+        key = cache_key(CACHE_FORMAT)
 
         cached = _load_cache(cache, key)
         if cached is not None:
@@ -651,22 +657,28 @@ def _load_imagefolder(
             tar.close()
 
 
-def _remove_dead_extractions(root: Path) -> None:
-    """Delete this host's unfinished extractions of ``root`` whose process is gone (a killed run leaves a whole
-    copy of the dataset behind); extractions by live processes or other hosts are left alone."""
-    import shutil
+def _remove_dead_extractions(root: Path, min_age_s: float = 86400.0) -> None:
+    """Delete this host's unfinished extractions of ``root`` left by killed runs (each can be a whole copy of the
+    dataset): named with this host and a process id that no longer runs, and untouched for ``min_age_s``.
 
-    mine = f"{root.name}.tmp-{socket.gethostname()}-"
-    for tmp in root.parent.glob(f"{root.name}.tmp-*") if root.parent.is_dir() else []:
-        pid = tmp.name[len(mine) :] if tmp.name.startswith(mine) else ""
+    The age guards against processes that share the host name but not the process ids (containers with host
+    networking); extractions of other hosts, and of live processes, are left alone. Older cvdd named them
+    ``<key>.tmp<pid>``.
+    """
+    host = socket.gethostname()
+    for tmp in root.parent.glob(f"{root.name}.tmp*") if root.parent.is_dir() else []:
+        suffix = tmp.name[len(root.name) + len(".tmp") :]
+        pid = suffix[len(f"-{host}-") :] if suffix.startswith(f"-{host}-") else suffix
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
+            if time.time() - tmp.stat().st_mtime < min_age_s:
+                continue
             os.kill(int(pid), 0)
         except ProcessLookupError:
             log.info("removing an unfinished extraction of a killed run: %s", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:  # alive, another user's
+        except OSError:  # alive (another user's), or gone meanwhile
             pass
 
 

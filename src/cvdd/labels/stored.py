@@ -132,10 +132,10 @@ def relabel_stored(
     reused: list[dict[str, str] | None] = []  # the builds that made the epochs already on disk
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
-        if old.get("ident") != ident:
-            prev = old.get("ident") or {}
+        keys = _differing(old.get("ident") or {}, ident)
+        if keys:
             what = {"settings": "label settings (seed, epochs, crops, CutMix...)", "teacher": "teacher"}
-            differ = sorted({what.get(k, "synthetic set") for k in ident if prev.get(k) != ident[k]})
+            differ = sorted({what.get(k, "synthetic set") for k in keys})
             raise ArtifactError(
                 f"{out_dir} holds labels made for another {' and '.join(differ)}; choose another --out "
                 "or remove that folder"
@@ -183,6 +183,22 @@ def relabel_stored(
         atomic_write_text(meta_path, json.dumps(info, indent=1))
     dd.barrier()
     return info
+
+
+def _differing(prev: dict[str, Any], ident: dict[str, Any]) -> list[str]:
+    """The keys of ``ident`` that a label folder's recorded identity contradicts.
+
+    Folders made before the set's digest (``data``) and the experts' weight files (``teacher.files``) were part of
+    the identity are compared without them: they stay valid as they were (finished work is kept), and the folder
+    records the full identity once this run finishes it.
+    """
+    new = dict(ident)
+    if "data" not in prev:
+        new.pop("data", None)
+    old_teacher, new_teacher = prev.get("teacher"), new.get("teacher")
+    if isinstance(old_teacher, dict) and "files" not in old_teacher and isinstance(new_teacher, dict):
+        new["teacher"] = {k: v for k, v in new_teacher.items() if k != "files"}
+    return [k for k in new if prev.get(k) != new[k]]
 
 
 def _save_shard(path: Path, tensors: dict[str, torch.Tensor], epoch: int) -> None:

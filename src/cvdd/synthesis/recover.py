@@ -274,6 +274,10 @@ def config_hash(
         "bn_groups": "block",
     }
     fields = identity_dict(cfg, late)
+    # The expert of the `single` policy shapes nothing a committee of N >= 2 makes (a preset naming SRe2L++'s
+    # expert keeps the hash of CV-DD sets made without it).
+    if cfg.committee_size > 1 and cfg.committee != "single":
+        fields["single"] = None
     # Activation checkpointing recomputes the same operations (same pixels), so it is no part of the identity: a
     # run that ran out of memory resumes with it turned on.
     fields.pop("checkpoint", None)
@@ -787,7 +791,8 @@ def recover_images(
         if old.get("config_hash") != chash and not restart:
             raise ArtifactError(
                 f"{out_dir} holds recover units made with another configuration ({MANIFEST}: config hash "
-                f"{old.get('config_hash')} != {chash}); pass --restart to discard them or choose another --out"
+                f"{old.get('config_hash')} != {chash}); choose another --out, remove that folder, or pass "
+                "--restart (cvdd recover) to discard them"
             )
     dd.barrier()  # every rank has read the old manifest before rank 0 replaces it
 
@@ -807,8 +812,8 @@ def recover_images(
                     else "a checksum mismatch (a tampered or truncated file)"
                 )
                 raise ArtifactError(
-                    f"{out_dir} holds recover unit {unit.key} with {why}; pass --restart to discard it "
-                    f"or choose another --out"
+                    f"{out_dir} holds recover unit {unit.key} with {why}; choose another --out, remove that "
+                    "folder, or pass --restart (cvdd recover) to discard it"
                 )
             for f in _unit_paths(out_dir, unit):
                 f.unlink(missing_ok=True)
