@@ -29,3 +29,28 @@ def test_a_report_can_be_written_twice_in_one_session(tmp_path) -> None:
     for _ in range(2):  # the function runs both times and refuses the folder, as a user would see it
         with pytest.raises(ArtifactError, match="does not exist"):
             cvdd.report(tmp_path / "missing")
+
+
+def test_committee_size_one_is_one_expert_also_under_a_preset_that_names_a_committee(
+    digit_experts, digits, tmp_path, monkeypatch
+) -> None:
+    """A paper preset pins its CV-DD policy (fixed pair, pairs, random); N = 1 must still be SRe2L++ (one expert)."""
+    import dataclasses
+
+    import cvdd.config
+
+    names = sorted(p.stem for p in digit_experts.glob("*.safetensors"))
+    pinned = dataclasses.replace(cvdd.config.get_recover_preset("digits"), committee="fixed", fixed=names[:2])
+    monkeypatch.setattr(cvdd.config, "get_recover_preset", lambda name: pinned)
+    res = cvdd.recover(
+        digit_experts,
+        tmp_path / "n1",
+        ipc=1,
+        committee_size=1,
+        iterations=2,
+        init="real",
+        dataset=digits,
+        progress=False,
+    )
+    assert res.meta["method"] == "sre2l++" and res.meta["committee_policy"] == "single"
+    assert all(len(c) == 1 for c in res.meta["committees"])

@@ -378,6 +378,34 @@ def shard(text: str) -> Callable[[Ctx], list[str]]:
 # (builder, expected exit status, text expected in the stderr line (status 2) or on stdout (status 0));
 # "{tmp}" stands for the case's temporary folder.
 
+
+def distill_of_a_dataset_without_its_own_preset(c: Ctx) -> list[str]:
+    return ["distill", "--dataset", "cifar10", "--data", str(c.tmp / "nowhere")]  # refused before any read
+
+
+def relabel_with_unknown_preset(c: Ctx) -> list[str]:
+    return ["relabel", "random-real", "--ipc", "1", "--experts", str(c.experts), "--preset", "digitz"]
+
+
+def ablate_with_empty_experts_folder(c: Ctx) -> list[str]:
+    (c.tmp / "empty").mkdir()
+    return ["ablate", "--experts", str(c.tmp / "empty")]
+
+
+def info_of_a_json_list(c: Ctx) -> list[str]:
+    (c.tmp / "synthetic.json").write_text("[1, 2]")
+    return ["info", str(c.tmp)]
+
+
+def bad_tracker(c: Ctx) -> list[str]:
+    return ["evaluate", "random-real", "--experts", str(c.tmp / "nowhere"), "--track", "tensorbord"]
+
+
+def fixed_committee_of_another_size(c: Ctx) -> list[str]:
+    names = [p.stem for p in sorted(c.experts.glob("*.safetensors"))]
+    return recover_on(c, "--committee", "fixed", "--set", f"fixed=[{names[0]}]")
+
+
 CASES = [
     # 1. missing dataset path, 15. unknown dataset name
     pytest.param(missing_dataset_path, 2, "dataset path does not exist: {tmp}/no/such-folder", id="missing-path"),
@@ -464,6 +492,20 @@ CASES = [
     pytest.param(merge_not_a_run, 2, "{tmp}/syn is not a recover run (no recover.json)", id="merge-not-a-run"),
     pytest.param(merge_other_manifest_kind, 2, "is not a cvdd recover-manifest", id="merge-other-kind"),
     pytest.param(merge_truncated_manifest, 2, "unreadable run manifest", id="merge-truncated-manifest"),
+    # 17. choices that used to fail late (after a dataset decode or an epoch) or with a traceback
+    pytest.param(
+        distill_of_a_dataset_without_its_own_preset,
+        2,
+        "cvdd distill needs --preset for cifar10: it has no preset of its own; `cvdd presets cifar10` lists them",
+        id="distill-without-preset",
+    ),
+    pytest.param(relabel_with_unknown_preset, 2, "unknown distill preset 'digitz'", id="relabel-unknown-preset"),
+    pytest.param(ablate_with_empty_experts_folder, 2, "no experts found in {tmp}/empty", id="ablate-no-experts"),
+    pytest.param(info_of_a_json_list, 2, "{tmp}/synthetic.json is not cvdd metadata", id="info-json-list"),
+    pytest.param(bad_tracker, 2, "unknown tracker 'tensorbord'", id="bad-tracker"),
+    pytest.param(
+        fixed_committee_of_another_size, 2, "has 1 experts but committee_size is 2", id="fixed-committee-size"
+    ),
     # 16. malformed --shard
     pytest.param(shard("3/2"), 2, "--shard index must be in 0..COUNT-1 (got '3/2')", id="shard-3-of-2"),
     pytest.param(shard("first"), 2, "--shard takes INDEX/COUNT such as 0/4 (got 'first')", id="shard-not-i-n"),

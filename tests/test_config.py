@@ -36,6 +36,26 @@ def test_unknown_key_and_wrong_type_are_errors() -> None:
         Recipe(optimizer="lion").validate()
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("augment", "cutout", "unknown augment 'cutout'"),
+        ("precision", "fp16", "unknown precision 'fp16'"),
+        ("period_epochs", 0, "period_epochs must be >= 1"),
+        ("cosine_eta", 0.0, "cosine_eta must be positive"),
+        ("label_smoothing", 1.5, r"label_smoothing must be in \[0, 1\)"),
+        ("warmup_epochs", 11.0, r"warmup_epochs must be in \[0, epochs\] \(got 11.0 of 10\)"),
+        ("micro_batch", -1, "micro_batch, workers and padding must be >= 0"),
+    ],
+)
+def test_recipe_values_that_would_fail_mid_run_are_refused_up_front(field: str, value, message: str) -> None:
+    recipe = Recipe(epochs=10, schedule="periodic")
+    setattr(recipe, field, value)
+    with pytest.raises(ConfigError, match=message):
+        recipe.validate()
+    Recipe(epochs=1, warmup_epochs=1).validate()  # the squeeze presets' one warm-up epoch under --epochs 1
+
+
 def test_parse_override() -> None:
     assert parse_override("lr=0.1") == ("lr", 0.1)
     assert parse_override("archs=[a, b]") == ("archs", ["a", "b"])

@@ -192,6 +192,35 @@ def test_sharded_batch_sampler_covers_each_global_batch_once() -> None:
         assert [i for p in parts for i in p[step]] == batch
 
 
+@pytest.mark.parametrize("n, batch, count", [(37, 16, 5), (36, 16, 5), (20, 16, 16), (1281167 % 128 + 256, 128, 16)])
+def test_sharded_slices_are_balanced_never_empty_and_weighted_by_the_global_batch(n, batch, count) -> None:
+    from cvdd.data.loader import _ShardedBatchSampler, global_batch_size, sharded_steps
+    from cvdd.engine.loop import Batch, _my_micro_batches
+
+    parts = [list(_ShardedBatchSampler(n, batch, True, seed=3, index=i, count=count)) for i in range(count)]
+    steps = sharded_steps(n, batch, count)
+    assert all(len(p) == steps for p in parts)
+    last = n % batch
+    # a last batch with fewer images than ranks (ImageNet-1K, batch 128, 16 ranks: 15 images) is left out
+    assert steps == -(-n // batch) - (1 if 0 < last < count else 0)
+    for step in range(steps):
+        sizes = [len(p[step]) for p in parts]
+        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+        assert sum(sizes) == global_batch_size(n, batch, step)
+        assert len({i for p in parts for i in p[step]}) == sum(sizes)
+        # every image weighs 1 / (global batch), whatever the size of its rank's slice
+        rows = Batch(torch.zeros(sizes[-1], 1), torch.zeros(sizes[-1], dtype=torch.long))
+        micros, total = _my_micro_batches(rows, 0, count - 1, count, global_size=sum(sizes))
+        assert total == sum(sizes) and sum(len(m) for m in micros) == sizes[-1]
+
+
+def test_a_cuda_index_under_a_launcher_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="each rank takes its own GPU"):
+        dd.init_from_env("cuda:1")
+
+
 def test_torchrun_squeeze_trains_one_expert_written_once(tmp_path: Path) -> None:
     out = tmp_path / "experts"
     args = ["squeeze", "--dataset", "digits", "--arch", "convnet_d3_w32", "--epochs", "2", "--out", str(out)]

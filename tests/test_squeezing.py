@@ -70,3 +70,11 @@ def test_unknown_arch_fails_before_training(digits, tmp_path: Path) -> None:
         cvdd.squeeze(digits, out=tmp_path, preset="nope", progress=False)
     with pytest.raises(ConfigError, match="unknown key 'lrr'"):
         cvdd.squeeze(digits, out=tmp_path, overrides={"lrr": 0.1}, progress=False)
+
+
+def test_throughput_of_a_run_resumed_after_its_last_epoch_comes_from_its_history() -> None:
+    from cvdd.squeezing import _history_throughput
+
+    history = [{"images_per_s": 100.0, "seconds": 2.0}, {"images_per_s": 50.0, "seconds": 2.0}]
+    assert _history_throughput(history) == pytest.approx(75.0)  # 300 images in 4 s, not the mean of the rates
+    assert _history_throughput([]) == 0.0

@@ -204,8 +204,9 @@ def run_ablation(
     Returns:
         The table rows (also written as JSON and Markdown).
     """
-    from cvdd.api import _teacher, load_pool, recover
+    from cvdd.api import load_pool, recover
     from cvdd.evaluation.student import evaluate_synthetic, random_real_set
+    from cvdd.labels.bssl import build_teacher
     from cvdd.pipeline import get_distill_preset, method_overrides
     from cvdd.synthesis.recover import load_synthetic
 
@@ -255,7 +256,7 @@ def run_ablation(
                 for n, a in u["expert_accuracy"].items():
                     accs.setdefault(n, []).append(a)
             info["experts_on_synthetic"] = {n: statistics.fmean(a) for n, a in accs.items()}
-        teacher = None if cfg.label_mode == "hard" else _teacher(pool, cfg)
+        teacher = None if cfg.label_mode == "hard" else build_teacher(pool, cfg)
         digest = tensor_digest(images)[:16]
         key = _key(
             {

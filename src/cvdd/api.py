@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,12 @@ from cvdd.data.sources import load_dataset as _load_dataset
 from cvdd.distributed import Shard
 from cvdd.errors import ConfigError, CvddError
 from cvdd.experts import Expert
+from cvdd.labels.bssl import build_teacher
 from cvdd.models import ModelInfo, count_parameters, create_model, forward_mflops, list_models, model_info
 from cvdd.squeezing import SqueezeResult, resolve_squeeze_config, squeeze_experts
 from cvdd.synthesis.recover import RecoverResult, merge_units, recover_images
+
+log = logging.getLogger(__name__)
 
 
 def load_dataset(
@@ -161,6 +165,17 @@ def _source_or_experts(dataset: str | os.PathLike[str] | RealDataset | None, met
     return source
 
 
+def _found_experts(experts: str | os.PathLike[str]) -> list[Path]:
+    """The finished experts of a folder; a one-line error when there are none."""
+    from cvdd.errors import ArtifactError
+    from cvdd.experts import list_experts
+
+    paths = list_experts(experts)
+    if not paths:
+        raise ArtifactError(f"no experts found in {experts} (run `cvdd squeeze` first)")
+    return paths
+
+
 def load_pool(
     experts: str | os.PathLike[str] | list[str | os.PathLike[str]],
     pool: list[str] | None = None,
@@ -169,11 +184,11 @@ def load_pool(
     """Load the experts of a folder (or a list of expert files), optionally only/ordered by ``pool`` names."""
     from cvdd.device import resolve_device
     from cvdd.errors import ArtifactError
-    from cvdd.experts import list_experts, load_expert
+    from cvdd.experts import load_expert
 
-    paths = list_experts(experts) if isinstance(experts, str | os.PathLike) else [Path(p) for p in experts]
+    paths = _found_experts(experts) if isinstance(experts, str | os.PathLike) else [Path(p) for p in experts]
     if not paths:
-        raise ArtifactError(f"no experts found in {experts} (run `cvdd squeeze` first)")
+        raise ArtifactError("no experts given")
     by_name = {Path(p).stem: p for p in paths}
     if pool:
         missing = [n for n in pool if n not in by_name]
@@ -251,6 +266,9 @@ def recover(
         "init": init,
     }
     merged = {**{k: v for k, v in explicit.items() if v is not None}, **(overrides or {})}
+    if merged.get("committee_size") == 1 and "committee" not in merged and cfg.committee not in ("auto", "single"):
+        # N = 1 is SRe2L++ (one expert), also under a paper preset that names its CV-DD committee policy
+        merged["committee"] = "single"
     cfg = apply_overrides(cfg, merged, "recover options").validate(len(loaded))
     real: RealDataset | None = None
     if cfg.init in ("patches", "real"):
@@ -285,17 +303,6 @@ def export(synthetic: str | os.PathLike[str], out: str | os.PathLike[str], *, fo
     from cvdd.synthesis.export import export_synthetic
 
     return export_synthetic(synthetic, out, format)
-
-
-def _teacher(pool: list[Expert], cfg: Any) -> Any:
-    from cvdd.labels.bssl import Teacher, teacher_weights
-
-    if cfg.teacher == "committee":
-        return Teacher(pool, teacher_weights(pool, "prior", cfg.teacher_temperature), bssl=cfg.bssl)
-    chosen = [e for e in pool if e.name == cfg.teacher]
-    if not chosen:
-        raise ConfigError(f"teacher {cfg.teacher!r} is not among the experts ({', '.join(e.name for e in pool)})")
-    return Teacher(chosen, [1.0], bssl=cfg.bssl)
 
 
 def _synthetic_or_random(
@@ -335,6 +342,36 @@ def _synthetic_or_random(
     return images, labels, real
 
 
+def _eval_recipe(
+    preset: str | None, pool: list[Expert], overrides: dict[str, Any] | None, where: str
+) -> tuple[Any, Any]:
+    """The evaluation recipe of ``evaluate``, ``relabel`` and ``prior`` (one rule for the three).
+
+    Returns:
+        (the validated :class:`~cvdd.evaluation.student.EvalConfig` with ``overrides``, the distill preset it
+        came from or None). A named ``preset`` must exist (one-line error listing them); without one, the experts'
+        dataset's own distill preset if there is one, else the recipe defaults (logged).
+    """
+    from cvdd.config import apply_overrides
+    from cvdd.evaluation.student import EvalConfig
+    from cvdd.pipeline import distill_presets, get_distill_preset
+
+    chosen = None
+    if preset is not None:
+        chosen = get_distill_preset(preset)  # raises the one-line error listing the presets
+    else:
+        presets = distill_presets()
+        chosen = presets.get(pool[0].spec.default_preset)
+        if chosen is None:
+            log.info(
+                "%s: no distill preset for %s; the evaluation recipe defaults apply (see `cvdd presets`)",
+                where,
+                pool[0].spec.name,
+            )
+    cfg = chosen.evaluate if chosen is not None else EvalConfig()
+    return apply_overrides(cfg, overrides or {}, f"{where} options").validate(), chosen
+
+
 def evaluate(
     synthetic: str | os.PathLike[str],
     experts: str | os.PathLike[str] = "runs/experts",
@@ -370,21 +407,14 @@ def evaluate(
     Returns:
         An :class:`~cvdd.evaluation.student.EvalResult`.
     """
-    from cvdd.config import apply_overrides
-    from cvdd.evaluation.student import EvalConfig, evaluate_synthetic
-    from cvdd.pipeline import distill_presets, get_distill_preset
+    from cvdd.evaluation.student import evaluate_synthetic
 
     pool = load_pool(experts, device=device)
-    presets = distill_presets()
-    name = preset or pool[0].spec.default_preset
-    if preset is not None and name not in presets:
-        get_distill_preset(name)  # raises the one-line error listing the presets
-    cfg = presets[name].evaluate if name in presets else EvalConfig()
-    cfg = apply_overrides(cfg, overrides or {}, "evaluate options").validate()
+    cfg, _ = _eval_recipe(preset, pool, overrides, "evaluate")
     images, labels, real = _synthetic_or_random(synthetic, pool, ipc, dataset, data, cache_dir, seed, progress)
     if cfg.label_mode == "stored" and label_dir is None:
         label_dir = _default_label_dir(synthetic, ipc)
-    teacher = None if cfg.label_mode == "hard" else _teacher(pool, cfg)
+    teacher = None if cfg.label_mode == "hard" else build_teacher(pool, cfg)
     return evaluate_synthetic(
         images,
         labels,
@@ -427,10 +457,10 @@ def ablate(
     embedded digits, else ``cifar10-cpu`` (the CPU-sized recipe).
     """
     from cvdd.ablation import load_grid, run_ablation, with_baselines
-    from cvdd.experts import list_experts, read_expert_meta
+    from cvdd.experts import read_expert_meta
 
     if dataset is None:
-        dataset = _source_or_experts(None, read_expert_meta(list_experts(experts)[0]))
+        dataset = _source_or_experts(None, read_expert_meta(_found_experts(experts)[0]))
     real = _real(dataset, data, cache_dir, download, progress)
     default = "digits" if real.spec.name == "digits" else "cifar10-cpu"
     configs = load_grid(grid or default)
@@ -478,6 +508,7 @@ def relabel(
     overrides: dict[str, Any] | None = None,
     dataset: str | os.PathLike[str] | RealDataset | None = None,
     data: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     seed: int = 0,
     label_seed: int | None = None,
     device: str | None = None,
@@ -489,22 +520,17 @@ def relabel(
     so does the plans' seed by default: ``label_seed`` None is the recipe's first student seed, the seed whose
     plans ``evaluate`` replays from stored labels.
     """
-    from cvdd.config import apply_overrides
     from cvdd.device import resolve_device
-    from cvdd.evaluation.student import EvalConfig, configure_teacher
+    from cvdd.evaluation.student import configure_teacher
     from cvdd.labels.stored import relabel_stored
-    from cvdd.pipeline import distill_presets
 
     pool = load_pool(experts, device=device)
-    presets = distill_presets()
-    name = preset or pool[0].spec.default_preset
-    cfg = presets[name].evaluate if name in presets else EvalConfig()
-    cfg = apply_overrides(cfg, {**(overrides or {}), "label_mode": "stored"}, "relabel options").validate()
-    images, labels, real = _synthetic_or_random(synthetic, pool, ipc, dataset, data, None, seed, progress)
+    cfg, _ = _eval_recipe(preset, pool, {**(overrides or {}), "label_mode": "stored"}, "relabel")
+    images, labels, real = _synthetic_or_random(synthetic, pool, ipc, dataset, data, cache_dir, seed, progress)
     if out is None:
         out = _default_label_dir(synthetic, ipc)
     dev = resolve_device(device)
-    teacher = _teacher(pool, cfg)
+    teacher = build_teacher(pool, cfg)
     configure_teacher(teacher, cfg, dev)
     return relabel_stored(
         images.to(dev),
@@ -581,12 +607,11 @@ def distill(
         check_settings(chosen, recover_overrides, squeeze_overrides)
         return chosen
 
-    # A named preset is checked with every override before the dataset is read (a decode can take minutes); the
-    # dataset's default preset is known only once it is.
-    chosen = choose(preset) if preset is not None else None
+    if preset is None:
+        preset = _own_distill_preset(dataset)
+    # The preset is checked with every override before the dataset is read (a decode can take minutes).
+    chosen = choose(preset)
     real = _real(dataset, data, cache_dir, download, progress)
-    if chosen is None:
-        chosen = choose(real.spec.default_preset)
     return run_distill(
         real,
         out,
@@ -600,6 +625,30 @@ def distill(
     )
 
 
+def _own_distill_preset(dataset: str | os.PathLike[str] | RealDataset) -> str:
+    """The distill preset a dataset runs without ``--preset`` (digits: ``digits``), known before it is read.
+
+    Raises:
+        ConfigError: the dataset has no preset of its own (CIFAR-10 has a CPU and several paper GPU presets,
+            a folder of images none): the user chooses.
+    """
+    from cvdd.data.specs import canonical_name, known_constants
+    from cvdd.pipeline import distill_presets
+
+    if isinstance(dataset, RealDataset):
+        name, own = dataset.spec.name, dataset.spec.default_preset
+    else:
+        name = os.fspath(dataset)
+        own = known_constants(name)["default_preset"] if canonical_name(name) else None
+    if own not in distill_presets():
+        listing = " ".join(["cvdd presets", canonical_name(name) or ""]).strip()
+        raise ConfigError(
+            f"cvdd distill needs --preset for {name}: it has no preset of its own; `{listing}` lists them "
+            "(cifar10-cpu runs on a CPU, the paper's <dataset>-ipc<N> presets are GPU jobs)"
+        )
+    return str(own)
+
+
 def prior(
     experts: str | os.PathLike[str] = "runs/experts",
     *,
@@ -610,6 +659,7 @@ def prior(
     val_per_class: int = 100,
     dataset: str | os.PathLike[str] | RealDataset | None = None,
     data: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     seed: int = 0,
     device: str | None = None,
     progress: bool = True,
@@ -631,20 +681,20 @@ def prior(
 
     from cvdd.ablation import carve_validation
     from cvdd.artifacts import atomic_write_text
-    from cvdd.config import apply_overrides, refuse_owned
-    from cvdd.evaluation.student import EvalConfig, evaluate_synthetic
+    from cvdd.config import refuse_owned
+    from cvdd.evaluation.student import evaluate_synthetic
     from cvdd.experts import expert_paths
-    from cvdd.pipeline import distill_presets
 
     owned = {"ipc": "its ipc argument", "committee_size": "the method (N = 1: each expert alone)"}
     refuse_owned(recover_overrides, owned, "prior recover option", "prior")  # before any work
     pool = load_pool(experts, device=device)
-    presets = distill_presets()
-    name = preset or pool[0].spec.default_preset
-    cfg = presets[name].evaluate if name in presets else EvalConfig()
-    cfg = apply_overrides(cfg, overrides or {}, "prior options").validate()
+    cfg, chosen = _eval_recipe(preset, pool, overrides, "prior")
     source = _source_or_experts(dataset, pool[0].meta)
-    real = source if isinstance(source, RealDataset) else load_dataset(source, data=data, progress=progress)
+    real = (
+        source
+        if isinstance(source, RealDataset)
+        else load_dataset(source, data=data, cache_dir=cache_dir, progress=progress)
+    )
     if not isinstance(real.train, TensorSplit):
         raise ConfigError("cvdd prior needs an in-memory dataset (images of at most 64 px)")
     # The scoring images are carved out of the pool that recover initialises from (real images, patches): a
@@ -652,7 +702,7 @@ def prior(
     per_class = max(1, min(val_per_class, _smallest_class(real) // 2))
     carved = carve_validation(real, per_class, seed)
     val = carved.test
-    teacher = _teacher(pool, cfg)
+    teacher = build_teacher(pool, cfg)
     work = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="cvdd-prior-"))
     try:
         priors = {}
@@ -666,6 +716,8 @@ def prior(
                 seed=seed,
                 device=device,
                 progress=progress,
+                # the preset's recover settings (a CPU preset's 300 small steps, not the paper's 4000 on a GPU)
+                preset=chosen.recover_preset if chosen is not None else None,
                 overrides=recover_overrides,
             )
             ev = evaluate_synthetic(
@@ -733,6 +785,14 @@ def info(artifact: str | os.PathLike[str]) -> dict[str, Any]:
         meta = _json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"unreadable metadata {meta_path}: {exc}") from None
+    try:
+        return _describe(meta_path, meta)
+    except (KeyError, TypeError, AttributeError, IndexError):
+        raise ArtifactError(f"{meta_path} is not cvdd metadata (fields missing or of another type)") from None
+
+
+def _describe(meta_path: Path, meta: Any) -> dict[str, Any]:
+    """The ``info`` fields of one artifact's parsed metadata (KeyError/TypeError when it is not cvdd's)."""
     if meta_path.name == "results.json":
         return {
             "kind": "distill results",

@@ -10,7 +10,9 @@ import functools
 import hashlib
 import json
 import os
+import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +23,28 @@ from cvdd.data.specs import DatasetSpec
 from cvdd.errors import ArtifactError
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+def temp_sibling(path: Path) -> Path:
+    """A temporary name beside ``path`` for a write that is then renamed into place (unique per host, process
+    and call)."""
+    # Host, pid and a random part: ranks on different hosts of a shared filesystem can share a pid.
+    return path.with_name(f".{path.name}.tmp{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to the disk before it is renamed into place (a crash then leaves the old file or the
+    whole new one, never a renamed empty one)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = temp_sibling(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -50,9 +65,10 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` through a temporary file and an atomic rename (checkpoints)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = temp_sibling(path)
     try:
         torch.save(obj, tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -89,10 +105,11 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
+    tmp = temp_sibling(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
         digest = file_sha256(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -38,6 +38,13 @@ def _add_common(p: argparse.ArgumentParser, compute: bool = True) -> None:
         )
 
 
+def _add_experts_data(p: argparse.ArgumentParser) -> None:
+    """--dataset/--data/--cache-dir of the commands that read the experts' own dataset by default."""
+    p.add_argument("--dataset", default=None, help="real dataset (default: the experts')")
+    p.add_argument("--data", default=None, metavar="PATH", help="where a named dataset lives")
+    p.add_argument("--cache-dir", default=None, help="decoded-dataset cache (default: CVDD_CACHE or ~/.cache/cvdd)")
+
+
 def _add_data(p: argparse.ArgumentParser, dataset_default: str | None = "digits") -> None:
     """``dataset_default`` None: the subcommand takes the experts' dataset when --dataset is not given."""
     g = p.add_argument_group("data")
@@ -125,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--committee",
         default=None,
         choices=["auto", "pairs", "random", "fixed", "single"],
-        help="committee policy per IPC index (default auto: pairs while IPC <= C(M,N), else random)",
+        help="committee policy per IPC index (default: the preset's; auto: pairs while IPC <= C(M,N), else random)",
     )
     p.add_argument(
         "--voting",
@@ -139,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--init",
         default=None,
         choices=["patches", "real", "gaussian"],
-        help="initialisation (default patches: RDED-style real crops scored by an observer expert)",
+        help="initialisation (default: the preset's; patches: RDED-style real crops scored by an observer expert, "
+        "real: random real images)",
     )
     p.add_argument("--preset", default=None, help="recover preset (default: the dataset's own); see `cvdd presets`")
     p.add_argument(
@@ -250,15 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="labels folder (default: labels/ beside the synthetic set; random-real: runs/random-real-ipc<N>/labels)",
     )
     p.add_argument("--ipc", type=int, default=None, help="images per class (random-real only)")
-    p.add_argument("--teacher", default=None, help="committee (default) or one expert's name")
+    p.add_argument(
+        "--teacher", default=None, help="committee or one expert's name (default: the preset's; paper: resnet18)"
+    )
     p.add_argument("--no-bssl", action="store_true", help="teacher BN uses its running statistics")
     p.add_argument("--preset", default=None, help="distill preset whose evaluation recipe sets epochs and batches")
     p.add_argument(
         "--label-seed",
         type=int,
         default=None,
-        help="seed of the per-epoch augmentation plans (default: the recipe's first student seed, which evaluate "
-        "replays)",
+        help="seed of the per-epoch augmentation plans (default: the recipe's first student seed; evaluate replays "
+        "the labels of its first --seeds value, so pass the same seed there)",
     )
     p.add_argument(
         "--set",
@@ -267,8 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a recipe field, e.g. --set epochs=100 --set topk=5 --set label_dtype=fp32",
     )
-    p.add_argument("--dataset", default=None, help="real dataset (default: the experts')")
-    p.add_argument("--data", default=None, metavar="PATH")
+    _add_experts_data(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -296,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: the preset's)")
     p.add_argument("--epochs", type=int, default=None, help="student epochs")
-    p.add_argument("--teacher", default=None, help="committee (default) or one expert's name")
+    p.add_argument(
+        "--teacher", default=None, help="committee or one expert's name (default: the preset's; paper: resnet18)"
+    )
     p.add_argument("--no-bssl", action="store_true", help="teacher BN uses its running statistics")
     p.add_argument(
         "--checkpoints",
@@ -307,8 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", default=None, help="distill preset whose evaluation recipe is used")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
-    p.add_argument("--dataset", default=None, help="real dataset (default: the experts')")
-    p.add_argument("--data", default=None, metavar="PATH")
+    _add_experts_data(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -321,7 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data(p)
     p.add_argument("--out", default="runs/distill", help="run folder (default: runs/distill)")
-    p.add_argument("--preset", default=None, help="distill preset (default: the dataset's own); see `cvdd presets`")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="distill preset (default: digits for the embedded digits; other datasets need one: cifar10-cpu on a "
+        "CPU, the paper's <dataset>-ipc<N> on a GPU); see `cvdd presets`",
+    )
     p.add_argument("--methods", nargs="+", default=None, choices=["random-real", "sre2l++", "cvdd"])
     p.add_argument("--ipc", type=int, nargs="+", default=None, help="images per class (default: the preset's)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: the preset's)")
@@ -365,8 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a field of the recovery (recover.KEY) or of the students' recipe (evaluate.KEY or a bare KEY)",
     )
-    p.add_argument("--dataset", default=None, help="real dataset (default: the experts')")
-    p.add_argument("--data", default=None, metavar="PATH")
+    _add_experts_data(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -680,6 +694,7 @@ def _cmd_relabel(args: argparse.Namespace, progress: bool) -> int:
         overrides=_eval_overrides(args),
         dataset=args.dataset,
         data=args.data,
+        cache_dir=args.cache_dir,
         seed=args.seed,
         label_seed=args.label_seed,
         device=args.device,
@@ -705,6 +720,7 @@ def _cmd_evaluate(args: argparse.Namespace, progress: bool) -> int:
         label_dir=args.label_dir,
         dataset=args.dataset,
         data=args.data,
+        cache_dir=args.cache_dir,
         seed=args.seed,
         device=args.device,
         progress=progress,
@@ -772,6 +788,7 @@ def _cmd_prior(args: argparse.Namespace, progress: bool) -> int:
         out=args.out,
         dataset=args.dataset,
         data=args.data,
+        cache_dir=args.cache_dir,
         seed=args.seed,
         device=args.device,
         progress=progress,
@@ -970,10 +987,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = _setup_logging(args)
     from cvdd import distributed as dd
 
+    track_before = os.environ.get("CVDD_TRACK")
     try:
         # Under torchrun (WORLD_SIZE > 1) every rank joins the group; the stages shard or all-reduce.
         if getattr(args, "track", None):
             os.environ["CVDD_TRACK"] = args.track
+        if os.environ.get("CVDD_TRACK"):
+            from cvdd import tracking
+
+            tracking.current()  # a bad tracker name or a missing package fails now, not after the first epoch
         if dd.init_from_env(getattr(args, "device", None)) and not dd.is_main():
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - one report per job: rank 0 prints it
             progress = False
@@ -994,5 +1016,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cvdd: interrupted; finished work is kept and the next run resumes", file=sys.stderr)
         return 130
+    finally:  # --track is this command's: an in-process caller (a notebook, the tests) keeps its environment
+        if getattr(args, "track", None):
+            if track_before is None:
+                os.environ.pop("CVDD_TRACK", None)
+            else:
+                os.environ["CVDD_TRACK"] = track_before
     parser.error(f"unknown command {args.command}")
     return 2

@@ -150,8 +150,9 @@ class Recipe:
         weight_decay: L2 / decoupled weight decay.
         no_decay_bn_bias: exempt biases and normalisation parameters from weight decay.
         warmup_epochs: linear warm-up length (fractions allowed).
-        schedule: ``cosine`` (to 0 at the end, smoothed by ``cosine_eta``), ``periodic`` (cosine restarted
-            every ``period_epochs``, the official ImageNette recipe) or ``constant``.
+        schedule: ``cosine`` (to 0 at the end, smoothed by ``cosine_eta``), ``periodic`` (a cosine of half-period
+            ``period_epochs`` that goes on past it: 0 after one period, the peak after two; the official
+            ImageNette recipe, CosineAnnealingLR(T_max=100) for 300 epochs) or ``constant``.
         cosine_eta: smoothed cosine factor ½(1 + cos(π t / (T η))); 1 is plain cosine, 2 ends at half the LR.
         period_epochs: period of the ``periodic`` schedule.
         label_smoothing: cross-entropy label smoothing.
@@ -219,6 +220,25 @@ class Recipe:
             raise ConfigError(f"lr must be positive (got {self.lr})")
         if self.ghost_bn and self.compile:
             raise ConfigError("ghost_bn and compile cannot be combined; choose one")
+        # Checked here, before any data is read or model trained: each of these fails deep inside a run otherwise
+        # (division by zero in the schedule, a torch error at the first step, or a silently flat learning rate).
+        if self.augment not in ("crop_flip", "rrc_flip", "flip", "none"):
+            raise ConfigError(f"unknown augment {self.augment!r}; choose crop_flip, rrc_flip, flip or none")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
+        if self.schedule == "periodic" and self.period_epochs < 1:
+            raise ConfigError(f"period_epochs must be >= 1 for the periodic schedule (got {self.period_epochs})")
+        if not self.cosine_eta > 0:
+            raise ConfigError(f"cosine_eta must be positive (got {self.cosine_eta})")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1) (got {self.label_smoothing})")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(f"warmup_epochs must be in [0, epochs] (got {self.warmup_epochs} of {self.epochs})")
+        if self.micro_batch < 0 or self.workers < 0 or self.padding < 0:
+            raise ConfigError(
+                "micro_batch, workers and padding must be >= 0 "
+                f"(got {self.micro_batch}, {self.workers}, {self.padding})"
+            )
         if not self.checkpoint_every_s >= 0:  # also refuses NaN
             raise ConfigError(f"checkpoint_every_s must be >= 0 seconds (got {self.checkpoint_every_s})")
         return self

@@ -85,6 +85,12 @@ def init_from_env(device: str | None = None) -> bool:
     if world <= 1:
         return False
     use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda and device is not None and ":" in str(device):
+        # One index for every rank would put them all on one GPU (NCCL refuses, or they share it silently).
+        raise ConfigError(
+            f"--device {device} under a launcher with {world} ranks: each rank takes its own GPU (cuda:LOCAL_RANK); "
+            "pass --device cuda and choose GPUs with CUDA_VISIBLE_DEVICES"
+        )
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -128,38 +134,41 @@ def current_shard() -> Shard:
     return Shard(rank(), world())
 
 
-def local_device(device: str | torch.device | None) -> str | torch.device | None:
-    """With several ranks on CUDA, each rank uses its own GPU (``cuda:LOCAL_RANK``)."""
-    if active() and torch.cuda.is_available() and (device is None or str(device) in ("cuda", "auto")):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
-
-
 def all_reduce_gradients(model: nn.Module) -> None:
     """Sum every parameter's gradient across ranks (one flat buffer, one collective).
 
     Each rank's gradient is already weighted by its micro-batches' share of the global batch, so the sum is
-    the gradient of the global batch. A parameter without a gradient on this rank contributes zeros.
+    the gradient of the global batch. A parameter without a gradient on this rank contributes zeros; one without
+    a gradient on every rank keeps none (as in one process, where the optimiser then skips it: no weight decay,
+    no momentum step).
     """
     if not active():
         return
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [has])
     dist.all_reduce(flat)
+    anywhere = flat[-len(params) :].tolist()
     offset = 0
-    for p in params:
+    for p, seen in zip(params, anywhere):
         n = p.numel()
         # In the parameter's own memory layout (channels_last weights): PyTorch's fused CPU optimisers read a
         # gradient with other strides as if it had the parameter's, and silently apply a scrambled update.
-        p.grad = torch.empty_like(p).copy_(flat[offset : offset + n].view_as(p))
+        p.grad = torch.empty_like(p).copy_(flat[offset : offset + n].view_as(p)) if seen else None
         offset += n
 
 
 def average_buffers(model: nn.Module) -> None:
-    """Average floating-point buffers (BN running statistics) across ranks, so every rank holds the same model."""
+    """Average floating-point buffers (BN running statistics) across ranks and take rank 0's integer ones (BN's
+    batch counters, which differ when ranks run different numbers of micro-batches), so every rank holds the same
+    model."""
     if not active():
         return
+    with torch.no_grad():
+        for b in model.buffers():
+            if not b.is_floating_point():
+                dist.broadcast(b, src=0)
     bufs = [b for b in model.buffers() if b.is_floating_point()]
     if not bufs:
         return

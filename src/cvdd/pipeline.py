@@ -185,7 +185,7 @@ def distill(
     """Run the pipeline and write ``results.json``, ``results.md``, grids and the resolved config to ``out``."""
     from cvdd.api import load_pool, squeeze
     from cvdd.experts import list_experts, read_expert_meta
-    from cvdd.labels.bssl import Teacher, teacher_weights
+    from cvdd.labels.bssl import build_teacher
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -230,14 +230,7 @@ def distill(
     squeeze_s = time.perf_counter() - t0
     squeeze_peaks.mark("squeeze")
     pool = load_pool([r.path for r in squeezed], device=device)
-    teacher = Teacher(
-        pool, teacher_weights(pool, "prior", cfg.teacher_temperature) if cfg.teacher == "committee" else [1.0]
-    )
-    if cfg.teacher != "committee":
-        chosen = [e for e in pool if e.name == cfg.teacher]
-        if not chosen:
-            raise ConfigError(f"teacher {cfg.teacher!r} is not among the experts ({', '.join(e.name for e in pool)})")
-        teacher = Teacher(chosen, [1.0])
+    teacher = build_teacher(pool, cfg)
     # Full real data with hard labels: the student architecture squeezed on all of it (HLR's reference).
     full = [r for r in squeezed if r.arch == cfg.student]
     if full:
@@ -417,8 +410,8 @@ def _finish_row(
     row["hlr"] = full_real_hard - hard.mean
     row["build"] = build_stamp()
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "row.json", json.dumps({"key": s["key"], "row": row}, indent=1))
-    if dd.is_main():
+    if dd.is_main():  # one writer (the ranks hold the same row)
+        atomic_write_text(run_dir / "row.json", json.dumps({"key": s["key"], "row": row}, indent=1))
         # The row holds the result now; the students' checkpoints only served an interrupted run.
         shutil.rmtree(run_dir / "students", ignore_errors=True)
     log.info(

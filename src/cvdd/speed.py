@@ -618,9 +618,9 @@ def _labels_on_disk(folder: Path) -> tuple[int, int]:
 
 
 def _stage_relabel(ctx: _Ctx, quiet: bool = False) -> None:
-    from cvdd.api import _teacher
     from cvdd.benchkit import ModelTimer, measured
     from cvdd.evaluation.student import configure_teacher
+    from cvdd.labels.bssl import build_teacher
     from cvdd.labels.stored import relabel_stored
     from cvdd.naive import naive_relabel
 
@@ -629,7 +629,7 @@ def _stage_relabel(ctx: _Ctx, quiet: bool = False) -> None:
     rows = []
     for ipc in cfg.ipcs:
         s = _synthetic_set(ctx, ipc)
-        teacher = _teacher(ctx.pool, ecfg)
+        teacher = build_teacher(ctx.pool, ecfg)
         configure_teacher(teacher, ecfg, dev)  # as evaluate will: its students accept only these labels
         _warm_up(ctx, "", _batch_sizes(len(s["labels"]), ecfg.batch_size, ecfg.micro_batch), teacher=teacher)
         c_dir, n_dir = ctx.work / f"labels-cvdd-ipc{ipc}", ctx.work / f"labels-naive-ipc{ipc}"
@@ -687,7 +687,7 @@ def _stage_relabel(ctx: _Ctx, quiet: bool = False) -> None:
     ctx.results["relabel"] = rows
     if quiet:
         return
-    teacher_names = "+".join(_teacher(ctx.pool, ecfg).names)
+    teacher_names = "+".join(build_teacher(ctx.pool, ecfg).names)
     ctx.emit(
         "",
         f"## relabel: stored soft labels for {ecfg.epochs} student epoch(s) (teacher {teacher_names}, BSSL groups "
@@ -767,9 +767,9 @@ def _cvdd_evaluate(
 
 
 def _stage_evaluate(ctx: _Ctx) -> None:
-    from cvdd.api import _teacher
     from cvdd.benchkit import ModelTimer, measured, optimizer_steps
     from cvdd.device import derive_seed, resolve_precision
+    from cvdd.labels.bssl import build_teacher
     from cvdd.naive import naive_evaluate
 
     cfg, dev, spec = ctx.cfg, ctx.device, ctx.data.spec
@@ -779,7 +779,7 @@ def _stage_evaluate(ctx: _Ctx) -> None:
     rows = []
     for ipc in cfg.ipcs:
         s = _synthetic_set(ctx, ipc)
-        teacher = _teacher(ctx.pool, ecfg)
+        teacher = build_teacher(ctx.pool, ecfg)
         _warm_up(ctx, ecfg.student, _batch_sizes(len(s["labels"]), ecfg.batch_size, ecfg.micro_batch))
         with optimizer_steps() as steps:
             res, fits, tc, mc = _cvdd_evaluate(ctx, s, ecfg, teacher, ctx.work / f"labels-cvdd-ipc{ipc}", f"{ipc}")

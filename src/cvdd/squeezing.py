@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from cvdd import distributed as dd
 from cvdd.artifacts import base_metadata
 from cvdd.config import Recipe, SqueezePreset, apply_overrides, get_squeeze_preset
 from cvdd.data.sources import RealDataset
@@ -164,7 +165,7 @@ def squeeze_experts(
                 "params": count_parameters(model),
                 "wall_seconds": wall,
                 "train_seconds": sum(h["seconds"] for h in result.history),
-                "images_per_s": result.images_per_s,
+                "images_per_s": result.images_per_s or _history_throughput(result.history),
                 "device": str(dev),
                 "resumed_from_epoch": result.resumed_from,
                 "history": result.history,
@@ -172,8 +173,17 @@ def squeeze_experts(
             }
         )
         model.cpu()
-        path = save_expert(out_dir, arch, model, meta)
-        ckpt.unlink(missing_ok=True)
+        path = expert_paths(out_dir, arch)[0]
+        if dd.is_main():  # one writer: the ranks' files would otherwise race (and their JSON vouch for another's)
+            path = save_expert(out_dir, arch, model, meta)
+            ckpt.unlink(missing_ok=True)
+        dd.barrier()  # no rank reads the expert (next stage, reuse) before it is complete
         log.info("%s: test top-1 %.2f%% in %.1f s -> %s", arch, 100 * result.test_acc, wall, path)
-        results.append(SqueezeResult(arch, arch, path, result.test_acc, wall, result.images_per_s))
+        results.append(SqueezeResult(arch, arch, path, result.test_acc, wall, meta["images_per_s"]))
     return results
+
+
+def _history_throughput(history: list[dict[str, Any]]) -> float:
+    """Training images/s over the epochs of ``history`` (a run resumed after its last epoch trains none itself)."""
+    seconds = sum(h["seconds"] for h in history)
+    return sum(h["images_per_s"] * h["seconds"] for h in history) / seconds if seconds > 0 else 0.0

@@ -72,6 +72,10 @@ def current() -> Tracker | None:
 
 def log(group: str, values: dict[str, Any], step: int) -> None:
     """Log the numeric ``values`` under ``group`` (a progress label, cleaned) when a tracker is active."""
+    from cvdd import distributed as dd
+
+    if not dd.is_main():  # one run per job in the tracker, not one per rank
+        return
     tracker = current()
     if tracker is None:
         return

@@ -25,7 +25,9 @@ def test_lr_factor_golden() -> None:
     smooth = Recipe(epochs=10, schedule="cosine", cosine_eta=2)
     assert lr_factor(smooth, 100, 10) == pytest.approx(0.5)  # eta 2 ends at half the LR
     periodic = Recipe(epochs=300, schedule="periodic", period_epochs=100)
-    assert lr_factor(periodic, 100, 1) == pytest.approx(1.0) and lr_factor(periodic, 50, 1) == pytest.approx(0.5)
+    # the official CosineAnnealingLR(T_max=100) over 300 epochs: 0 at 100, back to the peak at 200, 0 at 300
+    got = [lr_factor(periodic, e, 1) for e in (0, 50, 100, 150, 200, 299)]
+    assert got == pytest.approx([1.0, 0.5, 0.0, 0.5, 1.0, 0.5 * (1 + math.cos(math.pi * 299 / 100))], abs=1e-12)
     assert lr_factor(Recipe(schedule="constant"), 123, 10) == 1.0
 
 
@@ -50,11 +52,18 @@ class _StopError(Exception):
     pass
 
 
+def _dropout_net() -> torch.nn.Module:
+    """A ConvNet with dropout before its classifier: its masks come from the global RNG, not the epoch generator."""
+    torch.manual_seed(1)
+    model = create_model("convnet_d3_w32", 10, 32)
+    model.classifier = torch.nn.Sequential(torch.nn.Dropout(0.3), model.classifier)
+    return model
+
+
 def test_interrupted_fit_resumes_to_identical_weights(digits, tmp_path: Path, monkeypatch, caplog) -> None:
     recipe = _recipe(3)
     recipe.checkpoint_every_s = 0  # a checkpoint after every epoch
-    torch.manual_seed(1)
-    straight = create_model("convnet_d3_w32", 10, 32)
+    straight = _dropout_net()
     fit(straight, digits.train, None, recipe, spec=digits.spec, device=CPU, seed=7, progress=False)
 
     calls = {"n": 0}
@@ -67,8 +76,7 @@ def test_interrupted_fit_resumes_to_identical_weights(digits, tmp_path: Path, mo
         return ce(logits, batch.labels)
 
     ckpt = tmp_path / "run.pt"
-    torch.manual_seed(1)
-    first = create_model("convnet_d3_w32", 10, 32)
+    first = _dropout_net()
     with pytest.raises(_StopError):
         fit(
             first,
@@ -83,8 +91,7 @@ def test_interrupted_fit_resumes_to_identical_weights(digits, tmp_path: Path, mo
             progress=False,
         )
     assert ckpt.is_file()
-    torch.manual_seed(1)
-    resumed_model = create_model("convnet_d3_w32", 10, 32)
+    resumed_model = _dropout_net()  # as a new process would: the global RNG where epoch 1 of `straight` found it
     # Resumed by another build of cvdd (another source hash): it resumes, and warns that the code changed.
     monkeypatch.setattr("cvdd.artifacts._source_fingerprint", lambda: "newer0source")
     resumed = fit(
@@ -159,6 +166,23 @@ def test_checkpoint_of_another_recipe_is_not_resumed(digits, tmp_path: Path) -> 
         progress=False,
     )
     assert other.resumed_from == 0 and len(other.history) == 2
+
+
+def test_a_damaged_checkpoint_costs_its_epochs_not_the_run(digits, tmp_path: Path, caplog) -> None:
+    ckpt = tmp_path / "run.pt"
+    ckpt.write_bytes(b"PK\x03\x04 cut short by a crash")
+    res = fit(
+        create_model("convnet_d3_w32", 10, 32),
+        digits.train,
+        None,
+        _recipe(1),
+        spec=digits.spec,
+        device=CPU,
+        checkpoint=ckpt,
+        progress=False,
+    )
+    assert res.resumed_from == 0 and len(res.history) == 1
+    assert "unreadable checkpoint" in caplog.text and "training from epoch 0" in caplog.text
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])

@@ -15,10 +15,11 @@ from cvdd.artifacts import build_stamp
 from cvdd.data.augment import Normalize
 from cvdd.data.specs import DatasetSpec
 from cvdd.engine import fit
-from cvdd.errors import ArtifactError
+from cvdd.errors import ArtifactError, ConfigError
 from cvdd.evaluation.student import EvalConfig, SyntheticBatches, kd_loss
 from cvdd.experts import Expert
 from cvdd.labels import LabelSettings, Teacher, bssl_mode, load_shard, relabel_stored
+from cvdd.labels.bssl import build_teacher
 from cvdd.labels.plans import apply_plan
 from cvdd.labels.stored import plan_for_epoch, teacher_logits
 from cvdd.models import create_model
@@ -75,6 +76,18 @@ def test_group_size_is_the_bn_group_and_weights_sum_logits() -> None:
     assert torch.allclose(grouped, halves, atol=1e-6)
     single = 0.25 * Teacher([a], [1.0], group_size=4)(x) + 0.75 * Teacher([b], [1.0], group_size=4)(x)
     assert torch.allclose(grouped, single, atol=1e-5)
+
+
+def test_build_teacher_weights_the_committee_by_prior_or_takes_the_named_expert() -> None:
+    pool = [_expert(4), _expert(9)]  # priors 54 and 59 (%, from test_acc)
+    committee = build_teacher(pool, EvalConfig(teacher="committee", teacher_temperature=10.0, bssl=False))
+    # softmax([54, 59] / 10) = softmax([5.4, 5.9]): golden values
+    assert committee.weights == pytest.approx([0.3775407, 0.6224593], abs=1e-6)
+    assert committee.bssl is False
+    single = build_teacher(pool, EvalConfig(teacher="e9"))
+    assert single.names == ["e9"] and single.weights == [1.0] and single.bssl is True
+    with pytest.raises(ConfigError, match="teacher 'resnet99' is not among the experts \\(e4, e9\\)"):
+        build_teacher(pool, EvalConfig(teacher="resnet99"))
 
 
 def test_teacher_layout_changes_speed_not_labels() -> None:

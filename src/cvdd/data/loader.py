@@ -12,6 +12,7 @@ import torch
 
 from cvdd.data.sources import FileSplit, TensorSplit
 from cvdd.data.specs import DatasetSpec
+from cvdd.device import derive_seed
 
 
 class TensorBatches:
@@ -95,7 +96,7 @@ class _ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.index, self.count = index, count
 
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
+        return sharded_steps(self.n, self.batch_size, self.count)
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.shuffle:
@@ -104,8 +105,23 @@ class _ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
             order = list(range(self.n))
         for i in range(len(self)):
             batch = order[i * self.batch_size : (i + 1) * self.batch_size]
-            per = -(-len(batch) // self.count)
-            yield batch[self.index * per : (self.index + 1) * per]
+            # Balanced slices (sizes differ by at most one): never empty, as a DataLoader cannot collate an empty
+            # slice; a last batch smaller than the number of ranks is left out by __len__ on every rank alike.
+            yield batch[self.index * len(batch) // self.count : (self.index + 1) * len(batch) // self.count]
+
+
+def sharded_steps(n: int, batch_size: int, count: int) -> int:
+    """Steps per epoch of ``n`` images in global batches of ``batch_size`` over ``count`` ranks: a last batch
+    with fewer images than ranks is dropped (it would leave some rank an empty slice)."""
+    steps = -(-n // batch_size)
+    if count > 1 and 0 < n % batch_size < count:
+        steps -= 1
+    return steps
+
+
+def global_batch_size(n: int, batch_size: int, step: int) -> int:
+    """Images in global batch ``step`` (0-based) of an epoch over ``n`` images: what weights each rank's slice."""
+    return min(batch_size, n - step * batch_size)
 
 
 class StreamBatches:
@@ -129,6 +145,10 @@ class StreamBatches:
         shard: tuple[int, int] = (0, 1),
         random_crop: bool = False,
     ) -> None:
+        if shard[1] > batch_size:
+            from cvdd.errors import ConfigError
+
+            raise ConfigError(f"batch_size {batch_size} is smaller than the {shard[1]} ranks it is shared among")
         self.dataset = _FileDataset(split, spec.image_size, random_crop)
         self.batch_size = batch_size
         self.device = device
@@ -137,7 +157,7 @@ class StreamBatches:
         self.shard = shard
 
     def __len__(self) -> int:
-        return -(-len(self.dataset) // self.batch_size)
+        return sharded_steps(len(self.dataset), self.batch_size, self.shard[1])
 
     @property
     def num_samples(self) -> int:
@@ -150,12 +170,15 @@ class StreamBatches:
             else 0
         )
         sampler = _ShardedBatchSampler(len(self.dataset), self.batch_size, self.train, seed, *self.shard)
+        worker_seed = derive_seed(seed, "rank", self.shard[0]) if self.shard[1] > 1 else seed
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=sampler,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            generator=torch.Generator().manual_seed(seed),
+            # Workers draw their random-resized crops from this seed: one per rank, or every rank would crop its
+            # slice exactly as rank 0 crops its own (one process keeps the plain seed).
+            generator=torch.Generator().manual_seed(worker_seed),
             persistent_workers=False,
         )
         from cvdd.errors import DataError

@@ -29,11 +29,12 @@ from cvdd import tracking
 from cvdd.artifacts import atomic_torch_save, build_stamp, describe_build, safe_torch_load
 from cvdd.config import Recipe
 from cvdd.data.augment import Normalize, TrainAugment
-from cvdd.data.loader import make_batches
+from cvdd.data.loader import global_batch_size, make_batches
 from cvdd.data.sources import FileSplit, TensorSplit
 from cvdd.data.specs import DatasetSpec
 from cvdd.device import autocast, derive_seed, make_generator, resolve_precision
 from cvdd.engine.ghost import ghost_batchnorm
+from cvdd.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +114,20 @@ class AugmentedBatches:
         self.steps_per_epoch = len(self.batches)
         self.num_samples = self.batches.num_samples
         self.sharded = isinstance(split, FileSplit) and shard[1] > 1
+        self.rank = shard[0]
+
+    def global_batch_size(self, step: int) -> int:
+        """Images in the whole global batch ``step`` of an epoch, of which a sharded source yields one slice."""
+        return global_batch_size(self.num_samples, self.batches.batch_size, step)
 
     def epoch(self, epoch: int, generator: torch.Generator) -> Iterator[Batch]:
-        for x, y in self.batches.epoch(generator):
-            yield Batch(self.augment(x, generator), y)
+        batches = self.batches.epoch(generator)  # (lazy) its order comes from `generator`, the same on every rank
+        aug = generator
+        if self.sharded:  # each rank flips and crops its own slice with its own draws, not rank 0's pattern
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+            aug = make_generator(derive_seed(seed, "rank", self.rank), generator.device)
+        for x, y in batches:
+            yield Batch(self.augment(x, aug), y)
 
 
 # objective(logits (b, C), micro-batch) -> scalar loss, the mean over the micro-batch. It receives the batch so
@@ -180,8 +191,10 @@ def lr_factor(recipe: Recipe, step: int, steps_per_epoch: int) -> float:
     if recipe.schedule == "constant":
         return 1.0
     if recipe.schedule == "periodic":
+        # CosineAnnealingLR(T_max=period) run past T_max, as the official ImageNette squeeze does: the cosine goes
+        # on (0 at one period, back to the peak at two), it does not restart at the peak.
         period = recipe.period_epochs * steps_per_epoch
-        return 0.5 * (1 + math.cos(math.pi * ((step - warm) % period) / period))
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / period))
     t = (step - warm) / max(1, total - warm)
     return 0.5 * (1 + math.cos(math.pi * t / recipe.cosine_eta))
 
@@ -259,18 +272,21 @@ def evaluate_accuracy(
     return float(counts[0]) / max(1, int(counts[1]))
 
 
-def _my_micro_batches(batch: Batch, micro_batch: int, rank: int, world: int, sharded: bool) -> tuple[list[Batch], int]:
+def _my_micro_batches(
+    batch: Batch, micro_batch: int, rank: int, world: int, global_size: int | None = None
+) -> tuple[list[Batch], int]:
     """This rank's micro-batches of a step and the global batch size that weights their losses.
 
     One process: all micro-batches of the batch. Several ranks with whole batches: micro-batches
-    round-robin (a whole batch without micro-batching is cut into ``world`` equal parts), so the summed
-    gradient equals the single-process one. Several ranks with sharded batches: all of this rank's slice.
+    round-robin, so the summed gradient equals the single-process one (a whole batch without micro-batching is
+    cut into ``world`` parts, whose BN layers then normalise each part: not the single-process step). Several
+    ranks with sharded batches (``global_size`` given: the images of the whole global batch): all of this rank's
+    slice, each image weighted 1 / ``global_size``.
     """
     if world == 1:
         return batch.split(micro_batch), len(batch)
-    if sharded:
-        # Global batch size from this rank's slice; exact except for a short last batch.
-        return batch.split(micro_batch), len(batch) * world
+    if global_size is not None:
+        return batch.split(micro_batch), global_size
     size = micro_batch if micro_batch > 0 else -(-len(batch) // world)
     return batch.split(size)[rank::world], len(batch)
 
@@ -297,8 +313,12 @@ def load_checkpoint(
     """
     if path is None or not Path(path).is_file():
         return 0, {}
-    state = safe_torch_load(Path(path))
-    if state.get("run_hash") != run_hash:
+    try:
+        state = safe_torch_load(Path(path))
+    except ArtifactError as exc:  # a checkpoint only saves time: a damaged one costs the epochs, not the run
+        log.warning("%s: %s; training from epoch 0", desc, exc)
+        return 0, {}
+    if not isinstance(state, dict) or state.get("run_hash") != run_hash:
         log.warning("%s: ignoring checkpoint %s made with another recipe or seed", desc, path)
         return 0, {}
     model.load_state_dict(state["model"])
@@ -432,12 +452,16 @@ def fit(
     t_start = time.perf_counter()
     clock = CheckpointClock(recipe.checkpoint_every_s)
     seen = 0
+    lr = recipe.lr  # what an epoch without steps records
     ghost = recipe.ghost_bn and recipe.micro_batch > 0 and ranks == 1
     # Restored on exit, also when training raises (an interrupted run leaves the model as it found it).
     with ghost_batchnorm(model, recipe.micro_batch) if ghost else contextlib.nullcontext():
         for epoch in range(start_epoch, recipe.epochs):
             model.train()
             gen = make_generator(derive_seed(seed, "epoch", epoch), device)
+            # Dropout draws from the global RNG: seeded per epoch (and rank) so that a resumed run replays the
+            # masks an uninterrupted one would have drawn.
+            torch.manual_seed(derive_seed(seed, "global", epoch, me))
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
             n_epoch = 0  # images this rank trained on
@@ -458,7 +482,8 @@ def fit(
                 if ghost:  # the micro-batches as one forward; the BN layers still normalise each one apart
                     micros, batch_total = [batch], len(batch)
                 else:
-                    micros, batch_total = _my_micro_batches(batch, recipe.micro_batch, me, ranks, sharded)
+                    global_size = source.global_batch_size(i) if sharded else None  # type: ignore[attr-defined]
+                    micros, batch_total = _my_micro_batches(batch, recipe.micro_batch, me, ranks, global_size)
                 for micro in micros:
                     inputs = micro.inputs
                     if channels_last:

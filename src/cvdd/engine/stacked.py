@@ -306,6 +306,8 @@ def fit_stacked(
         for epoch in range(start_epoch, recipe.epochs):
             stack.train()
             iters = [src.epoch(epoch, make_generator(derive_seed(sd, "epoch", epoch), device)) for src, sd in streams]
+            # vmap's dropout draws from the global RNG: seeded per epoch so that a resumed run replays its masks.
+            torch.manual_seed(derive_seed(streams[0][1], "global", epoch))
             loss_sum = torch.zeros(k, device=device)
             correct = torch.zeros(k, dtype=torch.int64, device=device)
             n_epoch = 0  # images each member trained on

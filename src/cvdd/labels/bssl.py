@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -125,6 +126,25 @@ class Teacher:
             total = z if total is None else total + z
         assert total is not None
         return total
+
+
+def build_teacher(pool: Sequence[Expert], cfg: Any) -> Teacher:
+    """The teacher an evaluation recipe names: the prior-weighted committee or one expert of ``pool``.
+
+    Args:
+        pool: the loaded experts.
+        cfg: an evaluation recipe (``EvalConfig``): ``teacher`` ("committee" or an expert's name),
+            ``teacher_temperature`` (softmax(prior / T) weights) and ``bssl``.
+
+    Raises:
+        ConfigError: ``cfg.teacher`` names no expert of the pool.
+    """
+    if cfg.teacher == "committee":
+        return Teacher(pool, teacher_weights(pool, "prior", cfg.teacher_temperature), bssl=cfg.bssl)
+    chosen = [e for e in pool if e.name == cfg.teacher]
+    if not chosen:
+        raise ConfigError(f"teacher {cfg.teacher!r} is not among the experts ({', '.join(e.name for e in pool)})")
+    return Teacher(chosen, [1.0], bssl=cfg.bssl)
 
 
 def teacher_weights(experts: Sequence[Expert], mode: str = "prior", temperature: float = 10.0) -> list[float]:

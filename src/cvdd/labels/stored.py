@@ -19,7 +19,15 @@ from typing import Any
 import torch
 
 from cvdd import distributed as dd
-from cvdd.artifacts import atomic_write_text, build_stamp, distinct_builds, other_builds, tensor_digest
+from cvdd.artifacts import (
+    atomic_write_text,
+    build_stamp,
+    distinct_builds,
+    fsync_file,
+    other_builds,
+    temp_sibling,
+    tensor_digest,
+)
 from cvdd.data.augment import Normalize
 from cvdd.data.specs import DatasetSpec
 from cvdd.device import derive_seed, make_generator
@@ -205,13 +213,14 @@ def _save_shard(path: Path, tensors: dict[str, torch.Tensor], epoch: int) -> Non
     """One safetensors file per epoch (its header says what it is; no sidecar file), written atomically."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_sibling(path)
     try:
         save_file(
             {k: v.contiguous() for k, v in tensors.items()},
             str(tmp),
             metadata={"kind": "cvdd-label-shard", "epoch": str(epoch), "build": json.dumps(build_stamp())},
         )
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

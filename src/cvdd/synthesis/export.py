@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cvdd.artifacts import atomic_write_bytes
+from cvdd.artifacts import atomic_write_bytes, temp_sibling
 from cvdd.data.specs import DatasetSpec
 from cvdd.errors import ConfigError
 
@@ -131,7 +131,7 @@ def _write_folder(
             "order; map its labels by name (features['label'].names)",
             dest,
         )
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    tmp = temp_sibling(dest)
     shutil.rmtree(tmp, ignore_errors=True)
     root = tmp / "train" if fmt == "hf" else tmp
     suffix = "jpg" if fmt == "jpeg" else "png"

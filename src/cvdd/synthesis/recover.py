@@ -42,6 +42,7 @@ from cvdd.artifacts import (
     load_tensors,
     other_builds,
     save_tensors,
+    temp_sibling,
     verify_checksum,
 )
 from cvdd.config import identity_dict, to_dict
@@ -167,6 +168,12 @@ class RecoverConfig:
             )
         if self.voting not in VOTING_MODES:
             raise ConfigError(f"unknown voting {self.voting!r}; choose one of {', '.join(VOTING_MODES)}")
+        if self.committee == "fixed" and self.fixed and len(self.fixed) != self.committee_size:
+            # the fixed list is the committee: a size that disagrees would be ignored (and mislabel the method)
+            raise ConfigError(
+                f"the fixed committee ({', '.join(self.fixed)}) has {len(self.fixed)} experts but committee_size is "
+                f"{self.committee_size}; change one, or pass --committee single for one expert"
+            )
         check_init_method(self.init)
         if self.iterations < 1 or self.lr <= 0:
             raise ConfigError("iterations must be >= 1 and lr > 0")
@@ -998,7 +1005,7 @@ def save_grid(
             y, x = pad + r * (s + pad), pad + k * (s + pad)
             canvas[:, y : y + s, x : x + s] = images[r * ipc + k]
     arr = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_sibling(path)
     Image.fromarray(arr).save(tmp, format="PNG")
     os.replace(tmp, path)
 
