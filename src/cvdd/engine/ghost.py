@@ -88,7 +88,10 @@ def grouped_batch_statistics(model: nn.Module, group: int) -> contextlib.Abstrac
             # The normalisation and the affine map as one multiply-add per element: y = x * scale + shift.
             shape = (groups, 1, c) + (1,) * (head.dim() - 2)
             grouped = head.unflatten(0, (groups, group))
-            y = torch.addcmul(shift.view(shape).to(x.dtype), grouped, scale.view(shape).to(x.dtype)).flatten(0, 1)
+            if grouped.dtype == torch.float32:
+                y = torch.addcmul(shift.view(shape), grouped, scale.view(shape)).flatten(0, 1)
+            else:  # bf16 activations: scale and shift kept fp32 (rounded, x * scale and shift cancel less exactly)
+                y = torch.addcmul(shift.view(shape), grouped.float(), scale.view(shape)).to(x.dtype).flatten(0, 1)
             return y if full == n else torch.cat([y, original(x[full:])])
 
         return forward
