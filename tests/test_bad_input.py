@@ -328,6 +328,17 @@ def truncated_npz(c: Ctx) -> list[str]:
     return ["evaluate", str(path), "--experts", str(c.experts), "--labels", "hard", "--epochs", "1"]
 
 
+def npz_with(labels: np.ndarray, classes: list[str]) -> Callable[[Ctx], list[str]]:
+    """A `cvdd export`-style .npz of ten images whose labels or class names are malformed."""
+
+    def build(c: Ctx) -> list[str]:
+        path = c.tmp / "set.npz"
+        np.savez(path, images=np.zeros((10, 32, 32, 3), dtype=np.uint8), labels=labels, classes=np.array(classes))
+        return ["evaluate", str(path), "--experts", str(c.experts), "--labels", "hard", "--epochs", "1"]
+
+    return build
+
+
 def tampered_unit(command: str) -> Callable[[Ctx], list[str]]:
     """A finished unit whose recorded sha256 was edited: recover refuses to resume, merge refuses to assemble."""
 
@@ -486,6 +497,21 @@ CASES = [
         id="expert-shapes-of-another-arch",
     ),
     pytest.param(truncated_npz, 2, "{tmp}/set.npz is not a cvdd export (.npz with", id="truncated-npz"),
+    pytest.param(
+        npz_with(np.arange(3), [str(i) for i in range(10)]),
+        2,
+        "{tmp}/set.npz: labels must be integers (N,) with one per image; got int64 (3,) for 10 images",
+        id="npz-fewer-labels",
+    ),
+    pytest.param(
+        npz_with(np.eye(10, dtype=np.int64), [str(i) for i in range(10)]),
+        2,
+        "labels must be integers (N,)",
+        id="npz-one-hot-labels",
+    ),
+    pytest.param(
+        npz_with(np.arange(10) % 3, ["0", "1", "0"]), 2, "a class name is listed twice", id="npz-duplicate-class"
+    ),
     # 13. a tampered checksum, 14. merge of a folder that is not a recover run
     pytest.param(tampered_unit("recover"), 2, "with a checksum mismatch", id="tampered-unit-recover"),
     pytest.param(tampered_unit("merge"), 2, "checksum mismatch", id="tampered-unit-merge"),

@@ -36,3 +36,14 @@ def test_tensorboard_receives_the_training_curves(tmp_path: Path, monkeypatch: p
     tags = events.Tags()["scalars"]
     loss = [t for t in tags if t.endswith("/train_loss")]
     assert loss and len(events.Scalars(loss[0])) == 2
+
+
+def test_check_fails_early_without_starting_a_tracker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tracking.ENV, "tensorbord")
+    with pytest.raises(ConfigError, match="unknown tracker 'tensorbord'"):
+        tracking.check()
+    monkeypatch.setenv(tracking.ENV, "wandb:proj")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="needs the wandb package"):
+        tracking.check()
+    assert tracking._tracker is None or tracking._configured != "wandb:proj"  # nothing was started

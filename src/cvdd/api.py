@@ -685,7 +685,11 @@ def prior(
     from cvdd.evaluation.student import evaluate_synthetic
     from cvdd.experts import expert_paths
 
-    owned = {"ipc": "its ipc argument", "committee_size": "the method (N = 1: each expert alone)"}
+    owned = {
+        "ipc": "its ipc argument",
+        "committee_size": "the method (N = 1: each expert alone)",
+        "single": "the expert being measured",
+    }
     refuse_owned(recover_overrides, owned, "prior recover option", "prior")  # before any work
     pool = load_pool(experts, device=device)
     cfg, chosen = _eval_recipe(preset, pool, overrides, "prior")
@@ -718,7 +722,8 @@ def prior(
                 progress=progress,
                 # the preset's recover settings (a CPU preset's 300 small steps, not the paper's 4000 on a GPU)
                 preset=chosen.recover_preset if chosen is not None else None,
-                overrides=recover_overrides,
+                # the expert measured, whatever expert a paper preset names for SRe2L++ (`single: resnet18`)
+                overrides={**(recover_overrides or {}), "single": expert.name},
             )
             ev = evaluate_synthetic(
                 res.images, res.labels, real.spec, val, cfg, teacher=teacher, device=device, progress=progress

@@ -995,7 +995,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("CVDD_TRACK"):
             from cvdd import tracking
 
-            tracking.current()  # a bad tracker name or a missing package fails now, not after the first epoch
+            tracking.check()  # a bad tracker name or a missing package fails now, not after the first epoch
         if dd.init_from_env(getattr(args, "device", None)) and not dd.is_main():
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - one report per job: rank 0 prints it
             progress = False

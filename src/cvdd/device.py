@@ -13,6 +13,7 @@ import random
 import resource
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -162,3 +163,12 @@ class PhasePeaks:
     def process(self) -> float:
         """The process peak RSS (MiB): the largest phase peak (GPU readings left out)."""
         return max(v for k, v in self.peaks.items() if not k.endswith("_gpu"))
+
+
+def own_global_rng(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Give a training run the global RNG (which it reseeds per epoch for dropout) and hand the caller's state back
+    afterwards: a notebook's later draws do not depend on whether it trained something in between."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.random.fork_rng(devices=[index])
+    return torch.random.fork_rng(devices=[])

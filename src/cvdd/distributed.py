@@ -84,6 +84,8 @@ def init_from_env(device: str | None = None) -> bool:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return False
+    if device in (None, "auto"):
+        device = os.environ.get("CVDD_DEVICE") or None  # as resolve_device will read it
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if use_cuda and device is not None and ":" in str(device):
         # One index for every rank would put them all on one GPU (NCCL refuses, or they share it silently).
@@ -138,24 +140,23 @@ def all_reduce_gradients(model: nn.Module) -> None:
     """Sum every parameter's gradient across ranks (one flat buffer, one collective).
 
     Each rank's gradient is already weighted by its micro-batches' share of the global batch, so the sum is
-    the gradient of the global batch. A parameter without a gradient on this rank contributes zeros; one without
-    a gradient on every rank keeps none (as in one process, where the optimiser then skips it: no weight decay,
-    no momentum step).
+    the gradient of the global batch. A parameter without a gradient on this rank contributes zeros, and one
+    without a gradient on any rank gets a zero gradient (one process would leave it None, and AdamW/SGD would then
+    skip its weight decay and momentum). Every architecture of the zoo gives every trainable parameter a gradient;
+    knowing whether another rank had one would cost a device-to-host sync per step.
     """
     if not active():
         return
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=grads[0].device)
-    flat = torch.cat([g.reshape(-1) for g in grads] + [has])
+    flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    anywhere = flat[-len(params) :].tolist()
     offset = 0
-    for p, seen in zip(params, anywhere):
+    for p in params:
         n = p.numel()
         # In the parameter's own memory layout (channels_last weights): PyTorch's fused CPU optimisers read a
         # gradient with other strides as if it had the parameter's, and silently apply a scrambled update.
-        p.grad = torch.empty_like(p).copy_(flat[offset : offset + n].view_as(p)) if seen else None
+        p.grad = torch.empty_like(p).copy_(flat[offset : offset + n].view_as(p))
         offset += n
 
 

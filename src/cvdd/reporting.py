@@ -608,7 +608,9 @@ def _new_figure(width: float, height: float) -> Any:
 
 
 def _save(fig: Any, path: Path) -> bool:
-    tmp = path.with_name(f".{path.name}.tmp")
+    from cvdd.artifacts import temp_sibling
+
+    tmp = temp_sibling(path)
     # No software/date metadata: the same run gives byte-identical figures.
     fig.savefig(tmp, format="png", metadata={"Software": None})
     os.replace(tmp, path)

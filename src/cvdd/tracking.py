@@ -52,6 +52,22 @@ _tracker: Tracker | None = None
 _configured: str | None = None
 
 
+def check() -> None:
+    """Fail now (one line) on a ``CVDD_TRACK`` naming an unknown tracker or one whose package is missing; creates
+    nothing (the tracker itself starts on the first logged value, on the main rank only)."""
+    import importlib.util
+
+    spec = os.environ.get(ENV, "").strip()
+    if not spec:
+        return
+    kind = spec.partition(":")[0]
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(kind)
+    if package is None:
+        raise ConfigError(f"unknown tracker {kind!r} in {ENV}; choose tensorboard or wandb")
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"--track {kind} needs the {package} package (pip install {package})")
+
+
 def current() -> Tracker | None:
     """The tracker asked for in ``CVDD_TRACK`` (created once), or None."""
     global _tracker, _configured

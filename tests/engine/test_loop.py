@@ -274,3 +274,33 @@ def test_streamed_files_are_random_resized_cropped_once(tiny_folder: Path) -> No
         assert source.augment.mode == device_mode
         batch = next(iter(source.epoch(0, torch.Generator().manual_seed(0))))
         assert batch.inputs.shape == (4, 3, 224, 224) and batch.inputs.abs().max() < 5  # normalised [0, 1] pixels
+
+
+def test_sharded_streaming_keeps_each_global_batch_of_one_process(tiny_folder: Path, monkeypatch) -> None:
+    """Two ranks' slices of every step, put together, are the one-process batch (same images, same order)."""
+    from cvdd import distributed as dd
+    from cvdd.api import load_dataset
+    from cvdd.engine.loop import AugmentedBatches
+
+    ds = load_dataset(tiny_folder, image_size=224, progress=False)  # 15 files, streamed
+    recipe = Recipe(batch_size=4, augment="none", workers=0)
+
+    def steps(rank: int, world: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(dd, "rank", lambda: rank)
+        monkeypatch.setattr(dd, "world", lambda: world)
+        source = AugmentedBatches(ds.train, ds.spec, recipe, CPU)
+        assert source.sharded == (world > 1)
+        return [b.inputs for b in source.epoch(3, torch.Generator().manual_seed(11))]
+
+    one, r0, r1 = steps(0, 1), steps(0, 2), steps(1, 2)
+    assert len(one) == len(r0) == len(r1) == 4  # 4 + 4 + 4 + 3 images
+    for whole, a, b in zip(one, r0, r1):
+        assert torch.equal(torch.cat([a, b]), whole)
+
+
+def test_fit_hands_the_callers_global_rng_back(digits) -> None:
+    model = _dropout_net()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    fit(model, digits.train, None, _recipe(1), spec=digits.spec, device=CPU, seed=7, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)  # reseeded per epoch inside, restored on return

@@ -185,7 +185,14 @@ def _to_spec(
     pixels: np.ndarray, labels: np.ndarray, classes: list[str], spec: DatasetSpec, path: Path
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check names and size, and renumber the labels into ``spec``'s class order (matched by name)."""
+    if len(set(classes)) != len(classes):
+        raise DataError(f"{path}: a class name is listed twice in its classes")
     _check_class_names(classes, spec, str(path))
+    if labels.ndim != 1 or len(labels) != len(pixels) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{path}: labels must be integers (N,) with one per image; got {labels.dtype} {tuple(labels.shape)} "
+            f"for {len(pixels)} images"
+        )
     if pixels.shape[-1] != spec.image_size or pixels.shape[-2] != spec.image_size:
         raise DataError(
             f"{path} holds {pixels.shape[-2]}x{pixels.shape[-1]} images, but '{spec.name}' uses {spec.image_size} px"

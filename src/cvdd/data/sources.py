@@ -311,11 +311,11 @@ def _load_cache(cache_dir: Path, key: str) -> tuple[TensorSplit, TensorSplit, di
 def _save_cache(cache_dir: Path, key: str, train: TensorSplit, test: TensorSplit, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    from cvdd.artifacts import atomic_write_text
+    from cvdd.artifacts import atomic_write_text, fsync_file, temp_sibling
 
     tensors_path, meta_path = _cache_paths(cache_dir, key)
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tensors_path.with_suffix(f".tmp{os.getpid()}")
+    tmp = temp_sibling(tensors_path)
     save_file(
         {
             "train_images": train.images.contiguous(),
@@ -325,6 +325,7 @@ def _save_cache(cache_dir: Path, key: str, train: TensorSplit, test: TensorSplit
         },
         str(tmp),
     )
+    fsync_file(tmp)
     os.replace(tmp, tensors_path)
     atomic_write_text(meta_path, json.dumps(meta, indent=1))
 

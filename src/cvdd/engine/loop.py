@@ -32,7 +32,7 @@ from cvdd.data.augment import Normalize, TrainAugment
 from cvdd.data.loader import global_batch_size, make_batches
 from cvdd.data.sources import FileSplit, TensorSplit
 from cvdd.data.specs import DatasetSpec
-from cvdd.device import autocast, derive_seed, make_generator, resolve_precision
+from cvdd.device import autocast, derive_seed, make_generator, own_global_rng, resolve_precision
 from cvdd.engine.ghost import ghost_batchnorm
 from cvdd.errors import ArtifactError
 
@@ -124,8 +124,9 @@ class AugmentedBatches:
         batches = self.batches.epoch(generator)  # (lazy) its order comes from `generator`, the same on every rank
         aug = generator
         if self.sharded:  # each rank flips and crops its own slice with its own draws, not rank 0's pattern
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-            aug = make_generator(derive_seed(seed, "rank", self.rank), generator.device)
+            # derived from the generator's seed, not drawn from it: its stream orders the global batches exactly as
+            # in one process
+            aug = make_generator(derive_seed(generator.initial_seed(), "rank", self.rank), generator.device)
         for x, y in batches:
             yield Batch(self.augment(x, aug), y)
 
@@ -455,7 +456,7 @@ def fit(
     lr = recipe.lr  # what an epoch without steps records
     ghost = recipe.ghost_bn and recipe.micro_batch > 0 and ranks == 1
     # Restored on exit, also when training raises (an interrupted run leaves the model as it found it).
-    with ghost_batchnorm(model, recipe.micro_batch) if ghost else contextlib.nullcontext():
+    with own_global_rng(device), ghost_batchnorm(model, recipe.micro_batch) if ghost else contextlib.nullcontext():
         for epoch in range(start_epoch, recipe.epochs):
             model.train()
             gen = make_generator(derive_seed(seed, "epoch", epoch), device)

@@ -38,7 +38,7 @@ from cvdd import tracking
 from cvdd.config import Recipe
 from cvdd.data.sources import FileSplit, TensorSplit
 from cvdd.data.specs import DatasetSpec
-from cvdd.device import autocast, derive_seed, make_generator, resolve_precision
+from cvdd.device import autocast, derive_seed, make_generator, own_global_rng, resolve_precision
 from cvdd.engine.ghost import ghost_batchnorm
 from cvdd.engine.loop import (
     Batch,
@@ -299,6 +299,7 @@ def fit_stacked(
     ghost = recipe.ghost_bn and recipe.micro_batch > 0
     lr = recipe.lr
     with contextlib.ExitStack() as patches:
+        patches.enter_context(own_global_rng(device))
         if precision == "bf16":
             patches.enter_context(fp32_batchnorm(stack.template))
         if ghost:

@@ -131,8 +131,9 @@ def _write_folder(
             "order; map its labels by name (features['label'].names)",
             dest,
         )
+    for stale in dest.parent.glob(f".{dest.name}.tmp*"):  # folders of an export killed before its rename
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = temp_sibling(dest)
-    shutil.rmtree(tmp, ignore_errors=True)
     root = tmp / "train" if fmt == "hf" else tmp
     suffix = "jpg" if fmt == "jpeg" else "png"
     hwc = pixels.permute(0, 2, 3, 1).contiguous().numpy()
@@ -142,7 +143,7 @@ def _write_folder(
             folder = root / cls
             folder.mkdir(parents=True, exist_ok=True)
             # The IPC index in the name keeps the files' sorted order equal to the set's order on read-back.
-            target = folder / f"{cls}_{i % ipc:04d}.{suffix}"
+            target = folder / f"{cls}_{i % ipc:0{max(4, len(str(ipc - 1)))}d}.{suffix}"
             if fmt == "jpeg":
                 Image.fromarray(hwc[i]).save(target, format="JPEG", quality=75)
             else:

@@ -107,11 +107,14 @@ def patch_init(
             f"(ipc {ipc} x factor {factor}^2 + rank offset {rank_offset}) but has {pool}"
         )
     images = class_images(data, _pick(data, cls, pool, seed)).to(device)
-    gen = make_generator(derive_seed(seed, "init-crops", cls), device)
+    # Boxes drawn on the CPU (a CUDA generator gives another stream): the same crops on every device, so a run
+    # resumed or sharded across CPU and GPU machines starts each class from the same patches.
+    gen = make_generator(derive_seed(seed, "init-crops", cls), torch.device("cpu"))
     cell = size // factor
     normalize = Normalize(data.spec)
     src = images.float().repeat_interleave(crops, dim=0)  # (pool * crops, 3, S, S)
-    boxes = random_resized_crop_boxes(src.shape[0], gen, src.device, scale=(0.08, 1.0), ratio=(1.0, 1.0))
+    boxes = random_resized_crop_boxes(src.shape[0], gen, torch.device("cpu"), scale=(0.08, 1.0), ratio=(1.0, 1.0))
+    boxes = boxes.to(src.device)
     patches = crop_resize(src, boxes, cell).round().clamp(0, 255)
     losses = torch.empty(patches.shape[0], device=device)
     target = torch.full((batch_size,), cls, device=device, dtype=torch.int64)
