@@ -62,7 +62,8 @@ def test_phase_peaks_read_the_runs_gpu(monkeypatch: pytest.MonkeyPatch, device: 
     peaks = PhasePeaks(device)  # type: ignore[arg-type]
     peaks.mark("recover")
     # The run's device, not the current one (cuda:0 for a single process given --device cuda:1).
-    assert fake.read == [expected] and fake.reset == [expected]
+    # reset when the peaks start (the first phase's peak is its own) and at the phase's end
+    assert fake.read == [expected] and fake.reset == [expected, expected]
     assert peaks.peaks["recover_gpu"] == 3 * 1024
     assert peaks.process == peaks.peaks["recover"]  # the process RSS peak leaves the GPU reading out
 

@@ -137,6 +137,12 @@ class PhasePeaks:
             self._device = torch.device(name) if name and str(name) != "auto" else None
         except (RuntimeError, TypeError):  # an invalid name: resolve_device refuses it in one line, not here
             self._device = None
+        if self._on_gpu():  # the first phase starts here on the GPU too, not at the process's earlier peak
+            torch.cuda.reset_peak_memory_stats(self._device)
+
+    def _on_gpu(self) -> bool:
+        on_gpu = self._device is None or self._device.type == "cuda"
+        return on_gpu and torch.cuda.is_available() and torch.cuda.is_initialized()
 
     @staticmethod
     def _reset() -> bool:
@@ -150,8 +156,7 @@ class PhasePeaks:
     def mark(self, phase: str) -> None:
         """End ``phase``: record its peak RSS (MiB) and, on CUDA, its peak allocated memory, then start the next."""
         self.peaks[phase] = max(self.peaks.get(phase, 0.0), peak_rss_mib())
-        on_gpu = self._device is None or self._device.type == "cuda"
-        if on_gpu and torch.cuda.is_available() and torch.cuda.is_initialized():
+        if self._on_gpu():
             # torch.device("cuda") (no index) means the current device to these calls.
             gpu = torch.cuda.max_memory_allocated(self._device) / 2**20
             self.peaks[f"{phase}_gpu"] = max(self.peaks.get(f"{phase}_gpu", 0.0), gpu)

@@ -143,44 +143,30 @@ def test_fit_writes_checkpoints_per_interval(digits, tmp_path: Path, monkeypatch
         Recipe(checkpoint_every_s=-1).validate()
 
 
+def _fit_with_checkpoint(digits, epochs: int, ckpt: Path):
+    return fit(
+        create_model("convnet_d3_w32", 10, 32),
+        digits.train,
+        None,
+        _recipe(epochs),
+        spec=digits.spec,
+        device=CPU,
+        checkpoint=ckpt,
+        progress=False,
+    )
+
+
 def test_checkpoint_of_another_recipe_is_not_resumed(digits, tmp_path: Path) -> None:
     ckpt = tmp_path / "run.pt"
-    fit(
-        create_model("convnet_d3_w32", 10, 32),
-        digits.train,
-        None,
-        _recipe(1),
-        spec=digits.spec,
-        device=CPU,
-        checkpoint=ckpt,
-        progress=False,
-    )
-    other = fit(
-        create_model("convnet_d3_w32", 10, 32),
-        digits.train,
-        None,
-        _recipe(2),
-        spec=digits.spec,
-        device=CPU,
-        checkpoint=ckpt,
-        progress=False,
-    )
+    _fit_with_checkpoint(digits, 1, ckpt)
+    other = _fit_with_checkpoint(digits, 2, ckpt)
     assert other.resumed_from == 0 and len(other.history) == 2
 
 
 def test_a_damaged_checkpoint_costs_its_epochs_not_the_run(digits, tmp_path: Path, caplog) -> None:
     ckpt = tmp_path / "run.pt"
     ckpt.write_bytes(b"PK\x03\x04 cut short by a crash")
-    res = fit(
-        create_model("convnet_d3_w32", 10, 32),
-        digits.train,
-        None,
-        _recipe(1),
-        spec=digits.spec,
-        device=CPU,
-        checkpoint=ckpt,
-        progress=False,
-    )
+    res = _fit_with_checkpoint(digits, 1, ckpt)
     assert res.resumed_from == 0 and len(res.history) == 1
     assert "unreadable checkpoint" in caplog.text and "training from epoch 0" in caplog.text
 
