@@ -9,6 +9,7 @@ import pytest
 
 from cvdd.cli import main
 from cvdd.device import num_threads
+from cvdd.errors import ConfigError
 from cvdd.speed import SpeedConfig, run_speed_suite, speed_config
 
 TINY = {
@@ -171,3 +172,8 @@ def test_relabel_then_evaluate_agree_on_the_teacher_under_bf16(cifar_slice: Path
     assert report.results["evaluate"] and "## evaluate" in report.path.read_text()
     labels = (tmp_path / "work" / "labels-cvdd-ipc1" / "labels.json").read_text()
     assert '"precision": "bf16"' in labels
+
+
+def test_evaluate_options_the_naive_code_has_fixed_are_refused() -> None:
+    with pytest.raises(ConfigError, match="evaluate_overrides label_dtype, topk: the naive reference has these fixed"):
+        speed_config({"evaluate_overrides": {"topk": 5, "label_dtype": "fp32", "precision": "fp32"}})

@@ -47,6 +47,11 @@ DATA_ENV = "CVDD_CIFAR10_TAR"
 DATA_NAME = "cifar10-jpeg.tar.gz"
 
 # `cvdd bench --suite speed --budget small`: a smoke run of about a minute.
+#: Evaluation options the naive reference does not take: overriding them would change cvdd's side only.
+NAIVE_FIXED_EVALUATE = frozenset(
+    {"optimizer", "cutmix", "label_dtype", "topk", "bssl", "ghost_bn", "compile", "stack_seeds", "label_mode"}
+)
+
 SMALL_BUDGET: dict[str, Any] = {
     "train_per_class": 50,
     "squeeze_repeats": 1,
@@ -81,13 +86,14 @@ class SpeedConfig:
         recover_iterations: iterations per image (per unit for cvdd, per IPC index for the naive code).
         recover_init: initialisation of cvdd's recover (``real``, as the naive code; ``patches`` adds the observer's
             scoring to cvdd's time).
-        recover_overrides: further recover options for cvdd (``{ipc_per_block: 1}`` gives the CIFAR-10 paper presets
-            one IPC index per batch again, ``{ipc_per_block: 10, bn_groups: ipc}`` fuses ten with per-index BN
-            statistics); the suite's own fields (ipc, committee size, iterations, init) take precedence. The naive
-            code always runs one index per batch.
+        recover_overrides: further recover options for cvdd over ``{bn_groups: ipc}`` (BN statistics per IPC index,
+            the naive code's loss, whatever the preset's; ``{ipc_per_block: 1}`` runs one IPC index per batch as the
+            naive code does); the suite's own fields (ipc, committee size, iterations, init) take precedence. The
+            naive code always runs one index per batch.
         evaluate_overrides: evaluation recipe options over the preset's, for the relabel and evaluate stages of
             both pipelines (``{precision: fp32}`` turns off the GPU's default bf16); the suite's own fields (epochs,
-            seeds, label mode, student) take precedence.
+            seeds, label mode, student) take precedence, and options the naive code has fixed
+            (:data:`NAIVE_FIXED_EVALUATE`) are refused.
         recover_reps, recover_warmup: iterations of cvdd's per-iteration micro-benchmark (median after warm-up).
         ipcs: IPCs of the relabel and evaluate stages.
         epochs: student epochs (and stored label epochs) per evaluation.
@@ -140,6 +146,12 @@ class SpeedConfig:
             raise ConfigError(f"train_per_class {self.train_per_class} is below the largest IPC asked for ({need})")
         if self.naive_workers < 0 or self.recover_warmup < 0:
             raise ConfigError("naive_workers and recover_warmup must be >= 0")
+        one_sided = sorted(set(self.evaluate_overrides) & NAIVE_FIXED_EVALUATE)
+        if one_sided:  # the comparison would silently compare two recipes
+            raise ConfigError(
+                f"evaluate_overrides {', '.join(one_sided)}: the naive reference has these fixed (AdamW, CutMix, "
+                "fp16 full logits, a BSSL teacher, no ghost BN or compile), so only cvdd would change"
+            )
         return self
 
 
@@ -364,14 +376,21 @@ def _warm_up(ctx: _Ctx, arch: str, sizes: list[int], teacher: Any = None) -> Non
     """
     spec, dev = ctx.data.spec, ctx.device
     model = None if teacher is not None else create_model(arch, spec.num_classes, spec.image_size).to(dev).train()
-    for b in sizes:
-        for _ in range(2):
-            x = torch.randn(b, 3, spec.image_size, spec.image_size, device=dev)
-            if teacher is not None:
-                teacher(x)
-            else:
-                assert model is not None
-                model(x).float().sum().backward()
+    # Both memory layouts: cvdd trains and labels in channels_last, the naive code in the default one.
+    cvdd_layout = teacher.channels_last if teacher is not None else True
+    for layout in (torch.contiguous_format, torch.channels_last):  # cvdd's last: the teacher is left in it
+        if model is not None:
+            model.to(memory_format=layout)
+        if teacher is not None:
+            teacher.channels_last = layout == torch.channels_last and cvdd_layout
+        for b in sizes:
+            for _ in range(2):
+                x = torch.randn(b, 3, spec.image_size, spec.image_size, device=dev).contiguous(memory_format=layout)
+                if teacher is not None:
+                    teacher(x)
+                else:
+                    assert model is not None
+                    model(x).float().sum().backward()
 
 
 def _synthetic_set(ctx: _Ctx, ipc: int) -> dict[str, Any]:
@@ -489,6 +508,9 @@ def _stage_recover(ctx: _Ctx) -> None:
     name = ctx.preset().recover_preset
     n = min(cfg.recover_committee, len(ctx.pool))
     over = {
+        # BN statistics per IPC index: the naive code's loss (one index per batch), here computed for a fused block
+        # at once; the preset's `block` statistics would be another objective at the same compute.
+        "bn_groups": "ipc",
         **cfg.recover_overrides,
         "ipc": cfg.recover_ipc,
         "committee_size": n,
@@ -602,8 +624,15 @@ def _stage_recover(ctx: _Ctx) -> None:
         f"reloads, {_f(naive['load_s'])} s, and one PNG file per image).",
         "",
         f"Same experts, committees, voter weights and hyper-parameters (lr {rcfg.lr}, r_bn {rcfg.r_bn}, first BN "
-        f"x{rcfg.first_bn_multiplier}); cvdd init `{rcfg.init}`, the naive code one random real image per class "
-        f"decoded with PIL. cvdd's experts share: its iteration reproduced from the public pieces "
+        f"x{rcfg.first_bn_multiplier}); cvdd optimises {rcfg.ipc_per_block} IPC index(es) per batch with BN "
+        + (
+            "statistics per IPC index (the naive code's loss, which runs one index per batch)"
+            if rcfg.bn_groups == "ipc"
+            else "statistics over the whole block (not the naive code's per-index loss: same compute, another "
+            "objective)"
+        )
+        + f", compile {str(rcfg.compile).lower()}; cvdd init `{rcfg.init}`, the naive code one random real image "
+        f"per class decoded with PIL. cvdd's experts share: its iteration reproduced from the public pieces "
         f"(`cvdd.benchkit.UnitBench`, as bench/bench_recover.py), median of {cfg.recover_reps} after "
         f"{cfg.recover_warmup} warm-up: (a) full iteration {it['full_total_ms']:.1f} ms, (b) experts' forward + "
         f"loss (BN hooks) + backward alone {it['experts_ms']:.1f} ms, measured interleaved; share = (b)/(a); "

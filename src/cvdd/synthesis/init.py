@@ -78,7 +78,9 @@ def patch_init(
     1. Draw ``candidates`` random real training images of the class (seeded).
     2. From each, take ``crops`` random-resized crops (aspect ratio 1, scale (0.08, 1)) of side S / factor.
     3. Score every crop with the observer expert (eval mode): cross-entropy of the true class, the crop
-       zero-padded (centred) back to S x S when factor > 1. Keep each image's lowest-loss crop.
+       zero-padded (centred) back to S x S when factor > 1. Keep each image's lowest-loss crop. Crops are
+       normalised with the dataset's mean/std, the statistics the observer was trained with (the official code
+       uses ImageNet's for every dataset, with ImageNet-pretrained observers).
     4. Sort the survivors by loss and keep the window ``[rank_offset, rank_offset + ipc * factor**2)``.
     5. Stitch factor x factor crops per image (cell k of image j holds selected crop k * ipc + j).
 
