@@ -394,6 +394,10 @@ def distill_of_a_dataset_without_its_own_preset(c: Ctx) -> list[str]:
     return ["distill", "--dataset", "cifar10", "--data", str(c.tmp / "nowhere")]  # refused before any read
 
 
+def distill_with_unknown_student(c: Ctx) -> list[str]:
+    return ["distill", "--set", "student=resnet1B", "--out", str(c.tmp / "run")]  # refused before the squeeze
+
+
 def relabel_with_unknown_preset(c: Ctx) -> list[str]:
     return ["relabel", "random-real", "--ipc", "1", "--experts", str(c.experts), "--preset", "digitz"]
 
@@ -526,6 +530,19 @@ CASES = [
         id="distill-without-preset",
     ),
     pytest.param(relabel_with_unknown_preset, 2, "unknown distill preset 'digitz'", id="relabel-unknown-preset"),
+    pytest.param(distill_with_unknown_student, 2, "resnet1B", id="distill-unknown-student"),
+    pytest.param(
+        lambda c: ["squeeze", "--dataset", str(c.tmp / "nowhere"), "--preset", "cifar1O"],
+        2,
+        "unknown squeeze preset 'cifar1O'",
+        id="squeeze-preset-before-data",
+    ),
+    pytest.param(
+        lambda c: ["squeeze", "--dataset", str(c.tmp / "nowhere"), "--arch", "resnet1B"],
+        2,
+        "unknown architecture 'resnet1B'",
+        id="squeeze-arch-before-data",
+    ),
     pytest.param(ablate_with_empty_experts_folder, 2, "no experts found in {tmp}/empty", id="ablate-no-experts"),
     pytest.param(info_of_a_json_list, 2, "{tmp}/synthetic.json is not cvdd metadata", id="info-json-list"),
     pytest.param(bad_tracker, 2, "unknown tracker 'tensorbord'", id="bad-tracker"),

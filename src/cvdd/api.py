@@ -99,6 +99,12 @@ def squeeze(
     Returns:
         One :class:`SqueezeResult` per architecture, in order.
     """
+    if preset is not None:  # a typo fails before a download or decode, not after
+        from cvdd.config import get_squeeze_preset
+
+        get_squeeze_preset(preset)
+    for arch in archs or []:
+        model_info(arch)
     real = _real(dataset, data, cache_dir, download, progress)
     _, arch_list, recipe = resolve_squeeze_config(real, archs, preset, epochs, overrides)
     return squeeze_experts(

@@ -35,7 +35,7 @@ from cvdd.errors import ConfigError
 from cvdd.labels.bssl import Teacher
 from cvdd.labels.plans import apply_plan, make_plan
 from cvdd.labels.stored import LabelSettings, load_shard
-from cvdd.models import create_model
+from cvdd.models import create_model, model_info
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class EvalConfig:
         return out
 
     def validate(self) -> EvalConfig:
+        model_info(self.student)  # an unknown student fails here, not after a squeeze (one-line ModelError)
         if self.label_mode not in LABEL_MODES:
             raise ConfigError(f"unknown label mode {self.label_mode!r}; choose one of {', '.join(LABEL_MODES)}")
         if self.epochs < 1 or self.batch_size < 1 or self.micro_batch < 0:
