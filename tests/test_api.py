@@ -54,3 +54,21 @@ def test_committee_size_one_is_one_expert_also_under_a_preset_that_names_a_commi
     )
     assert res.meta["method"] == "sre2l++" and res.meta["committee_policy"] == "single"
     assert all(len(c) == 1 for c in res.meta["committees"])
+
+
+def test_the_experts_dataset_is_reloaded_under_the_name_it_was_squeezed_with(tmp_path) -> None:
+    """A folder squeezed as `--dataset cifar100 --data DIR` reloads as cifar100 (its normalisation), not as a
+    folder named DIR; a folder squeezed by its path reloads by its path; a moved one is reported."""
+    from cvdd.api import _dataset_for_experts, _source_or_experts
+    from cvdd.errors import ConfigError
+
+    folder = str(tmp_path)
+    named = {"dataset_source": folder, "dataset": {"name": "cifar100"}}
+    assert _dataset_for_experts(named) == ("cifar100", folder)
+    assert _dataset_for_experts({"dataset_source": folder, "dataset": {"name": "mine"}}) == (folder, None)
+    assert _dataset_for_experts({"dataset_source": "torchvision:cifar10"}) == ("cifar10", None)
+    assert _dataset_for_experts({"dataset_source": "digits", "dataset": {"name": "digits"}}) == ("digits", None)
+    assert _source_or_experts(None, named, "/elsewhere") == ("cifar100", "/elsewhere")  # --data given again
+    assert _source_or_experts("digits", named, None) == ("digits", None)  # --dataset given: the user's choice
+    with pytest.raises(ConfigError, match=r"the experts' dataset \(/moved/away\) is not available; give --dataset"):
+        _source_or_experts(None, {"dataset_source": "/moved/away"}, None)

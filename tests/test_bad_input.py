@@ -516,6 +516,12 @@ CASES = [
     pytest.param(
         npz_with(np.arange(10) % 3, ["0", "1", "0"]), 2, "a class name is listed twice", id="npz-duplicate-class"
     ),
+    pytest.param(
+        npz_with(np.arange(10) % 9, [str(i) for i in range(10)]),
+        2,
+        "{tmp}/set.npz: class '9' has no image",
+        id="npz-empty-class",
+    ),
     # 13. a tampered checksum, 14. merge of a folder that is not a recover run
     pytest.param(tampered_unit("recover"), 2, "with a checksum mismatch", id="tampered-unit-recover"),
     pytest.param(tampered_unit("merge"), 2, "checksum mismatch", id="tampered-unit-merge"),

@@ -65,7 +65,13 @@ def test_distill_tiny_budget_writes_valid_results(tmp_path: Path, digits, monkey
     assert all(r["label_mode"] == "stored" and r["label_bytes"] > 0 for r in rows)
     assert (tmp_path / "cvdd" / "ipc1" / "labels" / "epoch_0000.safetensors").is_file()
 
-    assert "another build" not in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "another build" not in table
+    # the priors' source beside the numbers (no `cvdd prior` run: the experts' training accuracy, never the test's)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert {p["source"] for p in config["priors"].values()} == {"train_acc"}
+    assert "Voting and teacher priors: convnet_d3_w32 " in table and "(training accuracy)" in table
+    assert "the std covers the students' initial weights only" in table
 
     # A re-run (for example after a kill) reuses every finished piece: experts, units, labels, evaluations; made by
     # another build of cvdd (here: another source hash), it keeps them and says so, in the log and the table.

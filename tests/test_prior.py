@@ -70,9 +70,14 @@ def test_prior_cli_takes_recover_and_evaluate_settings(
     ):
         cvdd.prior(experts, recover_overrides={"committee_size": 2}, progress=False)
     settings = ["--set", "epochs=2", "--set", "seeds=[0]", "--set", "recover.iterations=3"]
+    # stored soft labels (the cifar10-cpu and paper recipes) need a label folder per expert: this crashed once
+    settings += ["--set", "label_mode=stored"]
     recover = ["--set", "recover.init_candidates=20", "--set", "recover.init_crops=2"]
     assert main([*base, *settings, *recover, "--out", str(tmp_path / "work")]) == 0
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["convnet_d3_w32", "resnet8"]
+    for name in ("convnet_d3_w32", "resnet8"):
+        labels = json.loads((tmp_path / "work" / name / "labels" / "labels.json").read_text())
+        assert "[0.5, 0.5]" in json.dumps(labels)  # the committee teacher of the measurement weighs equally
     printed = capsys.readouterr().out
     for name in ("convnet_d3_w32", "resnet8"):
         meta = json.loads((experts / f"{name}.json").read_text())

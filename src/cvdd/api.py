@@ -146,29 +146,43 @@ def models(num_classes: int = 10, image_size: int | None = None) -> list[dict[st
     return rows
 
 
-def _dataset_for_experts(source: str | None) -> str | None:
-    """The dataset an expert was squeezed on, as ``load_dataset`` accepts it (None if it is gone)."""
+def _dataset_for_experts(meta: dict[str, Any]) -> tuple[str, str | None] | None:
+    """The dataset an expert was squeezed on (``meta``: its metadata), as ``load_dataset``'s ``dataset`` and
+    ``data`` arguments; None if it is gone.
+
+    A folder or tarball squeezed under a known name (``--dataset cifar100 --data DIR``) is loaded under that name
+    again: loaded as a bare path it would get the folder's name and ImageNet's normalisation.
+    """
+    from cvdd.data.specs import canonical_name
+
+    source = meta.get("dataset_source")
     if not source:
         return None
     if source.startswith("torchvision:"):
-        return source.split(":", 1)[1]
-    if source == "digits" or os.path.exists(source):
-        return source
-    return None
+        return source.split(":", 1)[1], None
+    if source == "digits":
+        return source, None
+    if not os.path.exists(source):
+        return None
+    name = canonical_name(str((meta.get("dataset") or {}).get("name", "")))
+    return (name, source) if name not in (None, "digits") else (source, None)
 
 
-def _source_or_experts(dataset: str | os.PathLike[str] | RealDataset | None, meta: dict[str, Any]) -> Any:
-    """``dataset`` when given, else the dataset the experts were squeezed on (``meta``: one expert's metadata).
+def _source_or_experts(
+    dataset: str | os.PathLike[str] | RealDataset | None, meta: dict[str, Any], data: str | os.PathLike[str] | None
+) -> tuple[Any, str | os.PathLike[str] | None]:
+    """``(dataset, data)`` when a dataset is given, else the dataset the experts were squeezed on (``meta``: one
+    expert's metadata) as ``load_dataset`` arguments.
 
     Raises:
         ConfigError: no dataset given and the experts' one is gone (a folder moved, a deleted tarball).
     """
     if dataset is not None:
-        return dataset
-    source = _dataset_for_experts(meta.get("dataset_source"))
-    if source is None:
+        return dataset, data
+    found = _dataset_for_experts(meta)
+    if found is None:
         raise ConfigError(f"the experts' dataset ({meta.get('dataset_source')}) is not available; give --dataset")
-    return source
+    return found if data is None else (found[0], data)
 
 
 def _found_experts(experts: str | os.PathLike[str]) -> list[Path]:
@@ -281,8 +295,8 @@ def recover(
         if isinstance(dataset, RealDataset):
             real = dataset
         else:
-            source = _source_or_experts(dataset, loaded[0].meta)
-            real = load_dataset(source, data=data, cache_dir=cache_dir, progress=progress)
+            source, where = _source_or_experts(dataset, loaded[0].meta, data)
+            real = load_dataset(source, data=where, cache_dir=cache_dir, progress=progress)
     if isinstance(shard, str):
         shard = Shard.parse(shard)
     return recover_images(
@@ -330,11 +344,11 @@ def _synthetic_or_random(
     from cvdd.evaluation.student import random_real_set
     from cvdd.synthesis.recover import load_synthetic
 
-    source = _source_or_experts(dataset, pool[0].meta)
+    source, where = _source_or_experts(dataset, pool[0].meta, data)
     real = (
         source
         if isinstance(source, RealDataset)
-        else load_dataset(source, data=data, cache_dir=cache_dir, progress=progress)
+        else load_dataset(source, data=where, cache_dir=cache_dir, progress=progress)
     )
     real.spec.check_compatible(pool[0].spec, "the experts' dataset")
     if os.fspath(synthetic) == "random-real":
@@ -466,7 +480,7 @@ def ablate(
     from cvdd.experts import read_expert_meta
 
     if dataset is None:
-        dataset = _source_or_experts(None, read_expert_meta(_found_experts(experts)[0]))
+        dataset, data = _source_or_experts(None, read_expert_meta(_found_experts(experts)[0]), data)
     real = _real(dataset, data, cache_dir, download, progress)
     default = "digits" if real.spec.name == "digits" else "cifar10-cpu"
     configs = load_grid(grid or default)
@@ -699,11 +713,11 @@ def prior(
     refuse_owned(recover_overrides, owned, "prior recover option", "prior")  # before any work
     pool = load_pool(experts, device=device)
     cfg, chosen = _eval_recipe(preset, pool, overrides, "prior")
-    source = _source_or_experts(dataset, pool[0].meta)
+    source, where = _source_or_experts(dataset, pool[0].meta, data)
     real = (
         source
         if isinstance(source, RealDataset)
-        else load_dataset(source, data=data, cache_dir=cache_dir, progress=progress)
+        else load_dataset(source, data=where, cache_dir=cache_dir, progress=progress)
     )
     if not isinstance(real.train, TensorSplit):
         raise ConfigError("cvdd prior needs an in-memory dataset (images of at most 64 px)")
@@ -712,7 +726,9 @@ def prior(
     per_class = max(1, min(val_per_class, _smallest_class(real) // 2))
     carved = carve_validation(real, per_class, seed)
     val = carved.test
-    teacher = build_teacher(pool, cfg)
+    # The committee teacher weighs its experts equally here: weights from the priors being measured would make
+    # each measurement depend on the previous one (and, before any, on each expert's own training accuracy).
+    teacher = build_teacher(pool, cfg, equal=True)
     work = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="cvdd-prior-"))
     try:
         priors = {}
@@ -732,7 +748,15 @@ def prior(
                 overrides={**(recover_overrides or {}), "single": expert.name},
             )
             ev = evaluate_synthetic(
-                res.images, res.labels, real.spec, val, cfg, teacher=teacher, device=device, progress=progress
+                res.images,
+                res.labels,
+                real.spec,
+                val,
+                cfg,
+                teacher=teacher,
+                label_dir=work / expert.name / "labels",  # stored-label recipes (cifar10-cpu, the paper's)
+                device=device,
+                progress=progress,
             )
             priors[expert.name] = 100.0 * ev.mean
             meta_path = expert_paths(Path(experts), expert.name)[1]

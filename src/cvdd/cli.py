@@ -355,13 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
         "prior",
         help="measure each expert's voting prior and store it in its metadata",
         description="For each expert: SRe2L++ recovery with that expert alone at a small IPC, soft "
-        "labels from the committee, and a student's top-1 on held-out real *training* "
-        "images (never the test set). The value (percent) replaces the test accuracy as "
-        "the expert's prior in recover's prior voting.",
+        "labels from the equally weighted committee, and a student's top-1 on held-out real *training* "
+        "images (never the test set). The value (percent) becomes the expert's prior in recover's voting "
+        "and the relabel committee's weights, replacing the training accuracy of its last squeeze epoch. "
+        "Needs images of at most 64 px.",
     )
-    p.add_argument("--experts", default="runs/experts", help="folder of experts")
+    p.add_argument("--experts", default="runs/experts", help="folder of experts (default runs/experts)")
     p.add_argument("--ipc", type=int, default=1, help="images per class recovered per expert (default 1)")
-    p.add_argument("--preset", default=None, help="distill preset whose evaluation recipe is used")
+    p.add_argument("--preset", default=None, help="distill preset whose recover preset and evaluation recipe are used")
     p.add_argument(
         "--out",
         default=None,

@@ -9,6 +9,7 @@ from numbers typed by hand.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +49,31 @@ class Expert:
 
     @property
     def prior(self) -> tuple[float, str]:
-        """The voting prior in percent and where it comes from (``prior`` if measured, else ``test_acc``)."""
+        """The voting prior in percent and where it comes from.
+
+        ``prior`` when ``cvdd prior`` measured it (on a split of training images), else ``train_acc``: the expert's
+        accuracy on its augmented training batches in the last squeeze epoch. Never the test accuracy: the
+        committee's weights would then be chosen by looking at the test set. ``none`` (nan) for metadata without
+        either; :func:`pool_priors` then gives the pool equal priors.
+        """
         if self.meta.get("prior") is not None:
             return float(self.meta["prior"]), "prior"
-        return 100.0 * self.test_acc, "test_acc"
+        train = self.meta.get("train_acc")
+        if isinstance(train, (int, float)) and math.isfinite(train):
+            return 100.0 * float(train), "train_acc"
+        return float("nan"), "none"
+
+
+def pool_priors(experts: list[Expert]) -> tuple[dict[str, float], dict[str, str]]:
+    """Every expert's voting prior (percent) and its source (see :attr:`Expert.prior`), keyed by name.
+
+    When any expert has neither a measured prior nor a training accuracy, every expert gets the same prior (0,
+    source ``equal``): one missing number must not silently take an expert's weight to zero or one.
+    """
+    found = {e.name: e.prior for e in experts}
+    if any(src == "none" for _, src in found.values()):
+        return {n: 0.0 for n in found}, {n: "equal" for n in found}
+    return {n: v for n, (v, _) in found.items()}, {n: src for n, (_, src) in found.items()}
 
 
 def expert_paths(directory: str | os.PathLike[str], name: str) -> tuple[Path, Path]:

@@ -34,6 +34,7 @@ from cvdd.data.sources import RealDataset
 from cvdd.device import PhasePeaks
 from cvdd.errors import ConfigError
 from cvdd.evaluation.student import EvalConfig, EvalJob, EvalResult, evaluate_many, random_real_set
+from cvdd.experts import pool_priors
 from cvdd.reporting import mean_std
 
 log = logging.getLogger(__name__)
@@ -299,6 +300,7 @@ def distill(
         if ref_rows:
             row["ior"] = row["acc_mean"] - ref_rows[0]["acc_mean"]
     total_s = time.perf_counter() - t_all
+    priors, prior_sources = pool_priors(pool)
     resolved = {
         "preset": to_dict(preset),
         # What the run changed on top of the preset's squeeze and recover presets (the evaluation recipe above is
@@ -314,6 +316,8 @@ def distill(
         "full_real_hard_acc": full_real_hard,
         "experts": {r.name: read_expert_meta(r.path)["test_acc"] for r in squeezed},
         "teacher": teacher.describe(),
+        # where the voting and teacher weights come from: `cvdd prior`, else the training accuracy (never the test)
+        "priors": {n: {"value": v, "source": prior_sources[n]} for n, v in priors.items()},
         "total_seconds": total_s,
     }
     atomic_write_text(out_dir / "config.json", json.dumps(resolved, indent=1))
@@ -513,8 +517,19 @@ def results_markdown(rows: list[dict[str, Any]], resolved: dict[str, Any]) -> st
         "",
         "Experts (test top-1): " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in resolved["experts"].items()),
         f"Teacher: {resolved['teacher']}",
-        "",
     ]
+    if resolved.get("priors"):  # runs written before priors were recorded have none
+        source = {"prior": "measured by `cvdd prior`", "train_acc": "training accuracy", "equal": "equal"}
+        lines.append(
+            "Voting and teacher priors: "
+            + ", ".join(f"{k} {p['value']:.2f} ({source[p['source']]})" for k, p in resolved["priors"].items())
+        )
+    if any(r["label_mode"] == "stored" for r in rows):
+        lines.append(
+            "Stored labels: every seed replays the same augmentations and soft labels, so the std covers the "
+            "students' initial weights only."
+        )
+    lines.append("")
     changed = {k: resolved.get(f"{k}_overrides") for k in ("squeeze", "recover")}
     if any(changed.values()):
         # A table made with --set squeeze.* / recover.* is not the preset's recipe: say so beside the numbers.

@@ -160,7 +160,10 @@ def squeeze_experts(
                 "recipe": recipe_dict,
                 "preset": preset_name,
                 "seed": seed,
-                "dataset_source": data.source,
+                # absolute: later stages started from another folder find it too
+                "dataset_source": data.source
+                if data.source == "digits" or not os.path.exists(data.source)
+                else os.path.abspath(data.source),
                 "dataset_fingerprint": data.fingerprint,
                 "params": count_parameters(model),
                 "wall_seconds": wall,

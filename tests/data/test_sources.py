@@ -89,6 +89,40 @@ def test_tarball_equals_folder(tiny_folder: Path, tmp_path: Path) -> None:
     assert torch.equal(from_dir.test.labels, from_tar.test.labels)
 
 
+def test_a_shuffled_tarball_is_read_in_its_stored_order_and_equals_the_folder(
+    tiny_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Members stored out of class order (tar of a shuffled listing) decode to the folder's tensors, and are read
+    front to back: a gzip stream read backwards restarts from its start at every jump (quadratic)."""
+    import random
+
+    files = sorted(p for p in tiny_folder.rglob("*") if p.is_file())
+    random.Random(0).shuffle(files)
+    tar_path = tmp_path / "shuffled.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=f"mini/{f.relative_to(tiny_folder).as_posix()}")
+    offsets: list[int] = []
+    real_extract = tarfile.TarFile.extractfile
+
+    def spy(self: tarfile.TarFile, member: tarfile.TarInfo | str):  # type: ignore[no-untyped-def]
+        assert isinstance(member, tarfile.TarInfo)
+        offsets.append(member.offset)
+        return real_extract(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
+    from_tar = load_dataset(tar_path, progress=False)
+    monkeypatch.undo()
+    from_dir = load_dataset(tiny_folder, progress=False)
+    assert torch.equal(from_dir.train.images, from_tar.train.images)
+    assert torch.equal(from_dir.train.labels, from_tar.train.labels)
+    assert torch.equal(from_dir.test.images, from_tar.test.images)
+    n_train, n_test = len(from_dir.train), len(from_dir.test)
+    assert not from_tar.from_cache and len(offsets) > n_train + n_test  # probe, then both splits
+    probe, train, test = offsets[: -n_train - n_test], offsets[-n_train - n_test : -n_test], offsets[-n_test:]
+    assert probe == sorted(probe) and train == sorted(train) and test == sorted(test)
+
+
 def test_explicit_class_order(tiny_folder: Path) -> None:
     ds = load_dataset(tiny_folder, class_order=["ship", "airplane", "cat"], progress=False)
     assert ds.spec.classes == ("ship", "airplane", "cat")
@@ -133,6 +167,17 @@ def test_missing_path_and_unknown_name(tmp_path: Path) -> None:
         load_dataset(tmp_path, progress=False)
 
 
+def test_a_known_name_refuses_data_with_another_class_count(tiny_folder: Path) -> None:
+    with pytest.raises(DataError, match="'cifar100' has 100 classes, but the data given for it has 3"):
+        load_dataset("cifar100", data=tiny_folder, progress=False)
+
+
+def test_a_broken_link_in_a_class_folder_is_named(tiny_folder: Path) -> None:
+    (tiny_folder / "train" / "cat" / "zz.png").symlink_to(tiny_folder / "gone.png")
+    with pytest.raises(DataError, match=r"cannot read image .*zz\.png"):
+        load_dataset(tiny_folder, progress=False)
+
+
 def test_named_dataset_without_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="--download"):
         load_dataset("cifar10", cache_dir=tmp_path, progress=False)
@@ -158,9 +203,37 @@ def test_tiny_imagenet_val_layout(tmp_path: Path) -> None:
     # As downloaded, a test/ of unlabelled images sits beside val/: it cannot be scored, so val/ is the test split.
     (root / "test" / "images").mkdir(parents=True)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "test" / "images" / "t0.JPEG")
-    ds = load_dataset(root, progress=False)
+    ds = load_dataset(root, cache_dir=tmp_path / "cache", progress=False)
     assert ds.spec.image_size == 64 and ds.spec.classes == ("n01", "n02")
     assert ds.test.labels.tolist() == [0, 0, 1]
+    # new labels in the annotations (same image files): not the cached decoding of the old ones
+    swapped = [line.replace("\tn01\t", "\tnXX\t").replace("\tn02\t", "\tn01\t").replace("nXX", "n02") for line in lines]
+    (root / "val" / "val_annotations.txt").write_text("\n".join(swapped))
+    again = load_dataset(root, cache_dir=tmp_path / "cache", progress=False)
+    assert not again.from_cache and again.test.labels.tolist() == [0, 1, 1]
+
+
+def test_a_tarball_that_cannot_be_extracted_is_a_data_error_and_leaves_no_partial_copy(tmp_path: Path) -> None:
+    """Large images are extracted, not decoded: a member the safe extraction filter refuses (an absolute link)
+    gives one line, and the half-written folder is removed."""
+    import io
+
+    tar_path = tmp_path / "big.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for split in ("train", "test"):
+            for cls in ("a", "b"):
+                buf = io.BytesIO()
+                Image.new("RGB", (96, 96), (40, 80, 120)).save(buf, format="JPEG")
+                info = tarfile.TarInfo(f"{split}/{cls}/0.jpg")
+                info.size = len(buf.getvalue())
+                tar.addfile(info, io.BytesIO(buf.getvalue()))
+        link = tarfile.TarInfo("train/a/escape")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=r"cannot extract .*big\.tar into .*: "):
+        load_dataset(tar_path, cache_dir=cache, progress=False)
+    assert not [p for p in (cache / "extracted").iterdir() if ".tmp-" in p.name]
 
 
 def test_large_images_stream_from_files(tiny_folder: Path) -> None:

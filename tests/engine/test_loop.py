@@ -156,6 +156,30 @@ def _fit_with_checkpoint(digits, epochs: int, ckpt: Path):
     )
 
 
+def test_a_test_split_failing_at_the_end_keeps_the_trained_epochs(digits, tmp_path: Path, monkeypatch) -> None:
+    """A streamed test split is decoded only when scored: a corrupt image there must not cost the training."""
+    from cvdd.engine import loop
+    from cvdd.errors import DataError
+
+    ckpt = tmp_path / "run.pt"
+    train, test = digits.train.subset(30, 10), digits.test.subset(10, 10)
+
+    def corrupt(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise DataError("corrupt or unreadable image val/b/2.jpg: not an image format PIL can read")
+
+    def run():  # type: ignore[no-untyped-def]
+        model = create_model("convnet_d3_w32", 10, 32)
+        return fit(model, train, test, _recipe(2), spec=digits.spec, device=CPU, checkpoint=ckpt, progress=False)
+
+    monkeypatch.setattr(loop, "evaluate_accuracy", corrupt)
+    with pytest.raises(DataError, match=r"val/b/2\.jpg"):
+        run()
+    monkeypatch.undo()  # the image fixed: the rerun only scores the finished student
+    res = run()
+    assert res.resumed_from == 2 and len(res.history) == 2 and 0.0 <= res.test_acc <= 1.0
+    assert res.history[-1]["test_acc"] == res.test_acc
+
+
 def test_checkpoint_of_another_recipe_is_not_resumed(digits, tmp_path: Path) -> None:
     ckpt = tmp_path / "run.pt"
     _fit_with_checkpoint(digits, 1, ckpt)

@@ -41,7 +41,7 @@ def _expert(seed: int, dropout: bool = False) -> Expert:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Expert(f"e{seed}", "convnet_d3_w32", model, {"test_acc": 0.5 + seed / 100}, SPEC)
+    return Expert(f"e{seed}", "convnet_d3_w32", model, {"test_acc": 0.9, "train_acc": 0.5 + seed / 100}, SPEC)
 
 
 def test_bssl_equals_manual_batch_statistics_and_leaves_the_expert_untouched() -> None:
@@ -79,11 +79,17 @@ def test_group_size_is_the_bn_group_and_weights_sum_logits() -> None:
 
 
 def test_build_teacher_weights_the_committee_by_prior_or_takes_the_named_expert() -> None:
-    pool = [_expert(4), _expert(9)]  # priors 54 and 59 (%, from test_acc)
+    pool = [_expert(4), _expert(9)]  # priors 54 and 59 (%, from train_acc; never the test accuracy)
     committee = build_teacher(pool, EvalConfig(teacher="committee", teacher_temperature=10.0, bssl=False))
     # softmax([54, 59] / 10) = softmax([5.4, 5.9]): golden values
     assert committee.weights == pytest.approx([0.3775407, 0.6224593], abs=1e-6)
     assert committee.bssl is False
+    assert build_teacher(pool, EvalConfig(teacher="committee"), equal=True).weights == [0.5, 0.5]  # cvdd prior
+    pool[1].meta["prior"] = 64.0  # a measured prior wins over the training accuracy
+    weights = build_teacher(pool, EvalConfig(teacher="committee", teacher_temperature=10.0)).weights
+    assert weights == pytest.approx([0.2689414, 0.7310586], abs=1e-6)  # softmax([5.4, 6.4]) = 1 / (1 + e), e / (1 + e)
+    del pool[0].meta["train_acc"]  # one expert without any prior: the whole pool votes equally
+    assert build_teacher(pool, EvalConfig(teacher="committee")).weights == [0.5, 0.5]
     single = build_teacher(pool, EvalConfig(teacher="e9"))
     assert single.names == ["e9"] and single.weights == [1.0] and single.bssl is True
     with pytest.raises(ConfigError, match="teacher 'resnet99' is not among the experts \\(e4, e9\\)"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,10 @@ def test_cvdd_n2_and_sre2l_n1_run_on_digits(digit_experts: Path, digits, tmp_pat
     assert float(res.images.min()) >= 0.0 and float(res.images.max()) <= 1.0
     assert res.meta["method"] == "cvdd" and res.meta["committees"][0] == ["convnet_d3_w32", "resnet8"]
     assert sum(res.meta["weights"][0]) == pytest.approx(1.0)
-    assert res.meta["prior_sources"] == {"convnet_d3_w32": "test_acc", "resnet8": "test_acc"}
+    # no measured prior: the training accuracy of the experts' last squeeze epoch, never their test accuracy
+    assert res.meta["prior_sources"] == {"convnet_d3_w32": "train_acc", "resnet8": "train_acc"}
+    metas = {n: json.loads((digit_experts / f"{n}.json").read_text()) for n in res.meta["priors"]}
+    assert res.meta["priors"] == pytest.approx({n: 100.0 * m["train_acc"] for n, m in metas.items()})
     assert (tmp_path / "cvdd" / "grid.png").is_file()
     images, labels, _ = load_synthetic(tmp_path / "cvdd", digits.spec)
     assert torch.equal(images, res.images) and torch.equal(labels, res.labels)

@@ -199,6 +199,9 @@ def _to_spec(
         )
     if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
         raise DataError(f"{path}: labels outside 0..{len(classes) - 1}")
+    counts = np.bincount(labels.astype(np.int64), minlength=len(classes)) if labels.size else np.zeros(len(classes))
+    if (counts == 0).any():
+        raise DataError(f"{path}: class {classes[int(np.argmin(counts))]!r} has no image")
     index = torch.tensor([spec.classes.index(c) for c in classes], dtype=torch.int64)
     new_labels = index[torch.from_numpy(labels.astype(np.int64))]
     # Class-major in the dataset's order (stable, so each class keeps its IPC order).

@@ -79,7 +79,7 @@ class _FileDataset(torch.utils.data.Dataset):
         try:
             with Image.open(self.files[i]) as img:
                 x = self.tf(to_rgb(img))
-        except (OSError, ValueError, SyntaxError) as exc:  # as decode_image: PIL raises all three on bad files
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # as decode_image
             raise DataError(f"corrupt or unreadable image {self.files[i]}: {exc}") from None
         return x, self.labels[i]
 

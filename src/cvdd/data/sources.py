@@ -7,6 +7,7 @@ stream from disk through a DataLoader with workers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -17,7 +18,7 @@ import socket
 import tarfile
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             rgb = to_rgb(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"corrupt or unreadable image {name}: {_image_error(exc)}") from None
     if rgb.size != (size, size):
         w, h = rgb.size
@@ -276,8 +277,15 @@ def _hash_listing(root: Path, listing: _Listing) -> str:
     for split in sorted(listing.splits):
         for cls in sorted(listing.splits[split]):
             for rel in listing.splits[split][cls]:
-                st = os.stat(root / rel)
+                try:
+                    st = os.stat(root / rel)
+                except OSError as exc:  # a broken link, or a file removed while listing
+                    raise DataError(f"cannot read image {root / rel}: {exc.strerror or _first_line(exc)}") from None
                 h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        # Tiny-ImageNet's val/ names no class in its paths: its labels live in this file, which must key the cache.
+        ann = root / split / "val_annotations.txt"
+        if ann.is_file():
+            h.update(ann.read_bytes())
     return h.hexdigest()
 
 
@@ -337,20 +345,30 @@ def _decode_split(
     size: int,
     desc: str,
     progress: bool,
+    position: Callable[[str], int] | None = None,
 ) -> TensorSplit:
+    """Decode a split's images, class by class in name order, into one uint8 tensor.
+
+    Args:
+        position: where a file lies in its container (a tar member's offset): files are then read in that order
+            and placed at their class-order index. A compressed tarball read out of its stored order
+            decompresses from its start at every backward jump (quadratic in the archive: 26 s instead of 0.5 s
+            for 1,700 shuffled images); in order, it is one pass.
+
+    Returns:
+        images (N, 3, size, size) uint8 and labels (N,) int64, classes in ``classes`` order.
+    """
     from tqdm import tqdm
 
-    total = sum(len(entries[c]) for c in classes)
-    images = np.empty((total, size, size, 3), dtype=np.uint8)
-    labels = np.empty(total, dtype=np.int64)
-    i = 0
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for label, cls in enumerate(classes):
-            for name in entries[cls]:
-                images[i] = decode_image(read(name), size, name)
-                labels[i] = label
-                i += 1
-                bar.update()
+    jobs = [(name, label) for label, cls in enumerate(classes) for name in entries[cls]]
+    order = sorted(range(len(jobs)), key=lambda i: position(jobs[i][0])) if position else range(len(jobs))
+    images = np.empty((len(jobs), size, size, 3), dtype=np.uint8)
+    labels = np.array([label for _, label in jobs], dtype=np.int64)
+    with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for i in order:
+            name = jobs[i][0]
+            images[i] = decode_image(read(name), size, name)
+            bar.update()
     return TensorSplit(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels))
 
 
@@ -371,7 +389,11 @@ def _image_error(exc: BaseException) -> str:
 
 
 def _probe_folder_size(
-    train: dict[str, list[str]], classes: tuple[str, ...], read: Callable[[str], bytes], samples: int = 16
+    train: dict[str, list[str]],
+    classes: tuple[str, ...],
+    read: Callable[[str], bytes],
+    samples: int = 16,
+    position: Callable[[str], int] | None = None,
 ) -> int:
     """The image size of a folder: the most common probed size of the first image of up to ``samples`` classes.
 
@@ -381,8 +403,8 @@ def _probe_folder_size(
     from collections import Counter
 
     sizes: Counter[int] = Counter()
-    for cls in classes[:: max(1, len(classes) // samples)][:samples]:
-        name = train[cls][0]
+    names = [train[cls][0] for cls in classes[:: max(1, len(classes) // samples)][:samples]]
+    for name in sorted(names, key=position) if position else names:  # stored order: see _decode_split
         try:
             sizes[_probe_size(read(name))] += 1
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -587,6 +609,7 @@ def _load_imagefolder(
     progress: bool,
 ) -> RealDataset:
     is_tar = source.is_file()
+    position: Callable[[str], int] | None = None  # a folder's files are read in class order
     if is_tar:
         try:
             tar = tarfile.open(source, "r:*")  # noqa: SIM115 (closed in the finally below)
@@ -609,6 +632,12 @@ def _load_imagefolder(
                 raise DataError(f"cannot read {name} from tarball {source}: {_first_line(exc)}") from None
 
         fingerprint = _hash_file(source)
+
+        def offset(name: str) -> int:
+            return members[name].offset
+
+        position = offset
+
     else:
         if not source.is_dir():
             raise DataError(f"dataset path is neither a folder nor a tarball: {source}")
@@ -616,12 +645,15 @@ def _load_imagefolder(
         listing = _list_directory(source)
 
         def read(name: str) -> bytes:
-            return (source / name).read_bytes()
+            try:
+                return (source / name).read_bytes()
+            except OSError as exc:  # removed meanwhile, no permission, an I/O error of the disk
+                raise DataError(f"cannot read image {source / name}: {exc.strerror or _first_line(exc)}") from None
 
         fingerprint = _hash_listing(source, listing)
     try:
         classes = _check_classes(listing, str(source), class_order)
-        probed = _probe_folder_size(listing.splits["train"], classes, read)
+        probed = _probe_folder_size(listing.splits["train"], classes, read, position=position)
         spec = _spec_for_folder(name_hint, classes, probed, source, image_size)
         fingerprint = hashlib.sha256(f"{fingerprint}:{classes}".encode()).hexdigest()[:16]
 
@@ -641,17 +673,23 @@ def _load_imagefolder(
             train, test, _ = cached
             log.info("using decoded cache of %s (%d train, %d test images)", source, len(train), len(test))
             return RealDataset(spec, train, test, str(source), fingerprint, from_cache=True)
-        train = _decode_split(classes, listing.splits["train"], read, spec.image_size, "decode train", progress)
+        train = _decode_split(
+            classes, listing.splits["train"], read, spec.image_size, "decode train", progress, position
+        )
         test = _decode_split(
-            classes, listing.splits[listing.test_split], read, spec.image_size, f"decode {listing.test_split}", progress
+            classes,
+            listing.splits[listing.test_split],
+            read,
+            spec.image_size,
+            f"decode {listing.test_split}",
+            progress,
+            position,
         )
-        _save_cache(
-            cache,
-            key,
-            train,
-            test,
-            {"source": str(source), "classes": list(classes), "image_size": spec.image_size, "format": CACHE_FORMAT},
-        )
+        try:
+            meta = {"source": str(source), "classes": list(classes), "image_size": spec.image_size}
+            _save_cache(cache, key, train, test, {**meta, "format": CACHE_FORMAT})
+        except OSError as exc:  # the decoded images are in memory: a read-only or full cache costs only the reuse
+            log.warning("could not write the dataset cache in %s (%s): decoding again next time", cache, exc)
         return RealDataset(spec, train, test, str(source), fingerprint)
     finally:
         if tar is not None:
@@ -683,6 +721,24 @@ def _remove_dead_extractions(root: Path, min_age_s: float = 86400.0) -> None:
             pass
 
 
+@contextlib.contextmanager
+def _host_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if missing) for the block; a no-op where ``fcntl`` is
+    missing (Windows), where the rename in the caller still keeps the result whole."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _streamed(
     source: Path,
     tar: tarfile.TarFile | None,
@@ -701,15 +757,22 @@ def _streamed(
         done = root / ".complete"
         if not done.exists():
             _remove_dead_extractions(root)
-            # root only ever appears whole (renamed from a finished extraction): present means complete.
-            if not root.exists():
-                log.info("extracting %s to %s (once)", source, root)
-                tmp = root.with_name(f"{root.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-                tar.extractall(tmp, filter="data")
-                try:
-                    os.replace(tmp, root)
-                except OSError:  # another process (a torchrun rank) finished first: keep its copy, drop ours
-                    shutil.rmtree(tmp, ignore_errors=True)
+            # root only ever appears whole (renamed from a finished extraction): present means complete. The lock
+            # makes the other processes of this host (torchrun ranks) wait for one extraction instead of each
+            # writing a whole copy of the dataset.
+            with _host_lock(cache / "locks" / f"extract-{key}.lock"):
+                if not root.exists():
+                    log.info("extracting %s to %s (once)", source, root)
+                    tmp = root.with_name(f"{root.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+                    try:
+                        tar.extractall(tmp, filter="data")
+                    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        raise DataError(f"cannot extract {source} into {root.parent}: {_first_line(exc)}") from None
+                    try:
+                        os.replace(tmp, root)
+                    except OSError:  # another host sharing the cache finished first: keep its copy, drop ours
+                        shutil.rmtree(tmp, ignore_errors=True)
             done.touch()
         _, prefix = _list_tar(m.name for m in tar.getmembers() if m.isfile())
         root = root / prefix if prefix else root

@@ -114,18 +114,34 @@ class DatasetSpec:
 # data itself for ImageFolder-based ones (Tiny-ImageNet, ImageNette, ImageNet-1K) because their order is
 # that of the folders the user has.
 _KNOWN: dict[str, dict[str, Any]] = {
-    "digits": dict(image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), jitter=4, default_preset="digits"),
+    "digits": dict(
+        image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), jitter=4, default_preset="digits", num_classes=10
+    ),
     "cifar10": dict(
-        image_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), jitter=4, default_preset="cifar10"
+        image_size=32,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        jitter=4,
+        default_preset="cifar10",
+        num_classes=10,
     ),
     "cifar100": dict(
-        image_size=32, mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761), jitter=4, default_preset="cifar100"
+        image_size=32,
+        mean=(0.5071, 0.4867, 0.4408),
+        std=(0.2675, 0.2565, 0.2761),
+        jitter=4,
+        default_preset="cifar100",
+        num_classes=100,
     ),
     "tiny-imagenet": dict(
-        image_size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, jitter=4, default_preset="tiny-imagenet"
+        image_size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, jitter=4, default_preset="tiny-imagenet", num_classes=200
     ),
-    "imagenette": dict(image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, jitter=32, default_preset="imagenette"),
-    "imagenet1k": dict(image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, jitter=32, default_preset="imagenet1k"),
+    "imagenette": dict(
+        image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, jitter=32, default_preset="imagenette", num_classes=10
+    ),
+    "imagenet1k": dict(
+        image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, jitter=32, default_preset="imagenet1k", num_classes=1000
+    ),
 }
 
 # Alternative spellings users type.
@@ -157,11 +173,25 @@ def known_constants(name: str) -> dict[str, Any]:
     key = canonical_name(name)
     if key is None:
         raise DataError(f"unknown dataset '{name}'; choose one of {', '.join(known_datasets())} or give a path")
-    return dict(_KNOWN[key])
+    out = dict(_KNOWN[key])
+    out.pop("num_classes")
+    return out
 
 
 def make_spec(name: str, classes: tuple[str, ...] | list[str], **overrides: Any) -> DatasetSpec:
-    """Build a spec for a known dataset name with the given class list (and optional overrides)."""
+    """Build a spec for a known dataset name with the given class list (and optional overrides).
+
+    Raises:
+        DataError: the class list does not have the known dataset's number of classes (a folder given as
+            ``--dataset cifar100 --data DIR`` that holds something else would otherwise run under its name).
+    """
     consts = known_constants(name)
+    key = canonical_name(name) or name
+    expected = _KNOWN[key]["num_classes"]
+    if len(classes) != expected:
+        raise DataError(
+            f"'{key}' has {expected} classes, but the data given for it has {len(classes)}; "
+            "pass the folder itself as --dataset PATH for a dataset of your own"
+        )
     consts.update({k: v for k, v in overrides.items() if v is not None})
-    return DatasetSpec(name=canonical_name(name) or name, classes=tuple(classes), **consts)
+    return DatasetSpec(name=key, classes=tuple(classes), **consts)

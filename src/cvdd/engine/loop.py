@@ -533,6 +533,10 @@ def fit(
                 "images_per_s": n_epoch / max(seconds, 1e-9),
             }
             last = epoch + 1 == recipe.epochs
+            if checkpoint is not None and clock.due(last):
+                # Before the test pass: a test image that cannot be read (streamed splits are decoded only now)
+                # must not cost the epochs just trained. A finished run resumed from here scores the test set.
+                save_checkpoint(checkpoint, run_hash, epoch + 1, model, optimizer, {"history": [*history, record]})
             if test is not None and (last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0)):
                 record["test_acc"] = evaluate_accuracy(
                     model,
@@ -553,14 +557,14 @@ def fit(
                 recipe.epochs,
                 ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"),
             )
-            if checkpoint is not None and clock.due(last):
-                save_checkpoint(checkpoint, run_hash, epoch + 1, model, optimizer, {"history": history})
     elapsed = time.perf_counter() - t_start
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     test_acc = history[-1].get("test_acc") if history else None
     if test_acc is None and test is not None:
         test_acc = evaluate_accuracy(model, test, spec, device, precision=recipe.precision, workers=recipe.workers)
+        if history:
+            history[-1]["test_acc"] = test_acc
     return FitResult(
         test_acc=float(test_acc) if test_acc is not None else float("nan"),
         history=history,

@@ -342,25 +342,27 @@ def fit_stacked(
             seen += n_epoch
             last = epoch + 1 == recipe.epochs
             evaluate = test is not None and (last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0))
-            members = stack.write_back() if evaluate else []
             losses_h, correct_h = loss_sum.tolist(), correct.tolist()
             for j in range(k):
-                record: dict[str, Any] = {
-                    "epoch": epoch + 1,
-                    "train_loss": losses_h[j] / max(1, n_epoch),
-                    "train_acc": correct_h[j] / max(1, n_epoch),
-                    "lr": lr,
-                    "seconds": seconds,
-                    "images_per_s": n_epoch / max(seconds, 1e-9),
-                }
+                histories[j].append(
+                    {
+                        "epoch": epoch + 1,
+                        "train_loss": losses_h[j] / max(1, n_epoch),
+                        "train_acc": correct_h[j] / max(1, n_epoch),
+                        "lr": lr,
+                        "seconds": seconds,
+                        "images_per_s": n_epoch / max(seconds, 1e-9),
+                    }
+                )
+            if checkpoint is not None and clock.due(last):  # before the test pass, as in `fit`
+                save_checkpoint(checkpoint, run_hash, epoch + 1, stack, optimizer, {"histories": histories})
+            members = stack.write_back() if evaluate else []
+            for j in range(k):
                 if evaluate:
                     assert test is not None
-                    record["test_acc"] = _evaluate_member(members[j], test, spec, device, recipe)
-                histories[j].append(record)
-                tracking.log(f"{desc} member {j} (seed {seeds[j]})", record, epoch + 1)
+                    histories[j][-1]["test_acc"] = _evaluate_member(members[j], test, spec, device, recipe)
+                tracking.log(f"{desc} member {j} (seed {seeds[j]})", histories[j][-1], epoch + 1)
             log.info("%s epoch %d/%d: %.2f s for %d members", desc, epoch + 1, recipe.epochs, seconds, k)
-            if checkpoint is not None and clock.due(last):
-                save_checkpoint(checkpoint, run_hash, epoch + 1, stack, optimizer, {"histories": histories})
     elapsed = time.perf_counter() - t_start
     members = stack.write_back()
     results = []
@@ -368,6 +370,8 @@ def fit_stacked(
         acc = histories[j][-1].get("test_acc") if histories[j] else None
         if acc is None and test is not None:
             acc = _evaluate_member(member, test, spec, device, recipe)
+            if histories[j]:
+                histories[j][-1]["test_acc"] = acc
         results.append(
             FitResult(
                 test_acc=float(acc) if acc is not None else float("nan"),

@@ -341,7 +341,9 @@ def _prepare(
     if cfg.label_mode == "stored":
         from cvdd.labels.stored import relabel_stored
 
-        assert teacher is not None and job.label_dir is not None
+        if job.label_dir is None:  # a caller's omission, said in one line rather than as an assert
+            raise ConfigError("label mode 'stored' needs a folder for the label shards (label_dir)")
+        assert teacher is not None
         label_info = relabel_stored(
             imgs,
             job.labels.to(dev),

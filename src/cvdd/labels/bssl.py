@@ -18,7 +18,7 @@ from torch import nn
 
 from cvdd.device import autocast
 from cvdd.errors import ConfigError
-from cvdd.experts import Expert
+from cvdd.experts import Expert, pool_priors
 
 
 @contextlib.contextmanager
@@ -128,19 +128,21 @@ class Teacher:
         return total
 
 
-def build_teacher(pool: Sequence[Expert], cfg: Any) -> Teacher:
+def build_teacher(pool: Sequence[Expert], cfg: Any, equal: bool = False) -> Teacher:
     """The teacher an evaluation recipe names: the prior-weighted committee or one expert of ``pool``.
 
     Args:
         pool: the loaded experts.
         cfg: an evaluation recipe (``EvalConfig``): ``teacher`` ("committee" or an expert's name),
             ``teacher_temperature`` (softmax(prior / T) weights) and ``bssl``.
+        equal: a committee teacher weighs its experts equally instead (``cvdd prior``, which measures the priors).
 
     Raises:
         ConfigError: ``cfg.teacher`` names no expert of the pool.
     """
     if cfg.teacher == "committee":
-        return Teacher(pool, teacher_weights(pool, "prior", cfg.teacher_temperature), bssl=cfg.bssl)
+        mode = "equal" if equal else "prior"
+        return Teacher(pool, teacher_weights(pool, mode, cfg.teacher_temperature), bssl=cfg.bssl)
     chosen = [e for e in pool if e.name == cfg.teacher]
     if not chosen:
         raise ConfigError(f"teacher {cfg.teacher!r} is not among the experts ({', '.join(e.name for e in pool)})")
@@ -151,9 +153,10 @@ def teacher_weights(experts: Sequence[Expert], mode: str = "prior", temperature:
     """Relabel committee weights: softmax(prior / T) (T = 10 in the method) or equal."""
     from cvdd.synthesis.voting import voter_weights
 
+    priors, _ = pool_priors(list(experts))
     return [
         float(w)
         for w in voter_weights(
-            [e.prior[0] for e in experts], mode, temperature, generator=torch.Generator().manual_seed(0)
+            [priors[e.name] for e in experts], mode, temperature, generator=torch.Generator().manual_seed(0)
         )
     ]

@@ -51,7 +51,7 @@ from cvdd.data.sources import RealDataset
 from cvdd.data.specs import DatasetSpec
 from cvdd.device import autocast, derive_seed, make_generator, resolve_device, resolve_precision
 from cvdd.errors import ArtifactError, ConfigError
-from cvdd.experts import Expert
+from cvdd.experts import Expert, pool_priors
 from cvdd.models import checkpointed
 from cvdd.synthesis.bn_matching import BNMatching
 from cvdd.synthesis.committee import COMMITTEE_POLICIES, select_committee
@@ -242,8 +242,7 @@ class RecoverPlan:
 def plan_committees(experts: list[Expert], cfg: RecoverConfig, seed: int) -> RecoverPlan:
     """Resolve each IPC index's committee (named policy) and voter weights (read from expert metadata)."""
     pool = [e.name for e in experts]
-    priors = {e.name: e.prior[0] for e in experts}
-    sources = {e.name: e.prior[1] for e in experts}
+    priors, sources = pool_priors(experts)
     policy = cfg.policy(len(pool))
     best = max(pool, key=lambda n: priors[n])
     committees, weights = [], []
@@ -838,8 +837,9 @@ def recover_images(
     sources_note = {n: s for n, s in plan.prior_sources.items() if s != "prior"}
     if sources_note and cfg.voting == "prior" and cfg.committee_size > 1:
         log.warning(
-            "prior not measured for %s: using test accuracy as the voting prior (run `cvdd prior` later)",
+            "prior not measured for %s: voting uses %s instead (run `cvdd prior` for the method's prior)",
             ", ".join(sorted(sources_note)),
+            "equal priors" if "equal" in sources_note.values() else "the training accuracy of the last squeeze epoch",
         )
     # channels_last is opt-in here (unlike training): it changes the arithmetic, which the units of one run (resumed,
     # or the shards of a job array) should share. Changes to cvdd itself can still move the last bits between
