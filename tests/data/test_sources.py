@@ -207,6 +207,13 @@ def test_tiny_imagenet_val_layout(tmp_path: Path) -> None:
     assert ds.spec.image_size == 64 and ds.spec.classes == ("n01", "n02")
     assert ds.test.labels.tolist() == [0, 0, 1]
     # new labels in the annotations (same image files): not the cached decoding of the old ones
+    # the same layout packed as a tarball: the annotations label val/, the unlabelled test/ is skipped
+    tar_path = tmp_path / "tiny.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(root, arcname="tiny")
+    packed = load_dataset(tar_path, cache_dir=tmp_path / "cache", progress=False)
+    assert packed.spec.classes == ds.spec.classes and packed.test.labels.tolist() == [0, 0, 1]
+    assert torch.equal(packed.test.images, ds.test.images) and torch.equal(packed.train.images, ds.train.images)
     swapped = [line.replace("\tn01\t", "\tnXX\t").replace("\tn02\t", "\tn01\t").replace("nXX", "n02") for line in lines]
     (root / "val" / "val_annotations.txt").write_text("\n".join(swapped))
     again = load_dataset(root, cache_dir=tmp_path / "cache", progress=False)

@@ -217,10 +217,7 @@ def _list_directory(root: Path) -> _Listing:
         ann = split_dir / "val_annotations.txt"
         if ann.is_file() and (split_dir / "images").is_dir():
             # Tiny-ImageNet's val/ is a flat images/ folder with a label file, not an ImageFolder.
-            for line in ann.read_text().splitlines():
-                parts = line.split("\t")
-                if len(parts) >= 2:
-                    classes.setdefault(parts[1], []).append(f"{split}/images/{parts[0]}")
+            classes = _parse_annotations(ann.read_text(), f"{split}/images/")
         else:
             for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
                 if entry.is_dir() and not entry.name.startswith("."):
@@ -233,13 +230,32 @@ def _list_directory(root: Path) -> _Listing:
     return _Listing(splits, test_split)
 
 
-def _list_tar(members: Iterable[str]) -> tuple[_Listing, str]:
-    """Find ``[prefix/]train/<class>/<file>`` entries in a tarball's member names."""
+def _parse_annotations(text: str, base: str) -> dict[str, list[str]]:
+    """Tiny-ImageNet's ``val_annotations.txt`` (``file<TAB>class<TAB>box...`` lines) as class -> entry names,
+    each ``base + file``."""
+    classes: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2:
+            classes.setdefault(parts[1], []).append(f"{base}{parts[0]}")
+    return classes
+
+
+def _list_tar(members: Iterable[str], read_text: Callable[[str], str] | None = None) -> tuple[_Listing, str]:
+    """Find ``[prefix/]train/<class>/<file>`` entries in a tarball's member names.
+
+    As in a folder, a split that is one flat ``images/`` folder is Tiny-ImageNet's: labelled by the
+    ``val_annotations.txt`` beside it (read with ``read_text``), or unlabelled (its ``test/``) and then skipped.
+    """
     entries: dict[str, dict[str, dict[str, list[str]]]] = {}
+    annotations: dict[tuple[str, str], str] = {}
     for name in members:
+        parts = name.split("/")
+        if parts[-1] == "val_annotations.txt" and len(parts) >= 2 and parts[-2] in TEST_SPLIT_NAMES:
+            annotations["/".join(parts[:-2]), parts[-2]] = name
+            continue
         if not _is_image(name):
             continue
-        parts = name.split("/")
         for i, part in enumerate(parts[:-2]):
             if part in ("train", *TEST_SPLIT_NAMES):
                 prefix = "/".join(parts[:i])
@@ -247,6 +263,12 @@ def _list_tar(members: Iterable[str]) -> tuple[_Listing, str]:
                 entries.setdefault(prefix, {}).setdefault(part, {}).setdefault(cls, []).append(name)
                 break
     for prefix, splits in entries.items():
+        for split in [s for s in splits if s != "train" and set(splits[s]) == {"images"}]:
+            ann = annotations.get((prefix, split))
+            if ann is not None and read_text is not None:
+                splits[split] = _parse_annotations(read_text(ann), f"{prefix}/{split}/images/".lstrip("/"))
+            else:
+                del splits[split]
         test_split = next((s for s in TEST_SPLIT_NAMES if s in splits), None)
         if "train" in splits and test_split:
             return _Listing(
@@ -610,6 +632,7 @@ def _load_imagefolder(
 ) -> RealDataset:
     is_tar = source.is_file()
     position: Callable[[str], int] | None = None  # a folder's files are read in class order
+    prefix = ""  # the top folders of a tarball's members above train/
     if is_tar:
         try:
             tar = tarfile.open(source, "r:*")  # noqa: SIM115 (closed in the finally below)
@@ -621,15 +644,18 @@ def _load_imagefolder(
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             tar.close()
             raise DataError(f"truncated or corrupt tarball {source}: {_first_line(exc)}") from None
-        listing, _prefix = _list_tar(members)
 
         def read(name: str) -> bytes:
+            if name not in members:  # named by an annotation file, absent from the archive
+                raise DataError(f"cannot read {name} from tarball {source}: no such member")
             try:
                 f = tar.extractfile(members[name])
                 assert f is not None
                 return f.read()
             except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
                 raise DataError(f"cannot read {name} from tarball {source}: {_first_line(exc)}") from None
+
+        listing, prefix = _list_tar(members, lambda name: read(name).decode("utf-8", "replace"))
 
         fingerprint = _hash_file(source)
 
@@ -665,7 +691,7 @@ def _load_imagefolder(
         if spec.large:
             # A large tarball is extracted, not decoded: its folder keeps the key of format 1, so a change of the
             # decoding does not extract ImageNet again.
-            return _streamed(source, tar, listing, classes, spec, cache, cache_key(1), fingerprint)
+            return _streamed(source, tar, prefix, listing, classes, spec, cache, cache_key(1), fingerprint)
         key = cache_key(CACHE_FORMAT)
 
         cached = _load_cache(cache, key)
@@ -742,6 +768,7 @@ def _host_lock(path: Path) -> Iterator[None]:
 def _streamed(
     source: Path,
     tar: tarfile.TarFile | None,
+    prefix: str,
     listing: _Listing,
     classes: tuple[str, ...],
     spec: DatasetSpec,
@@ -774,7 +801,6 @@ def _streamed(
                     except OSError:  # another host sharing the cache finished first: keep its copy, drop ours
                         shutil.rmtree(tmp, ignore_errors=True)
             done.touch()
-        _, prefix = _list_tar(m.name for m in tar.getmembers() if m.isfile())
         root = root / prefix if prefix else root
 
     def split(name: str) -> FileSplit:
