@@ -394,6 +394,10 @@ def distill_of_a_dataset_without_its_own_preset(c: Ctx) -> list[str]:
     return ["distill", "--dataset", "cifar10", "--data", str(c.tmp / "nowhere")]  # refused before any read
 
 
+def distill_of_a_mistyped_folder(c: Ctx) -> list[str]:
+    return ["distill", "--dataset", str(c.tmp / "nowhere" / "imgs")]  # not "needs --preset": the path is wrong
+
+
 def distill_with_unknown_student(c: Ctx) -> list[str]:
     return ["distill", "--set", "student=resnet1B", "--out", str(c.tmp / "run")]  # refused before the squeeze
 
@@ -534,6 +538,9 @@ CASES = [
         2,
         "cvdd distill needs --preset for cifar10: it has no preset of its own; `cvdd presets cifar10` lists them",
         id="distill-without-preset",
+    ),
+    pytest.param(
+        distill_of_a_mistyped_folder, 2, "dataset path does not exist: {tmp}/nowhere/imgs", id="distill-missing-folder"
     ),
     pytest.param(relabel_with_unknown_preset, 2, "unknown distill preset 'digitz'", id="relabel-unknown-preset"),
     pytest.param(distill_with_unknown_student, 2, "resnet1B", id="distill-unknown-student"),

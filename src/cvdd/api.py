@@ -660,6 +660,10 @@ def _own_distill_preset(dataset: str | os.PathLike[str] | RealDataset) -> str:
     else:
         name = os.fspath(dataset)
         own = known_constants(name)["default_preset"] if canonical_name(name) else None
+        if own is None and not os.path.exists(name):  # the first problem to name: a mistyped path or name
+            from cvdd.data.sources import missing_dataset_error
+
+            raise missing_dataset_error(name)
     if own not in distill_presets():
         listing = " ".join(["cvdd presets", canonical_name(name) or ""]).strip()
         raise ConfigError(

@@ -566,11 +566,7 @@ def load_dataset(
         if data is not None:
             raise DataError("give the dataset either as a path or as a name with --data, not both")
         if not source.exists():
-            known = ", ".join(sorted({"digits", "cifar10", "cifar100"}))
-            looks_like_path = os.sep in ds_str or "." in os.path.basename(ds_str)
-            if looks_like_path:
-                raise DataError(f"dataset path does not exist: {ds_str}")
-            raise DataError(f"unknown dataset '{ds_str}' (not a known name like {known}, nor an existing path)")
+            raise missing_dataset_error(ds_str)
 
     if name_hint == "digits":
         train, test, classes = _load_digits()
@@ -613,6 +609,14 @@ def load_dataset(
     if not source.exists():
         raise DataError(f"dataset path does not exist: {source}")
     return _load_imagefolder(source, name_hint, cache, image_size, class_order, progress)
+
+
+def missing_dataset_error(dataset: str) -> DataError:
+    """The error for a ``--dataset`` that is neither a known name nor an existing path."""
+    known = ", ".join(sorted({"digits", "cifar10", "cifar100"}))
+    if os.sep in dataset or "." in os.path.basename(dataset):  # looks like a path
+        return DataError(f"dataset path does not exist: {dataset}")
+    return DataError(f"unknown dataset '{dataset}' (not a known name like {known}, nor an existing path)")
 
 
 def _resize(split: TensorSplit, size: int) -> TensorSplit:
