@@ -60,12 +60,18 @@ def test_the_experts_dataset_is_reloaded_under_the_name_it_was_squeezed_with(tmp
     """A folder squeezed as `--dataset cifar100 --data DIR` reloads as cifar100 (its normalisation), not as a
     folder named DIR; a folder squeezed by its path reloads by its path; a moved one is reported."""
     from cvdd.api import _dataset_for_experts, _source_or_experts
+    from cvdd.data.specs import known_constants
     from cvdd.errors import ConfigError
 
     folder = str(tmp_path)
-    named = {"dataset_source": folder, "dataset": {"name": "cifar100"}}
+    c100 = known_constants("cifar100")
+    stored = {"name": "cifar100", **{k: c100[k] for k in ("image_size", "mean", "std")}}
+    named = {"dataset_source": folder, "dataset": stored}
     assert _dataset_for_experts(named) == ("cifar100", folder)
     assert _dataset_for_experts({"dataset_source": folder, "dataset": {"name": "mine"}}) == (folder, None)
+    # a folder merely called cifar100, loaded by its path (ImageNet normalisation): reloaded by its path
+    called = {**named["dataset"], "mean": [0.485, 0.456, 0.406]}
+    assert _dataset_for_experts({"dataset_source": folder, "dataset": called}) == (folder, None)
     assert _dataset_for_experts({"dataset_source": "torchvision:cifar10"}) == ("cifar10", None)
     assert _dataset_for_experts({"dataset_source": "digits", "dataset": {"name": "digits"}}) == ("digits", None)
     assert _source_or_experts(None, named, "/elsewhere") == ("cifar100", "/elsewhere")  # --data given again

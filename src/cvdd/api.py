@@ -153,7 +153,7 @@ def _dataset_for_experts(meta: dict[str, Any]) -> tuple[str, str | None] | None:
     A folder or tarball squeezed under a known name (``--dataset cifar100 --data DIR``) is loaded under that name
     again: loaded as a bare path it would get the folder's name and ImageNet's normalisation.
     """
-    from cvdd.data.specs import canonical_name
+    from cvdd.data.specs import canonical_name, known_constants
 
     source = meta.get("dataset_source")
     if not source:
@@ -164,8 +164,18 @@ def _dataset_for_experts(meta: dict[str, Any]) -> tuple[str, str | None] | None:
         return source, None
     if not os.path.exists(source):
         return None
-    name = canonical_name(str((meta.get("dataset") or {}).get("name", "")))
-    return (name, source) if name not in (None, "digits") else (source, None)
+    stored = meta.get("dataset") or {}
+    name = canonical_name(str(stored.get("name", "")))
+    if name in (None, "digits"):
+        return source, None
+    # A folder that merely is called like a known dataset (/data/cifar100 loaded by its path) kept the folder
+    # constants: named only when the stored normalisation and size are that name's.
+    own = known_constants(name)
+    same = stored.get("image_size") == own["image_size"] and all(
+        abs(a - b) < 1e-4
+        for a, b in zip((*stored.get("mean", ()), *stored.get("std", ())), (*own["mean"], *own["std"]))
+    )
+    return (name, source) if same and len(stored.get("mean", ())) == 3 else (source, None)
 
 
 def _source_or_experts(

@@ -9,6 +9,7 @@ from numbers typed by hand.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from cvdd.data.specs import DatasetSpec
 from cvdd.errors import ArtifactError, ModelError
 
 EXPERT_KIND = "expert"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,8 +59,9 @@ class Expert:
         committee's weights would then be chosen by looking at the test set. ``none`` (nan) for metadata without
         either; :func:`pool_priors` then gives the pool equal priors.
         """
-        if self.meta.get("prior") is not None:
-            return float(self.meta["prior"]), "prior"
+        prior = self.meta.get("prior")
+        if isinstance(prior, (int, float)) and math.isfinite(prior):
+            return float(prior), "prior"
         train = self.meta.get("train_acc")
         if isinstance(train, (int, float)) and math.isfinite(train):
             return 100.0 * float(train), "train_acc"
@@ -67,11 +71,19 @@ class Expert:
 def pool_priors(experts: list[Expert]) -> tuple[dict[str, float], dict[str, str]]:
     """Every expert's voting prior (percent) and its source (see :attr:`Expert.prior`), keyed by name.
 
-    When any expert has neither a measured prior nor a training accuracy, every expert gets the same prior (0,
-    source ``equal``): one missing number must not silently take an expert's weight to zero or one.
+    When any expert has neither a measured prior nor a training accuracy, or the pool mixes the two (a student's
+    accuracy of 20-60% against an expert's own 80-99%: the unmeasured ones would take nearly all the weight),
+    every expert gets the same prior (0, source ``equal``), with a warning for the mix.
     """
     found = {e.name: e.prior for e in experts}
-    if any(src == "none" for _, src in found.values()):
+    sources = {src for _, src in found.values()}
+    if "none" in sources or {"prior", "train_acc"} <= sources:
+        if "none" not in sources:
+            log.warning(
+                "`cvdd prior` measured %s but not %s: the committee votes with equal priors until it measures all",
+                ", ".join(n for n, (_, s) in found.items() if s == "prior"),
+                ", ".join(n for n, (_, s) in found.items() if s != "prior"),
+            )
         return {n: 0.0 for n in found}, {n: "equal" for n in found}
     return {n: v for n, (v, _) in found.items()}, {n: src for n, (_, src) in found.items()}
 

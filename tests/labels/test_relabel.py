@@ -85,9 +85,12 @@ def test_build_teacher_weights_the_committee_by_prior_or_takes_the_named_expert(
     assert committee.weights == pytest.approx([0.3775407, 0.6224593], abs=1e-6)
     assert committee.bssl is False
     assert build_teacher(pool, EvalConfig(teacher="committee"), equal=True).weights == [0.5, 0.5]  # cvdd prior
-    pool[1].meta["prior"] = 64.0  # a measured prior wins over the training accuracy
+    pool[1].meta["prior"] = 64.0  # one measured prior: two scales in one softmax, so equal until all are measured
+    assert build_teacher(pool, EvalConfig(teacher="committee")).weights == [0.5, 0.5]
+    pool[0].meta["prior"] = 54.0  # measured priors win over the training accuracy
     weights = build_teacher(pool, EvalConfig(teacher="committee", teacher_temperature=10.0)).weights
     assert weights == pytest.approx([0.2689414, 0.7310586], abs=1e-6)  # softmax([5.4, 6.4]) = 1 / (1 + e), e / (1 + e)
+    del pool[0].meta["prior"]
     del pool[0].meta["train_acc"]  # one expert without any prior: the whole pool votes equally
     assert build_teacher(pool, EvalConfig(teacher="committee")).weights == [0.5, 0.5]
     single = build_teacher(pool, EvalConfig(teacher="e9"))

@@ -346,16 +346,18 @@ def _save_cache(cache_dir: Path, key: str, train: TensorSplit, test: TensorSplit
     tensors_path, meta_path = _cache_paths(cache_dir, key)
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(tensors_path)
-    save_file(
-        {
-            "train_images": train.images.contiguous(),
-            "train_labels": train.labels.contiguous(),
-            "test_images": test.images.contiguous(),
-            "test_labels": test.labels.contiguous(),
-        },
-        str(tmp),
-    )
-    fsync_file(tmp)
+    tensors = {
+        "train_images": train.images.contiguous(),
+        "train_labels": train.labels.contiguous(),
+        "test_images": test.images.contiguous(),
+        "test_labels": test.labels.contiguous(),
+    }
+    try:
+        save_file(tensors, str(tmp))
+        fsync_file(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written cache file left behind (a full disk)
+        raise
     os.replace(tmp, tensors_path)
     atomic_write_text(meta_path, json.dumps(meta, indent=1))
 
@@ -424,13 +426,14 @@ def _probe_folder_size(
     """
     from collections import Counter
 
-    sizes: Counter[int] = Counter()
     names = [train[cls][0] for cls in classes[:: max(1, len(classes) // samples)][:samples]]
+    probed = {}
     for name in sorted(names, key=position) if position else names:  # stored order: see _decode_split
         try:
-            sizes[_probe_size(read(name))] += 1
+            probed[name] = _probe_size(read(name))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"corrupt or unreadable image {name}: {_image_error(exc)}") from None
+    sizes = Counter(probed[name] for name in names)  # counted in class order: ties break alike for folder and tar
     return sizes.most_common(1)[0][0]
 
 
@@ -664,7 +667,7 @@ def _load_imagefolder(
         fingerprint = _hash_file(source)
 
         def offset(name: str) -> int:
-            return members[name].offset
+            return members[name].offset if name in members else -1  # a missing one: read() names it
 
         position = offset
 
@@ -718,7 +721,7 @@ def _load_imagefolder(
         try:
             meta = {"source": str(source), "classes": list(classes), "image_size": spec.image_size}
             _save_cache(cache, key, train, test, {**meta, "format": CACHE_FORMAT})
-        except OSError as exc:  # the decoded images are in memory: a read-only or full cache costs only the reuse
+        except Exception as exc:  # the images are decoded: a read-only or full cache costs only their reuse
             log.warning("could not write the dataset cache in %s (%s): decoding again next time", cache, exc)
         return RealDataset(spec, train, test, str(source), fingerprint)
     finally:
@@ -760,9 +763,18 @@ def _host_lock(path: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not on Linux or macOS
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")  # noqa: SIM115 - closed below
+    except OSError:  # a read-only cache: the extraction itself reports what fails
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (some NFS or Lustre mounts): unlocked, as before
+            yield
+            return
         try:
             yield
         finally:

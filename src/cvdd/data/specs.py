@@ -7,10 +7,13 @@ artifact's metadata so that a checkpoint made for one dataset is refused on anot
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cvdd.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -181,17 +184,20 @@ def known_constants(name: str) -> dict[str, Any]:
 def make_spec(name: str, classes: tuple[str, ...] | list[str], **overrides: Any) -> DatasetSpec:
     """Build a spec for a known dataset name with the given class list (and optional overrides).
 
-    Raises:
-        DataError: the class list does not have the known dataset's number of classes (a folder given as
-            ``--dataset cifar100 --data DIR`` that holds something else would otherwise run under its name).
+    A class list of another length than the known dataset's (a subset such as ImageNet-100 given as
+    ``imagenet1k``, or a folder that holds something else) is used with a warning, not refused.
     """
     consts = known_constants(name)
     key = canonical_name(name) or name
     expected = _KNOWN[key]["num_classes"]
     if len(classes) != expected:
-        raise DataError(
-            f"'{key}' has {expected} classes, but the data given for it has {len(classes)}; "
-            "pass the folder itself as --dataset PATH for a dataset of your own"
+        log.warning(
+            "'%s' has %d classes, but the data given for it has %d: using %s's constants (normalisation, size, "
+            "presets) for it",
+            key,
+            expected,
+            len(classes),
+            key,
         )
     consts.update({k: v for k, v in overrides.items() if v is not None})
     return DatasetSpec(name=key, classes=tuple(classes), **consts)

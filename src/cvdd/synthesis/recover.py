@@ -239,6 +239,11 @@ class RecoverPlan:
     policy: str
 
 
+def observer_name(cfg: RecoverConfig, plan: RecoverPlan) -> str:
+    """The expert that scores patch crops: the configured one, else the pool's expert of highest prior."""
+    return cfg.observer or max(plan.pool, key=lambda n: plan.priors[n])
+
+
 def plan_committees(experts: list[Expert], cfg: RecoverConfig, seed: int) -> RecoverPlan:
     """Resolve each IPC index's committee (named policy) and voter weights (read from expert metadata)."""
     pool = [e.name for e in experts]
@@ -296,6 +301,8 @@ def config_hash(
         "weights": plan.weights,
         "experts": {e.name: [e.arch, e.meta.get("dataset_fingerprint"), e.meta.get("test_acc")] for e in experts},
     }
+    if cfg.init == "patches":  # the expert scoring the crops: by default the one of highest prior
+        payload["observer"] = observer_name(cfg, plan)
     own_data = {e.meta.get("dataset_fingerprint") for e in experts} == {init_data}
     if cfg.init in ("real", "patches") and init_data is not None and not own_data:
         payload["init_data"] = init_data
@@ -849,7 +856,7 @@ def recover_images(
     )
     observer = None
     if cfg.init == "patches":
-        obs_name = cfg.observer or max(plan.pool, key=lambda n: plan.priors[n])
+        obs_name = observer_name(cfg, plan)
         if obs_name not in committee.models:
             raise ConfigError(f"observer {obs_name!r} is not in the pool ({', '.join(plan.pool)})")
         observer = committee.models[obs_name]
