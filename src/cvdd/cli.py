@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default=None,
-        help="keep each expert's recovered set here (default: a temporary folder, removed afterwards)",
+        help="keep each expert's recovered set and labels here (default: a temporary folder, removed afterwards); "
+        "a rerun reuses them, so measure other settings in another folder",
     )
     p.add_argument(
         "--val-per-class",
