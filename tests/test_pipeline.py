@@ -54,14 +54,14 @@ def test_distill_tiny_budget_writes_valid_results(tmp_path: Path, digits, monkey
     cvdd.distill(
         digits,
         tmp_path,
-        ipcs=[1],
+        ipcs=[1, 2],  # two IPCs: the second's rows are reused on a rerun too (their key once changed in between)
         seeds=seeds,
         overrides={"epochs": 2, "label_mode": "stored"},
         recover_overrides={"iterations": 5, "init_candidates": 20, "init_crops": 2},
         squeeze_overrides={"epochs": 2},  # the pipeline's squeeze runs; good experts are not the point here
         progress=False,
     )
-    rows = _check_results(tmp_path, methods, [1], seeds)
+    rows = _check_results(tmp_path, methods, [1, 2], seeds)
     assert all(r["label_mode"] == "stored" and r["label_bytes"] > 0 for r in rows)
     assert (tmp_path / "cvdd" / "ipc1" / "labels" / "epoch_0000.safetensors").is_file()
 
@@ -77,11 +77,12 @@ def test_distill_tiny_budget_writes_valid_results(tmp_path: Path, digits, monkey
     # another build of cvdd (here: another source hash), it keeps them and says so, in the log and the table.
     row_file = tmp_path / "cvdd" / "ipc1" / "row.json"
     stamp = row_file.stat().st_mtime_ns
+    stamp2 = (tmp_path / "cvdd" / "ipc2" / "row.json").stat().st_mtime_ns
     monkeypatch.setattr("cvdd.artifacts._source_fingerprint", lambda: "newer0source")
     again = cvdd.distill(
         digits,
         tmp_path,
-        ipcs=[1],
+        ipcs=[1, 2],  # two IPCs: the second's rows are reused on a rerun too (their key once changed in between)
         seeds=seeds,
         overrides={"epochs": 2, "label_mode": "stored"},
         recover_overrides={"iterations": 5, "init_candidates": 20, "init_crops": 2},
@@ -89,6 +90,7 @@ def test_distill_tiny_budget_writes_valid_results(tmp_path: Path, digits, monkey
         progress=False,
     )
     assert row_file.stat().st_mtime_ns == stamp and [r["acc"] for r in again] == [r["acc"] for r in rows]
+    assert (tmp_path / "cvdd" / "ipc2" / "row.json").stat().st_mtime_ns == stamp2
     warned = [r.getMessage() for r in caplog.records if "not by this cvdd" in r.getMessage()]
     for what in ("finished recover units", "finished evaluations at IPC 1"):  # (relabel: tests/labels)
         assert any(what in m and "newer0source" in m for m in warned), (what, warned)

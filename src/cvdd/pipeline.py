@@ -185,6 +185,8 @@ def distill(
 ) -> list[dict[str, Any]]:
     """Run the pipeline and write ``results.json``, ``results.md``, grids and the resolved config to ``out``."""
     from cvdd.api import load_pool, squeeze
+    from cvdd.device import resolve_device
+    from cvdd.evaluation.student import configure_teacher
     from cvdd.experts import list_experts, read_expert_meta
     from cvdd.labels.bssl import build_teacher
 
@@ -232,6 +234,9 @@ def distill(
     squeeze_peaks.mark("squeeze")
     pool = load_pool([r.path for r in squeezed], device=device)
     teacher = build_teacher(pool, cfg)
+    # Set up as every evaluation below sets it (BN groups, precision): the row keys describe this teacher, and one
+    # set up only by the first evaluation made the keys of later IPCs differ between a run and its rerun.
+    configure_teacher(teacher, cfg, resolve_device(device))
     # Full real data with hard labels: the student architecture squeezed on all of it (HLR's reference).
     full = [r for r in squeezed if r.arch == cfg.student]
     if full:
