@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+import pytest
 import torch
 
 import cvdd
@@ -62,3 +63,19 @@ def test_tensor_digest_streams_rows_as_the_whole_bytes_would_hash() -> None:
     assert tensor_digest(torch.tensor(1.0)) == hashlib.sha256(torch.tensor([1.0]).numpy().tobytes()).hexdigest()
     bf = torch.tensor([1.5, -2.0], dtype=torch.bfloat16)  # numpy has no bfloat16: its 2 bytes per value
     assert tensor_digest(bf) == hashlib.sha256(bf.view(torch.int16).numpy().tobytes()).hexdigest()
+
+
+def test_metadata_without_its_checksum_is_not_trusted(tmp_path) -> None:
+    """Every cvdd writer records the tensors' sha256: metadata without one was edited, and checks nothing."""
+    import json
+
+    from cvdd.artifacts import load_tensors, save_tensors
+    from cvdd.errors import ArtifactError
+
+    path = tmp_path / "set.safetensors"
+    save_tensors(path, {"x": torch.zeros(2)}, {"kind": "synthetic"})
+    meta = json.loads(path.with_suffix(".json").read_text())
+    del meta["sha256"]
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=r"set\.safetensors records no checksum"):
+        load_tensors(path)

@@ -371,6 +371,25 @@ def merge_truncated_manifest(c: Ctx) -> list[str]:
     return ["merge", str(c.tmp / "syn")]
 
 
+def merge_manifest_of_another_shape(c: Ctx) -> list[str]:
+    (c.tmp / "syn").mkdir()
+    (c.tmp / "syn" / "recover.json").write_text('{"kind": "recover-manifest", "units": 3}')
+    return ["merge", str(c.tmp / "syn")]
+
+
+def info_of_metadata_not_utf8(c: Ctx) -> list[str]:
+    (c.tmp / "syn").mkdir()
+    (c.tmp / "syn" / "synthetic.json").write_bytes(b'{"kind": "synthetic\xff\xfe"}')
+    return ["info", str(c.tmp / "syn")]
+
+
+def export_of_metadata_that_is_a_list(c: Ctx) -> list[str]:
+    (c.tmp / "syn").mkdir()
+    (c.tmp / "syn" / "synthetic.safetensors").write_bytes(b"x")
+    (c.tmp / "syn" / "synthetic.json").write_text("[1, 2]")
+    return ["export", str(c.tmp / "syn"), "--out", str(c.tmp / "out")]
+
+
 def preset_file_path(c: Ctx) -> list[str]:
     """Presets are chosen by name; a YAML file path (here with an unknown key) is not a preset."""
     preset = c.tmp / "mine.yaml"
@@ -532,6 +551,14 @@ CASES = [
     pytest.param(merge_not_a_run, 2, "{tmp}/syn is not a recover run (no recover.json)", id="merge-not-a-run"),
     pytest.param(merge_other_manifest_kind, 2, "is not a cvdd recover-manifest", id="merge-other-kind"),
     pytest.param(merge_truncated_manifest, 2, "unreadable run manifest", id="merge-truncated-manifest"),
+    pytest.param(merge_manifest_of_another_shape, 2, "recover.json: no list of units", id="merge-manifest-shape"),
+    pytest.param(info_of_metadata_not_utf8, 2, "unreadable metadata {tmp}/syn/synthetic.json", id="info-not-utf8"),
+    pytest.param(
+        export_of_metadata_that_is_a_list,
+        2,
+        "unreadable metadata {tmp}/syn/synthetic.json: expected a JSON object, found list",
+        id="export-metadata-list",
+    ),
     # 17. choices that used to fail late (after a dataset decode or an epoch) or with a traceback
     pytest.param(
         distill_of_a_dataset_without_its_own_preset,

@@ -824,7 +824,9 @@ def info(artifact: str | os.PathLike[str]) -> dict[str, Any]:
         ]
     )
     if p.is_dir() and not any(c.is_file() for c in candidates):
-        experts_found = [m for m in sorted(p.glob("*.json")) if '"kind": "expert"' in m.read_text()[:200]]
+        experts_found = [
+            m for m in sorted(p.glob("*.json")) if '"kind": "expert"' in m.read_text(errors="replace")[:200]
+        ]
         if experts_found:
             return {"kind": "experts folder", "path": str(p), "experts": [m.stem for m in experts_found]}
     meta_path = next((c for c in candidates if c.is_file()), None)
@@ -832,8 +834,8 @@ def info(artifact: str | os.PathLike[str]) -> dict[str, Any]:
         raise ArtifactError(f"no cvdd artifact found at {p}")
     try:
         meta = _json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"unreadable metadata {meta_path}: {exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: also UnicodeDecodeError
+        raise ArtifactError(f"unreadable metadata {meta_path}: {str(exc).splitlines()[0]}") from None
     try:
         return _describe(meta_path, meta)
     except (KeyError, TypeError, AttributeError, IndexError):

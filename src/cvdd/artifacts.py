@@ -118,10 +118,28 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
 
 
 def verify_checksum(path: str | os.PathLike[str], meta: dict[str, Any]) -> None:
-    """Raise :class:`ArtifactError` when the file's sha256 differs from the one recorded in its metadata."""
+    """Raise :class:`ArtifactError` when the file's sha256 differs from the one recorded in its metadata, or none
+    is recorded (every cvdd writer records one: metadata without it was edited)."""
     expected = meta.get("sha256")
-    if expected and file_sha256(path) != expected:
+    if not expected:
+        raise ArtifactError(f"the metadata of {path} records no checksum: it was not written by cvdd as it is")
+    if file_sha256(path) != expected:
         raise ArtifactError(f"checksum mismatch for {path}: the file was modified or truncated after it was written")
+
+
+def read_json_object(path: str | os.PathLike[str], what: str = "metadata") -> dict[str, Any]:
+    """A JSON file that must hold an object (artifact metadata, manifests, rows).
+
+    Raises:
+        ArtifactError: unreadable, not JSON, not UTF-8, or not an object; naming ``what`` and the file.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"unreadable {what} {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"unreadable {what} {path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -136,10 +154,7 @@ def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
     meta_path = path.with_suffix(".json")
     if not path.is_file() or not meta_path.is_file():
         raise ArtifactError(f"artifact not found or incomplete: {path} (needs {path.name} and {meta_path.name})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"unreadable metadata {meta_path}: {exc}") from None
+    meta = read_json_object(meta_path)
     verify_checksum(path, meta)
     try:
         tensors = load_file(str(path))

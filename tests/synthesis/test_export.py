@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,25 @@ def test_cli_evaluate_reads_a_folder_and_reports_wrong_classes(
     assert main(["evaluate", str(out), *common]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unknown: ['three']; missing: ['3']" in err
+
+
+@pytest.mark.parametrize(
+    ("classes", "labels", "message"),
+    [
+        (("../x", "b"), [0, 0, 1, 1], "class name '../x' cannot be a folder name"),
+        (("a/b", "c"), [0, 0, 1, 1], "class name 'a/b' cannot be a folder name"),
+        ((".hidden", "c"), [0, 0, 1, 1], "class name '.hidden' cannot be a folder name"),
+        (("Cat", "cat"), [0, 0, 1, 1], "class names 'Cat' and 'cat' would share one folder"),
+        (("a", "b"), [0, 0, 0, 1], "labels are not 2 images of each of the 2 classes in order"),
+    ],
+)
+def test_a_folder_export_refuses_names_and_layouts_that_would_misplace_files(classes, labels, message) -> None:
+    """Class names become folders and IPC indices file names: nothing may land outside the export or on another
+    file (a tampered or foreign set's metadata)."""
+    from cvdd.errors import ArtifactError
+    from cvdd.synthesis.export import _check_folder_layout
+
+    spec = DatasetSpec("t", classes, 32, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+    with pytest.raises(ArtifactError, match=f"^set: {re.escape(message)}"):
+        _check_folder_layout(torch.tensor(labels), spec, 2, "set")
+    _check_folder_layout(torch.tensor([0, 0, 1, 1]), DatasetSpec("t", ("a", "b"), 32, (0.5,) * 3, (0.2,) * 3), 2, "s")

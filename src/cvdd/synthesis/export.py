@@ -34,7 +34,7 @@ import torch
 
 from cvdd.artifacts import atomic_write_bytes, temp_sibling
 from cvdd.data.specs import DatasetSpec
-from cvdd.errors import ConfigError
+from cvdd.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,33 @@ def export_synthetic(path: str | os.PathLike[str], out: str | os.PathLike[str], 
     dest = export_path(out, fmt)
     _check_free(dest)
     if fmt in ("png", "jpeg", "hf"):
+        _check_folder_layout(labels, spec, ipc, path)
         _write_folder(pixels, labels, spec, ipc, dest, fmt)
     elif fmt == "npz":
         _write_npz(pixels, labels, spec, dest)
     else:
         _write_safetensors(pixels, labels, spec, ipc, dest)
     return len(labels)
+
+
+def _check_folder_layout(labels: torch.Tensor, spec: DatasetSpec, ipc: int, source: str | os.PathLike[str]) -> None:
+    """Refuse what would write files outside the export or onto each other: class names that are not one plain
+    folder name (``../x``, ``a/b``, ``.hidden``, names equal up to case), or labels that are not ``ipc`` images of
+    each class in order (files are named by IPC index).
+
+    Raises:
+        ArtifactError: naming the class or the layout, and the set it came from.
+    """
+    seen: dict[str, str] = {}
+    for name in spec.classes:
+        if not name or name in (".", "..") or name.startswith(".") or any(c in name for c in ("/", "\\", "\0")):
+            raise ArtifactError(f"{source}: class name {name!r} cannot be a folder name; export as npz or safetensors")
+        if name.casefold() in seen:
+            raise ArtifactError(f"{source}: class names {seen[name.casefold()]!r} and {name!r} would share one folder")
+        seen[name.casefold()] = name
+    expected = torch.arange(spec.num_classes).repeat_interleave(ipc)
+    if ipc < 1 or not torch.equal(labels.cpu(), expected):
+        raise ArtifactError(f"{source}: labels are not {ipc} images of each of the {spec.num_classes} classes in order")
 
 
 def _check_format(fmt: str) -> None:

@@ -41,6 +41,7 @@ from cvdd.artifacts import (
     distinct_builds,
     load_tensors,
     other_builds,
+    read_json_object,
     save_tensors,
     temp_sibling,
     verify_checksum,
@@ -714,9 +715,12 @@ def _manifest(
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"unreadable run manifest {path}: {exc}; remove it and re-run recover") from None
+        manifest = read_json_object(path, "run manifest")
+    except ArtifactError as exc:
+        raise ArtifactError(f"{exc}; remove it and re-run recover") from None
+    if manifest.get("kind") == "recover-manifest" and not isinstance(manifest.get("units"), list):
+        raise ArtifactError(f"unreadable run manifest {path}: no list of units; remove it and re-run recover")
+    return manifest
 
 
 def _check_unit(out_dir: Path, unit: Unit, chash: str) -> tuple[str, dict[str, Any] | None]:
@@ -725,8 +729,8 @@ def _check_unit(out_dir: Path, unit: Unit, chash: str) -> tuple[str, dict[str, A
     if not (meta_path.is_file() and tensors_path.is_file()):
         return "missing", None
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = read_json_object(meta_path)
+    except ArtifactError:
         return "corrupt", None
     if meta.get("config_hash") != chash:
         return "other", meta
