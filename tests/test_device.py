@@ -84,3 +84,16 @@ def test_phase_peaks_cpu_run_reads_no_gpu(monkeypatch: pytest.MonkeyPatch) -> No
     peaks = PhasePeaks("cpu")
     peaks.mark("evaluate")
     assert fake.read == [] and "evaluate_gpu" not in peaks.peaks
+
+
+def test_a_gpu_index_beyond_the_machine_is_refused(monkeypatch) -> None:
+    import torch
+
+    from cvdd.device import resolve_device
+    from cvdd.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"'cuda:3' requested but this machine has 1 GPU\(s\)"):
+        resolve_device("cuda:3")
+    assert resolve_device("cuda:0").index == 0

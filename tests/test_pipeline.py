@@ -354,3 +354,24 @@ def test_one_seed_shows_no_spread() -> None:
     assert mean_std(0.4567, 0.0123, 3) == "45.67 ± 1.23" and mean_std(0.4567, 0.0, 1) == "45.67 (1 seed)"
     assert _pm(0.4567, 0.0123, [0, 1]) == "45.67 ± 1.23" and _pm(0.4567, 0.0, [0]) == "45.67 (1 seed)"
     assert _pm(None, None, [0]) == "-"
+
+
+def test_a_distill_killed_in_its_squeeze_finishes_the_committee(digit_experts: Path, tmp_path: Path) -> None:
+    """An experts folder holding only part of the preset's committee, made by that preset and seed (a killed
+    distill's own squeeze), is squeezed to the end; a folder of the user's own experts is used as it is."""
+    import shutil
+
+    from cvdd.pipeline import _unfinished_squeeze
+
+    part = tmp_path / "part"
+    part.mkdir()
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(digit_experts / f"resnet8{suffix}", part / f"resnet8{suffix}")
+    meta = json.loads((part / "resnet8.json").read_text())
+    meta.update(preset="digits", seed=0)  # as the digits preset's squeeze writes it
+    (part / "resnet8.json").write_text(json.dumps(meta))
+    assert _unfinished_squeeze(part, "digits", 0)  # convnet_d3_w32 is missing
+    assert not _unfinished_squeeze(part, "digits", 1)  # another seed: not this run's squeeze
+    meta["preset"] = None  # squeezed by hand (`cvdd squeeze --arch resnet8`): the user's committee
+    (part / "resnet8.json").write_text(json.dumps(meta))
+    assert not _unfinished_squeeze(part, "digits", 0)

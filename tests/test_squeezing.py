@@ -78,3 +78,13 @@ def test_throughput_of_a_run_resumed_after_its_last_epoch_comes_from_its_history
     history = [{"images_per_s": 100.0, "seconds": 2.0}, {"images_per_s": 50.0, "seconds": 2.0}]
     assert _history_throughput(history) == pytest.approx(75.0)  # 300 images in 4 s, not the mean of the rates
     assert _history_throughput([]) == 0.0
+
+
+def test_architecture_names_take_the_registry_spelling(digits) -> None:
+    """`ResNet8` and `resnet8` are one expert: one file name, one seed, one duplicate check."""
+    from cvdd.squeezing import resolve_squeeze_config
+
+    _, archs, _ = resolve_squeeze_config(digits, ["ResNet8", "ConvNet_D3_W32"], None, 1, None)
+    assert archs == ["resnet8", "convnet_d3_w32"]
+    with pytest.raises(ConfigError, match="listed twice"):
+        resolve_squeeze_config(digits, ["ResNet8", "resnet8"], None, 1, None)

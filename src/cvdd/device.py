@@ -44,6 +44,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise ConfigError(f"invalid device {device!r}: {exc}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
     return dev
 
 

@@ -199,7 +199,11 @@ def distill(
 
     # 1. squeeze: the committee (reused when already trained with the same recipe), or the user's experts.
     t0 = time.perf_counter()
-    if experts_dir is not None and list_experts_or_empty(experts_dir):
+    reuse = experts_dir is not None and bool(list_experts_or_empty(experts_dir))
+    if reuse and _unfinished_squeeze(experts_dir, preset.squeeze_preset, seed):  # type: ignore[arg-type]
+        log.info("%s holds part of this preset's committee: squeezing the rest", experts_dir)
+        reuse = False
+    if reuse:
         from cvdd.squeezing import SqueezeResult
 
         if squeeze_overrides:
@@ -329,6 +333,17 @@ def distill(
     atomic_write_text(out_dir / "results.json", json.dumps(rows, indent=1))
     atomic_write_text(out_dir / "results.md", results_markdown(rows, resolved))
     return rows
+
+
+def _unfinished_squeeze(experts_dir: str | os.PathLike[str], squeeze_preset: str, seed: int) -> bool:
+    """Whether ``experts_dir`` holds only experts of this squeeze preset and seed, but not all its architectures:
+    a distill killed during its squeeze, whose rerun must finish the committee rather than run with part of it."""
+    from cvdd.experts import list_experts, read_expert_meta
+
+    metas = [read_expert_meta(p) for p in list_experts(experts_dir)]
+    if not all(m.get("preset") == squeeze_preset and m.get("seed") == seed for m in metas):
+        return False  # the user's own experts
+    return bool(set(get_squeeze_preset(squeeze_preset).archs) - {m.get("arch") for m in metas})
 
 
 def method_overrides(method: str, ipc: int, base: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from cvdd.device import derive_seed, resolve_device
 from cvdd.engine import fit
 from cvdd.errors import ArtifactError, ConfigError
 from cvdd.experts import EXPERT_KIND, expert_paths, read_expert_meta, save_expert
-from cvdd.models import count_parameters, create_model
+from cvdd.models import count_parameters, create_model, model_info
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ def resolve_squeeze_config(
     if epochs is not None:
         recipe_over["epochs"] = epochs
     recipe = apply_overrides(chosen.recipe, recipe_over, f"squeeze preset '{preset_name}' recipe").validate()
-    arch_list = list(archs) if archs else list(chosen.archs)
+    # The registry's own spelling (`ResNet18` -> `resnet18`): the name keys the file, the seed and the student match.
+    arch_list = [model_info(a).name for a in (archs or chosen.archs)]
     if not arch_list:
         raise ConfigError("no architectures given (use --arch NAME [NAME ...])")
     if len(set(arch_list)) != len(arch_list):
