@@ -88,3 +88,18 @@ def test_architecture_names_take_the_registry_spelling(digits) -> None:
     assert archs == ["resnet8", "convnet_d3_w32"]
     with pytest.raises(ConfigError, match="listed twice"):
         resolve_squeeze_config(digits, ["ResNet8", "resnet8"], None, 1, None)
+
+
+def test_weights_that_do_not_match_their_metadata_are_trained_again(digit_experts: Path, digits, tmp_path, caplog):
+    """A --force rewrite killed between the weights' rename and the metadata's leaves new weights under the old
+    JSON: squeeze trains that expert again instead of skipping it (and later stages failing on the checksum)."""
+    import shutil
+
+    experts = tmp_path / "experts"
+    shutil.copytree(digit_experts, experts)
+    weights = experts / "convnet_d3_w32.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    res = cvdd.squeeze(digits, archs=["convnet_d3_w32"], out=experts, epochs=3, progress=False)
+    assert "convnet_d3_w32: the weights do not match their metadata's checksum; training it again" in caplog.text
+    assert not res[0].skipped
+    load_expert(weights)  # consistent again

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from cvdd import distributed as dd
-from cvdd.artifacts import base_metadata
+from cvdd.artifacts import base_metadata, verify_checksum
 from cvdd.config import Recipe, SqueezePreset, apply_overrides, get_squeeze_preset
 from cvdd.data.sources import RealDataset
 from cvdd.data.specs import DatasetSpec
@@ -73,6 +73,15 @@ def resolve_squeeze_config(
     return chosen, arch_list, recipe
 
 
+def _weights_intact(weights: Path, meta: dict[str, Any]) -> bool:
+    """Whether an expert's weight file is the one its metadata recorded (sha256)."""
+    try:
+        verify_checksum(weights, meta)
+    except ArtifactError:
+        return False
+    return True
+
+
 def squeeze_experts(
     data: RealDataset,
     archs: list[str],
@@ -109,7 +118,10 @@ def squeeze_experts(
                 and meta.get("seed") == seed
                 and meta.get("arch") == arch
             )
-            if same:
+            if same and not _weights_intact(weights, meta):
+                # weights of a --force rewrite killed before its metadata: train again (resuming its checkpoint)
+                log.warning("%s: the weights do not match their metadata's checksum; training it again", arch)
+            elif same:
                 log.info(
                     "%s: already trained (test top-1 %.2f%%), skipping; use --force to retrain",
                     arch,
@@ -127,10 +139,11 @@ def squeeze_experts(
                     )
                 )
                 continue
-            raise ArtifactError(
-                f"{meta_path} holds an expert made with another dataset, image size, normalisation, recipe or seed; "
-                f"pass --force to replace it or choose another --out"
-            )
+            else:
+                raise ArtifactError(
+                    f"{meta_path} holds an expert made with another dataset, image size, normalisation, recipe or "
+                    f"seed; pass --force to replace it or choose another --out"
+                )
         arch_seed = derive_seed(seed, "squeeze", arch)
         torch.manual_seed(arch_seed)  # the model's initial weights
         model = create_model(arch, data.spec.num_classes, data.spec.image_size)
