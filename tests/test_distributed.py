@@ -155,13 +155,16 @@ def test_torchrun_relabel_equals_single_process(
     assert '"complete": true' in (tmp_path / "two" / "labels.json").read_text()
 
 
-def test_torchrun_evaluate_agrees_with_single_process(
-    digit_experts: Path, single_recover: Path, fork_server: ForkServer
-) -> None:
-    """Data parallel: the same global batches and summed gradients, so accuracy agrees within 1 point."""
+def test_torchrun_evaluate_agrees_with_single_process(digit_experts: Path, fork_server: ForkServer) -> None:
+    """Data parallel: the same global batches and summed gradients, so accuracy agrees within 1 point.
+
+    Ten real images per class with hard labels: a recovered IPC 2 set taught a hard-label student about chance
+    (8-9%) in 8 epochs, where float rounding between the two runs moved the score by more than a point."""
     common = [
         "evaluate",
-        str(single_recover),
+        "random-real",
+        "--ipc",
+        "10",
         "--experts",
         str(digit_experts),
         "--epochs",

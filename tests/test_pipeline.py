@@ -357,21 +357,20 @@ def test_one_seed_shows_no_spread() -> None:
 
 
 def test_a_distill_killed_in_its_squeeze_finishes_the_committee(digit_experts: Path, tmp_path: Path) -> None:
-    """An experts folder holding only part of the preset's committee, made by that preset and seed (a killed
-    distill's own squeeze), is squeezed to the end; a folder of the user's own experts is used as it is."""
+    """An experts folder that distill began squeezing (its marker) and that holds part of the preset's committee is
+    squeezed to the end on a rerun; experts the user squeezed, even with the preset's name, are used as they are."""
     import shutil
 
-    from cvdd.pipeline import _unfinished_squeeze
+    from cvdd.pipeline import SQUEEZE_MARKER, _unfinished_squeeze
 
     part = tmp_path / "part"
     part.mkdir()
     for suffix in (".json", ".safetensors"):
         shutil.copy(digit_experts / f"resnet8{suffix}", part / f"resnet8{suffix}")
-    meta = json.loads((part / "resnet8.json").read_text())
-    meta.update(preset="digits", seed=0)  # as the digits preset's squeeze writes it
-    (part / "resnet8.json").write_text(json.dumps(meta))
+    assert not _unfinished_squeeze(part, "digits", 0)  # no marker: the user's committee
+    (part / SQUEEZE_MARKER).write_text(json.dumps({"preset": "digits", "seed": 0}))
     assert _unfinished_squeeze(part, "digits", 0)  # convnet_d3_w32 is missing
     assert not _unfinished_squeeze(part, "digits", 1)  # another seed: not this run's squeeze
-    meta["preset"] = None  # squeezed by hand (`cvdd squeeze --arch resnet8`): the user's committee
-    (part / "resnet8.json").write_text(json.dumps(meta))
-    assert not _unfinished_squeeze(part, "digits", 0)
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(digit_experts / f"convnet_d3_w32{suffix}", part / f"convnet_d3_w32{suffix}")
+    assert not _unfinished_squeeze(part, "digits", 0)  # complete

@@ -225,6 +225,9 @@ def distill(
             )
     else:
         exp_dir = Path(experts_dir) if experts_dir is not None else out_dir / "experts"
+        if experts_dir is not None and dd.is_main():
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(exp_dir / SQUEEZE_MARKER, json.dumps({"preset": preset.squeeze_preset, "seed": seed}))
         squeezed = squeeze(
             data,
             out=exp_dir,
@@ -335,15 +338,25 @@ def distill(
     return rows
 
 
+#: Written into an --experts folder before distill squeezes into it: the folder is this run's committee in the making.
+SQUEEZE_MARKER = ".distill-squeeze.json"
+
+
 def _unfinished_squeeze(experts_dir: str | os.PathLike[str], squeeze_preset: str, seed: int) -> bool:
-    """Whether ``experts_dir`` holds only experts of this squeeze preset and seed, but not all its architectures:
-    a distill killed during its squeeze, whose rerun must finish the committee rather than run with part of it."""
+    """Whether ``experts_dir`` is a committee that distill began squeezing (its marker names this preset and seed)
+    and that lacks some of the preset's architectures: a distill killed during its squeeze, whose rerun must finish
+    the committee rather than run with part of it. Experts squeezed by the user are never completed."""
     from cvdd.experts import list_experts, read_expert_meta
 
-    metas = [read_expert_meta(p) for p in list_experts(experts_dir)]
-    if not all(m.get("preset") == squeeze_preset and m.get("seed") == seed for m in metas):
-        return False  # the user's own experts
-    return bool(set(get_squeeze_preset(squeeze_preset).archs) - {m.get("arch") for m in metas})
+    marker = Path(experts_dir) / SQUEEZE_MARKER
+    try:
+        began = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False  # no marker: the user's own experts
+    if began != {"preset": squeeze_preset, "seed": seed}:
+        return False
+    have = {read_expert_meta(p).get("arch") for p in list_experts(experts_dir)}
+    return bool(set(get_squeeze_preset(squeeze_preset).archs) - have)
 
 
 def method_overrides(method: str, ipc: int, base: Any) -> dict[str, Any]:
