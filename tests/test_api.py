@@ -65,7 +65,7 @@ def test_the_experts_dataset_is_reloaded_under_the_name_it_was_squeezed_with(tmp
 
     folder = str(tmp_path)
     c100 = known_constants("cifar100")
-    stored = {"name": "cifar100", **{k: c100[k] for k in ("image_size", "mean", "std")}}
+    stored = {"name": "cifar100", "classes": ["a", "b"], **{k: c100[k] for k in ("image_size", "mean", "std")}}
     named = {"dataset_source": folder, "dataset": stored}
     assert _dataset_for_experts(named) == ("cifar100", folder)
     assert _dataset_for_experts({"dataset_source": folder, "dataset": {"name": "mine"}}) == (folder, None)

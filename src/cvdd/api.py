@@ -153,7 +153,8 @@ def _dataset_for_experts(meta: dict[str, Any]) -> tuple[str, str | None] | None:
     A folder or tarball squeezed under a known name (``--dataset cifar100 --data DIR``) is loaded under that name
     again: loaded as a bare path it would get the folder's name and ImageNet's normalisation.
     """
-    from cvdd.data.specs import canonical_name, known_constants
+    from cvdd.data.specs import DatasetSpec, canonical_name, known_constants
+    from cvdd.errors import DataError
 
     source = meta.get("dataset_source")
     if not source:
@@ -164,18 +165,20 @@ def _dataset_for_experts(meta: dict[str, Any]) -> tuple[str, str | None] | None:
         return source, None
     if not os.path.exists(source):
         return None
-    stored = meta.get("dataset") or {}
-    name = canonical_name(str(stored.get("name", "")))
+    try:
+        stored = DatasetSpec.from_dict(meta.get("dataset") or {})
+    except (KeyError, TypeError, ValueError):  # no usable description: the path alone
+        return source, None
+    name = canonical_name(stored.name)
     if name in (None, "digits"):
         return source, None
     # A folder that merely is called like a known dataset (/data/cifar100 loaded by its path) kept the folder
-    # constants: named only when the stored normalisation and size are that name's.
-    own = known_constants(name)
-    same = stored.get("image_size") == own["image_size"] and all(
-        abs(a - b) < 1e-4
-        for a, b in zip((*stored.get("mean", ()), *stored.get("std", ())), (*own["mean"], *own["std"]))
-    )
-    return (name, source) if same and len(stored.get("mean", ())) == 3 else (source, None)
+    # constants: named only when the stored size and normalisation are that name's (the experts' own check).
+    try:
+        DatasetSpec(name, stored.classes, **known_constants(name)).check_compatible(stored, "")
+    except DataError:
+        return source, None
+    return name, source
 
 
 def _source_or_experts(
