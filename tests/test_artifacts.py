@@ -79,3 +79,12 @@ def test_metadata_without_its_checksum_is_not_trusted(tmp_path) -> None:
     path.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match=r"set\.safetensors records no checksum"):
         load_tensors(path)
+
+
+def test_text_with_a_lone_surrogate_is_written_escaped(tmp_path) -> None:
+    """A folder name that is not UTF-8 reaches tables and reports as a lone surrogate; it is written, escaped."""
+    from cvdd.artifacts import atomic_write_text
+
+    name = b"caf\xe9".decode("utf-8", "surrogateescape")  # Latin-1 bytes of a class folder, as os.listdir gives them
+    atomic_write_text(tmp_path / "t.md", f"| {name} | 1 |\n")
+    assert (tmp_path / "t.md").read_text(encoding="utf-8") == "| caf\\udce9 | 1 |\n"

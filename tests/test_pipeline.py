@@ -147,6 +147,18 @@ def test_distill_cli_reuses_experts(tmp_path: Path, capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert "| random-real | 1 |" in out and "| sre2l++ | 1 |" in out and "results.json" in out
 
+    # Another recover setting: the finished units are refused with the flag of this very command, and --restart
+    # discards them (the experts stay: squeeze is not part of it).
+    experts_stamp = next((tmp_path / "experts").glob("*.safetensors")).stat().st_mtime_ns
+    changed = [a if a != "recover.iterations=3" else "recover.iterations=4" for a in args]
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "--restart (cvdd recover, cvdd distill)" in err
+    assert main([*changed, "--restart", "--no-report"]) == 0
+    synthetic = json.loads((tmp_path / "sre2l++" / "ipc1" / "synthetic.json").read_text())
+    assert synthetic["config"]["iterations"] == 4
+    assert next((tmp_path / "experts").glob("*.safetensors")).stat().st_mtime_ns == experts_stamp
+
 
 @pytest.mark.slow
 def test_default_digits_distill_is_sane(tmp_path: Path, digits) -> None:
@@ -283,13 +295,13 @@ def test_distill_with_stack_seeds_trains_every_student_of_an_ipc_at_once(
         "recover_overrides": {"iterations": 5, "init": "real"},
         "progress": False,
     }
-    plain = cvdd.distill("digits", tmp_path / "plain", overrides={"epochs": 10, "label_mode": "stored"}, **kw)
+    plain = cvdd.distill("digits", tmp_path / "plain", overrides={"epochs": 4, "label_mode": "stored"}, **kw)
     with caplog.at_level("INFO", logger="cvdd.engine.stacked"):
         stacked = cvdd.distill(
-            "digits", tmp_path / "stacked", overrides={"epochs": 10, "label_mode": "stored", "stack_seeds": True}, **kw
+            "digits", tmp_path / "stacked", overrides={"epochs": 4, "label_mode": "stored", "stack_seeds": True}, **kw
         )
-    # 3 methods x (2 soft + 2 hard students) = 12 members of one stack, 10 epochs.
-    assert sum("for 12 members" in r.getMessage() for r in caplog.records) == 10
+    # 3 methods x (2 soft + 2 hard students) = 12 members of one stack, 4 epochs.
+    assert sum("for 12 members" in r.getMessage() for r in caplog.records) == 4
     _check_results(tmp_path / "stacked", ["random-real", "sre2l++", "cvdd"], [2], [0, 1])
     assert [r["method"] for r in stacked] == [r["method"] for r in plain]
     # The same students up to rounding (the stack runs NCHW, fit channels_last): measured equal or one test image.
@@ -334,18 +346,49 @@ def test_finished_rows_are_keyed_on_the_teacher() -> None:
 
     images, labels, cfg = torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]), EvalConfig()
     teacher = {"experts": ["a"], "weights": [1.0], "bssl": True, "group_size": 8, "files": ["0123"]}
-    key = _row_key(images, labels, cfg, 0.5, teacher)
-    assert key == _row_key(images.clone(), labels, cfg, 0.5, dict(teacher))
-    assert key != _row_key(images, labels, cfg, 0.5, {**teacher, "files": ["4567"]})  # experts squeezed again
-    assert key != _row_key(images, labels, cfg, 0.5, {**teacher, "weights": [0.9]})  # a prior measured since
-    assert key != _row_key(images + 1, labels, cfg, 0.5, teacher)
-    # Rows finished by an older cvdd (key without the teacher, with the experts' names) are still found.
+    key = _row_key(images, labels, cfg, teacher)
+    assert key == _row_key(images.clone(), labels, cfg, dict(teacher))
+    assert key != _row_key(images, labels, cfg, {**teacher, "files": ["4567"]})  # experts squeezed again
+    assert key != _row_key(images, labels, cfg, {**teacher, "weights": [0.9]})  # a prior measured since
+    assert key != _row_key(images + 1, labels, cfg, teacher)
+    # Rows finished by an older cvdd are still found: keyed on the reference student's accuracy too (its HLR is now
+    # recomputed on reuse), or without the teacher, with the experts' names.
     import hashlib
     import json as _json
 
-    old = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes())
-    old.update(_json.dumps({"cfg": cfg.identity(), "ref": 0.5, "experts": ["a"]}, sort_keys=True).encode())
-    assert _row_key(images, labels, cfg, 0.5, None, ["a"]) == old.hexdigest()[:24]
+    for who, kwargs in (
+        ({"teacher": teacher}, {"teacher": teacher}),
+        ({"experts": ["a"]}, {"teacher": None, "experts": ["a"]}),
+    ):
+        old = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes())
+        old.update(_json.dumps({"cfg": cfg.identity(), "ref": 0.5, **who}, sort_keys=True).encode())
+        assert _row_key(images, labels, cfg, ref=0.5, **kwargs) == old.hexdigest()[:24]
+
+
+def test_a_reused_row_takes_the_reference_of_this_run(tmp_path: Path, digits) -> None:
+    """Re-squeezing the reference student changes only the HLR column, not which evaluations are reused."""
+    kw = dict(
+        methods=["random-real"],
+        ipcs=[1],
+        seeds=[0],
+        overrides={"epochs": 1},
+        squeeze_overrides={"epochs": 1},
+        progress=False,
+    )
+    first = cvdd.distill(digits, tmp_path, **kw)[0]
+    row_file = tmp_path / "random-real" / "ipc1" / "row.json"
+    stamp = row_file.stat().st_mtime_ns
+    ref = json.loads((tmp_path / "config.json").read_text())["full_real_hard_acc"]
+    assert first["hlr"] == pytest.approx(ref - first["hard_acc_mean"])
+    # another reference: the student architecture squeezed again (here: its metadata edited, as a rerun would)
+    experts = (tmp_path / "experts").glob("*.json")
+    (meta_path,) = [p for p in experts if json.loads(p.read_text())["arch"] == "convnet_d3_w32"]
+    meta = json.loads(meta_path.read_text())
+    meta["test_acc"] = ref - 0.25
+    meta_path.write_text(json.dumps(meta))
+    again = cvdd.distill(digits, tmp_path, **{**kw, "experts": tmp_path / "experts"})[0]
+    assert row_file.stat().st_mtime_ns == stamp and again["acc"] == first["acc"]
+    assert again["hlr"] == pytest.approx(ref - 0.25 - first["hard_acc_mean"])
 
 
 def test_one_seed_shows_no_spread() -> None:

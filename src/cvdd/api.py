@@ -546,12 +546,14 @@ def relabel(
     label_seed: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    restart: bool = False,
 ) -> dict[str, Any]:
     """Store per-epoch soft labels (BSSL teacher) for a synthetic set (``cvdd relabel``); returns their description.
 
     The epochs, batch and micro-batch sizes come from the evaluation recipe (they must match the student's), and
     so does the plans' seed by default: ``label_seed`` None is the recipe's first student seed, the seed whose
-    plans ``evaluate`` replays from stored labels.
+    plans ``evaluate`` replays from stored labels. ``restart`` discards labels in ``out`` made for another set,
+    teacher or settings instead of refusing them.
     """
     from cvdd.device import resolve_device
     from cvdd.evaluation.student import configure_teacher
@@ -573,6 +575,7 @@ def relabel(
         cfg.label_settings(cfg.seeds[0] if label_seed is None else label_seed),
         out,
         progress=progress,
+        restart=restart,
     )
 
 
@@ -603,6 +606,7 @@ def distill(
     cache_dir: str | os.PathLike[str] | None = None,
     download: bool = False,
     progress: bool = True,
+    restart: bool = False,
 ) -> list[dict[str, Any]]:
     """The whole pipeline for several methods and IPCs (``cvdd distill``); writes results.json and results.md.
 
@@ -619,6 +623,9 @@ def distill(
         squeeze_overrides: squeeze recipe fields for the experts trained here (``epochs``...).
         experts: reuse experts from this folder (default: ``<out>/experts``, trained if missing).
         seed: run seed (squeeze, recover, random-real draw).
+        restart: discard recover units and stored labels in ``out`` made with another configuration (after
+            ``cvdd prior`` or a changed ``recover_overrides``) instead of refusing them; finished work that still
+            matches is kept.
 
     Returns:
         The rows of ``results.json``.
@@ -655,6 +662,7 @@ def distill(
         progress=progress,
         recover_overrides=recover_overrides,
         squeeze_overrides=squeeze_overrides,
+        restart=restart,
     )
 
 
@@ -805,7 +813,8 @@ def _smallest_class(real: RealDataset) -> int:
 
 
 def info(artifact: str | os.PathLike[str]) -> dict[str, Any]:
-    """Describe any cvdd artifact (``cvdd info``): an expert, a synthetic set, stored labels or a distill run.
+    """Describe any cvdd artifact (``cvdd info``): an expert, a synthetic set, stored labels, a distill run, or an
+    exported set (``.npz``, ``.safetensors``, an image folder).
 
     Returns:
         A flat dict: ``kind`` plus the fields that matter for that kind (dataset, classes, IPC, committee...).
@@ -815,6 +824,10 @@ def info(artifact: str | os.PathLike[str]) -> dict[str, Any]:
     from cvdd.errors import ArtifactError
 
     p = Path(artifact)
+    if p.is_file() and (p.suffix == ".npz" or (p.suffix == ".safetensors" and not p.with_suffix(".json").is_file())):
+        from cvdd.data.external import describe_external_set
+
+        return describe_external_set(p)  # a `cvdd export` file
     candidates = (
         [p.with_suffix(".json")]
         if p.suffix in (".safetensors", ".json")
@@ -832,6 +845,9 @@ def info(artifact: str | os.PathLike[str]) -> dict[str, Any]:
         ]
         if experts_found:
             return {"kind": "experts folder", "path": str(p), "experts": [m.stem for m in experts_found]}
+        from cvdd.data.external import describe_external_set
+
+        return describe_external_set(p)  # an exported or the user's image folder (a one-line error otherwise)
     meta_path = next((c for c in candidates if c.is_file()), None)
     if meta_path is None:
         raise ArtifactError(f"no cvdd artifact found at {p}")
@@ -903,9 +919,9 @@ def _describe(meta_path: Path, meta: Any) -> dict[str, Any]:
             }
         )
     elif kind == "recover-manifest":  # a recover run whose units are not assembled yet (shards, or killed)
-        from cvdd.synthesis.recover import Unit, _unit_state
+        from cvdd.synthesis.recover import _unit_state, manifest_units
 
-        units = [Unit(u["ipc_indices"], u["classes"]) for u in meta["units"]]
+        units = manifest_units(meta, meta_path)
         done = sum(_unit_state(meta_path.parent, u, meta["config_hash"]) == "done" for u in units)
         out.update(
             {

@@ -57,8 +57,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Text version of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode())
+    """Text version of :func:`atomic_write_bytes`, UTF-8.
+
+    A lone surrogate (a file name that is not UTF-8, decoded by Python with ``surrogateescape``: a class or dataset
+    folder name) is written as its escape, ``\\udcff``, so reports and tables of such a dataset are still written.
+    """
+    atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:

@@ -277,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a recipe field, e.g. --set epochs=100 --set topk=5 --set label_dtype=fp32",
     )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard labels in the folder made for another set, teacher or settings (default: refuse them)",
+    )
     _add_experts_data(p)
     _add_common(p)
 
@@ -342,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: the preset's)")
     p.add_argument("--experts", default=None, help="reuse experts from this folder")
     p.add_argument("--no-report", action="store_true", help="skip the HTML/Markdown report (RUN_DIR/report)")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard recover units and stored labels made with another configuration (after `cvdd prior` or a "
+        "changed --set recover.*); default: refuse to mix. Finished work that still matches is kept",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -701,6 +712,7 @@ def _cmd_relabel(args: argparse.Namespace, progress: bool) -> int:
         label_seed=args.label_seed,
         device=args.device,
         progress=progress,
+        restart=args.restart,
     )
     print(
         f"stored soft labels: {info['files']} files, {info['bytes']:,} bytes, {info['seconds']:.1f} s; teacher "
@@ -760,6 +772,7 @@ def _cmd_distill(args: argparse.Namespace, progress: bool) -> int:
         cache_dir=args.cache_dir,
         download=args.download,
         progress=progress,
+        restart=args.restart,
     )
     if not dd.is_main():
         return 0

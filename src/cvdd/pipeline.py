@@ -182,8 +182,12 @@ def distill(
     progress: bool = True,
     recover_overrides: dict[str, Any] | None = None,
     squeeze_overrides: dict[str, Any] | None = None,
+    restart: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run the pipeline and write ``results.json``, ``results.md``, grids and the resolved config to ``out``."""
+    """Run the pipeline and write ``results.json``, ``results.md``, grids and the resolved config to ``out``.
+
+    ``restart`` discards recover units and stored labels made with another configuration instead of refusing them.
+    """
     from cvdd.api import load_pool, squeeze
     from cvdd.device import resolve_device
     from cvdd.evaluation.student import configure_teacher
@@ -272,16 +276,22 @@ def distill(
     for ipc in preset.ipcs:
         # 1. Every method's set at this IPC (recover resumes on its own), 2. the evaluations not finished yet
         # (with stack_seeds all their students train as one stacked model), 3. the rows, in method order.
-        made = [_make_set(data, method, ipc, base, squeezed, out_dir, seed, device, progress, preset.recover_preset)
-                for method in preset.methods]  # fmt: skip
+        made = [_make_set(data, method, ipc, base, squeezed, out_dir, seed, device, progress, preset.recover_preset,
+                          restart) for method in preset.methods]  # fmt: skip
         pending = []
         for s in made:
             # A finished evaluation of the very same images under the very same recipe is reused, so a killed
             # distill resumes without retraining students (recover and relabel resume on their own).
-            s["key"] = _row_key(s["images"], s["labels"], cfg, full_real_hard, teacher.describe())
-            legacy = _row_key(s["images"], s["labels"], cfg, full_real_hard, None, [r.name for r in squeezed])
-            s["row"] = _cached_row(s["run_dir"] / "row.json", s["key"], legacy)
+            s["key"] = _row_key(s["images"], s["labels"], cfg, teacher.describe())
+            legacy = [  # keys of older cvdd, whose rows stay valid (finished work is kept)
+                _row_key(s["images"], s["labels"], cfg, teacher.describe(), ref=full_real_hard),
+                _row_key(s["images"], s["labels"], cfg, None, ref=full_real_hard, experts=[r.name for r in squeezed]),
+            ]
+            s["row"] = _cached_row(s["run_dir"] / "row.json", [s["key"], *legacy])
             if s["row"] is not None:
+                # HLR is the only field of a row that the reference student sets: it follows this run's reference
+                # (squeezed again, the reference changes no evaluation, so the row's key leaves it out).
+                s["row"]["hlr"] = full_real_hard - s["row"]["hard_acc_mean"]
                 log.info(
                     "%s ipc %d: reusing the finished evaluation in %s", s["method"], ipc, s["run_dir"] / "row.json"
                 )
@@ -300,7 +310,7 @@ def distill(
                 run_dir = s["run_dir"]
                 label_dir = run_dir / "labels" if cfg.label_mode == "stored" else None
                 students = run_dir / "students"
-                jobs.append(EvalJob(s["images"], s["labels"], cfg, teacher, label_dir, students / "soft"))
+                jobs.append(EvalJob(s["images"], s["labels"], cfg, teacher, label_dir, students / "soft", restart))
                 jobs.append(EvalJob(s["images"], s["labels"], hard_cfg, None, None, students / "hard"))
             results = evaluate_many(jobs, spec, data.test, device=device, progress=progress)
             peaks.mark("evaluate")
@@ -384,6 +394,7 @@ def _make_set(
     device: str | None,
     progress: bool,
     recover_preset: str,
+    restart: bool = False,
 ) -> dict[str, Any]:
     """One method's set at one IPC: random real images, or recover with one expert (SRe2L++) or a committee."""
     from cvdd.api import recover
@@ -407,6 +418,7 @@ def _make_set(
             progress=progress,
             overrides=to_dict(rcfg),
             preset=recover_preset,
+            restart=restart,
         )
         images, labels = res.images, res.labels
     recover_s = time.perf_counter() - t0
@@ -467,15 +479,17 @@ def _row_key(
     images: Any,
     labels: Any,
     cfg: EvalConfig,
-    full_real_hard: float,
     teacher: dict[str, Any] | None,
-    legacy_experts: list[str] | None = None,
+    *,
+    ref: float | None = None,
+    experts: list[str] | None = None,
 ) -> str:
     """Hash of what determines an evaluation: the pixels, the labels, the recipe, the teacher (its experts, their
     weight files and weights: a prior measured since, or experts squeezed again, make other rows).
 
-    ``legacy_experts`` (with ``teacher`` None) gives the key of rows finished before the teacher was part of it,
-    which named only the experts: those rows are still reused (finished work is kept).
+    ``ref`` (the reference student's accuracy) and ``experts`` (names, with ``teacher`` None) give the keys of older
+    cvdd: rows keyed on the reference, and rows finished before the teacher was part of the key, which named only
+    the experts. Those rows are still reused (finished work is kept).
     """
     import hashlib
 
@@ -483,20 +497,22 @@ def _row_key(
 
     h = hashlib.sha256()
     update_digest(h, images.float(), labels)
-    who = {"teacher": teacher} if legacy_experts is None else {"experts": legacy_experts}
-    h.update(json.dumps({"cfg": cfg.identity(), "ref": full_real_hard, **who}, sort_keys=True).encode())
+    who = {"teacher": teacher} if experts is None else {"experts": experts}
+    if ref is not None:
+        who["ref"] = ref
+    h.update(json.dumps({"cfg": cfg.identity(), **who}, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
-def _cached_row(path: Path, key: str, legacy: str | None = None) -> dict[str, Any] | None:
-    """A finished row saved under ``key`` (or the ``legacy`` key of an older cvdd), else None."""
+def _cached_row(path: Path, keys: list[str]) -> dict[str, Any] | None:
+    """A finished row saved under one of ``keys`` (this cvdd's first, then older ones), else None."""
     if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return saved["row"] if saved.get("key") in (key, legacy) else None
+    return saved["row"] if saved.get("key") in keys else None
 
 
 def _versions() -> dict[str, str]:

@@ -180,7 +180,7 @@ def test_stored_labels_of_another_set_or_teacher_file_are_refused(tmp_path: Path
     relabel_stored(images, labels, SPEC, Teacher([expert], [1.0], group_size=4), settings, tmp_path, progress=False)
     other = images.clone()
     other[0, 0, 0, 0] += 0.5  # a set recovered again, another draw of random real images...
-    with pytest.raises(ArtifactError, match=r"labels made for another synthetic set; choose another --out"):
+    with pytest.raises(ArtifactError, match=r"labels made for another synthetic set; choose another folder"):
         relabel_stored(other, labels, SPEC, Teacher([expert], [1.0], group_size=4), settings, tmp_path, progress=False)
     squeezed_again = _expert(0)
     squeezed_again.meta["sha256"] = "b" * 64  # same name, another weight file
@@ -308,3 +308,28 @@ def test_teacher_logits_of_an_epoch_match_one_call_per_micro_batch(
     assert got.shape == (22, 4) and torch.allclose(got, torch.cat(expected), atol=1e-5)
     if not fuse or micro_batch == 0 or batch_size % micro_batch:  # the very forwards of the loop above
         assert torch.equal(got, torch.cat(expected))
+
+
+def test_restart_discards_labels_of_another_set_and_keeps_matching_ones(tmp_path: Path) -> None:
+    images, labels = _toy_set()
+    settings = LabelSettings(epochs=2, batch_size=8, micro_batch=4, seed=11)
+    teacher = Teacher([_expert(0)], [1.0], group_size=4)
+    relabel_stored(images, labels, SPEC, teacher, settings, tmp_path, progress=False)
+    kept = (tmp_path / "epoch_0000.safetensors").stat().st_mtime_ns
+    # restart on matching labels: nothing is discarded (finished work is kept)
+    relabel_stored(images, labels, SPEC, teacher, settings, tmp_path, progress=False, restart=True)
+    assert (tmp_path / "epoch_0000.safetensors").stat().st_mtime_ns == kept
+    other = images.clone()
+    other[0, 0, 0, 0] += 0.5
+    with pytest.raises(ArtifactError, match=r"or pass --restart \(cvdd relabel, cvdd distill\)"):
+        relabel_stored(other, labels, SPEC, teacher, settings, tmp_path, progress=False)
+    info = relabel_stored(other, labels, SPEC, teacher, settings, tmp_path, progress=False, restart=True)
+    assert info["files"] == 2 and (tmp_path / "epoch_0000.safetensors").stat().st_mtime_ns != kept
+    fresh = tmp_path.parent / "fresh"
+    relabel_stored(other, labels, SPEC, teacher, settings, fresh, progress=False)
+    for e in range(2):  # the restarted folder holds exactly the labels of a fresh one
+        a = load_file(str(tmp_path / f"epoch_{e:04d}.safetensors"))
+        b = load_file(str(fresh / f"epoch_{e:04d}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the description now names the new set: a plain rerun accepts it
+    relabel_stored(other, labels, SPEC, teacher, settings, tmp_path, progress=False)

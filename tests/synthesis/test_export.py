@@ -227,3 +227,30 @@ def test_a_folder_export_refuses_names_and_layouts_that_would_misplace_files(cla
     with pytest.raises(ArtifactError, match=f"^set: {re.escape(message)}"):
         _check_folder_layout(torch.tensor(labels), spec, 2, "set")
     _check_folder_layout(torch.tensor([0, 0, 1, 1]), DatasetSpec("t", ("a", "b"), 32, (0.5,) * 3, (0.2,) * 3), 2, "s")
+
+
+def test_info_describes_every_export_from_headers(uint8_set: Path, tmp_path: Path) -> None:
+    """`cvdd info` on an export: dataset, classes, images, IPC and size, for the file and the folder formats."""
+    from cvdd.api import info
+
+    expected = {"classes": 10, "images": 10 * IPC, "ipc": IPC, "image_size": "32x32"}
+    for fmt, kind, dataset in (
+        ("npz", "exported set (npz)", "digits"),
+        ("safetensors", "exported set (safetensors)", "digits"),
+        ("png", "image folder", None),
+        ("hf", "image folder", None),
+    ):
+        dest = export_path(tmp_path / fmt, fmt)
+        export(uint8_set, tmp_path / fmt, format=fmt)
+        got = info(dest)
+        assert got == {"kind": kind, "path": str(dest), "dataset": dataset, **expected}, (fmt, got)
+    (tmp_path / "png" / "3" / "3_0001.png").unlink()  # an uneven folder says so
+    assert info(tmp_path / "png")["ipc"] == f"{IPC - 1}-{IPC}"
+    assert main(["info", str(tmp_path / "npz" / "images.npz"), "-q"]) == 0
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="holds no class sub-folders of images"):
+        info(tmp_path / "junk")
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DataError, match=r"bad.npz is not a readable cvdd export"):
+        info(tmp_path / "bad.npz")

@@ -27,6 +27,31 @@ def test_tampered_unit_is_detected_and_recomputed_with_restart(digit_experts: Pa
     assert again.units_run == 1 and (again.images == first.images).all()
 
 
+def test_edited_unit_metadata_and_manifest_are_one_line_errors(digit_experts: Path, digits, tmp_path: Path) -> None:
+    import json
+
+    from cvdd.api import info
+
+    cvdd.recover(digit_experts, tmp_path, dataset=digits, ipc=2, overrides=TINY, progress=False)
+    (tmp_path / "synthetic.json").unlink()
+    (tmp_path / "synthetic.safetensors").unlink()
+    meta_path = sorted((tmp_path / "units").glob("*.json"))[0]
+    meta = json.loads(meta_path.read_text())
+    del meta["records"]  # the tensors' checksum still holds: only the metadata was edited
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="missing metadata fields"):
+        cvdd.recover(digit_experts, tmp_path, dataset=digits, ipc=2, overrides=TINY, progress=False)
+    with pytest.raises(ArtifactError, match="missing metadata fields"):
+        cvdd.merge(tmp_path)
+    manifest_path = tmp_path / "recover.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["units"][1] = {"key": "x", "classes": [0]}
+    manifest_path.write_text(json.dumps(manifest))
+    for call in (lambda: cvdd.merge(tmp_path), lambda: info(tmp_path)):
+        with pytest.raises(ArtifactError, match=r"recover.json: a unit without its lists of IPC indices and classes"):
+            call()
+
+
 def test_disk_full_keeps_finished_units_and_gives_one_line(
     digit_experts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -42,6 +42,18 @@ def test_patch_init_factor_one_and_two(digits) -> None:
         patch_init(digits, 2, 100, obs, seed=0, candidates=1000, crops=1, factor=2)
 
 
+def test_patch_init_does_not_depend_on_its_scoring_chunks(digits) -> None:
+    """Crops are cut and scored a chunk of candidates at a time (memory); the chosen patches are the same."""
+    obs = _observer(10, 32)
+    for factor in (1, 2):
+        whole = patch_init(digits, 4, 3, obs, seed=1, candidates=40, crops=3, factor=factor, batch_size=1000)
+        for batch_size in (2, 7, 64):  # one image per chunk, uneven chunks, several chunks
+            chunked = patch_init(
+                digits, 4, 3, obs, seed=1, candidates=40, crops=3, factor=factor, batch_size=batch_size
+            )
+            assert torch.equal(chunked, whole), (factor, batch_size)
+
+
 def test_patch_init_scores_crops_in_the_normalised_range(digits) -> None:
     """The observer must see crops as a network sees images (bug: 0..255 floats were normalised as [0, 1])."""
     seen: list[torch.Tensor] = []

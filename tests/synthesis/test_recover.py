@@ -43,6 +43,42 @@ def test_cvdd_n2_and_sre2l_n1_run_on_digits(digit_experts: Path, digits, tmp_pat
     assert all(len(c) == 1 for c in single.meta["committees"])
 
 
+def test_initial_images_are_kept_on_disk_until_the_set_is_assembled(
+    digit_experts: Path, digits, tmp_path: Path, monkeypatch
+) -> None:
+    """Units revisit each class once per IPC block: its initial images are made once, read back from disk (a
+    resumed run too), give the same set as a run that never stopped, and are removed with the finished set."""
+    import cvdd.synthesis.recover as rec
+
+    kw = {"ipc": 3, "overrides": {"ipc_per_block": 1, "classes_per_block": 5, "init": "patches"}}  # 3 visits a class
+    whole = _recover(digit_experts, tmp_path / "whole", digits, seed=2, **kw)
+    assert not (tmp_path / "whole" / rec.INIT_DIR).exists()
+    made: list[int] = []
+    real_patch_init = rec.patch_init
+    monkeypatch.setattr(rec, "patch_init", lambda data, c, *a, **k: made.append(c) or real_patch_init(data, c, *a, **k))
+    real_optimise = rec._optimise_unit
+    calls = {"n": 0}
+
+    def killed_after_two_units(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the run is killed in its third unit (the second block of classes, IPC 1)
+        return real_optimise(*a, **k)
+
+    monkeypatch.setattr(rec, "_optimise_unit", killed_after_two_units)
+    with pytest.raises(KeyboardInterrupt):
+        _recover(digit_experts, tmp_path / "b", digits, seed=2, **kw)
+    assert sorted(made) == list(range(10))  # each class scored once, though IPC 1 of classes 0-4 was read again
+    files = sorted(p.name for p in (tmp_path / "b" / rec.INIT_DIR).glob("*/class_*.npy"))
+    assert files == [f"class_{c:05d}.npy" for c in range(10)]
+    monkeypatch.setattr(rec, "_optimise_unit", real_optimise)
+    made.clear()
+    resumed = _recover(digit_experts, tmp_path / "b", digits, seed=2, **kw)
+    assert made == [] and resumed.units_run == 4  # the resumed run reads the initial images back
+    assert torch.equal(resumed.images, whole.images)
+    assert not (tmp_path / "b" / rec.INIT_DIR).exists()
+
+
 def test_same_seed_same_images_and_resume_equals_uninterrupted(
     digit_experts: Path, digits, tmp_path: Path, monkeypatch, caplog
 ) -> None:

@@ -18,6 +18,7 @@ import logging
 import os
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from cvdd.errors import DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["is_external_set", "load_external_set", "load_image_folder"]
+__all__ = ["describe_external_set", "is_external_set", "load_external_set", "load_image_folder"]
 
 #: ``kind`` in the header of a safetensors file written by ``cvdd export`` (see cvdd.synthesis.export).
 _EXPORT_KIND = "cvdd-export"
@@ -113,6 +114,77 @@ def load_image_folder(path: str | os.PathLike[str], spec: DatasetSpec) -> tuple[
         log.warning("%s: %d images are not %d px; resized and centre-cropped", root, resized, spec.image_size)
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return pixels.float() / 255, torch.tensor(labels, dtype=torch.int64)
+
+
+def describe_external_set(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``cvdd info`` says about an external set, read from headers only (no image is decoded).
+
+    Args:
+        path: a ``.npz`` or ``.safetensors`` file from ``cvdd export``, or a folder of class sub-folders of images
+            (``png``/``jpeg``/``hf`` exports, or the user's own).
+
+    Returns:
+        ``kind``, ``path``, ``dataset`` (None for a folder: it names no dataset), ``classes``, ``images``,
+        ``ipc`` (an int, or ``"a-b"`` when classes differ) and ``image_size`` (``"HxW"``, of the first image for a
+        folder).
+
+    Raises:
+        DataError: a file that is not a cvdd export, or a folder without class sub-folders of images.
+    """
+    p = Path(path)
+    if p.is_dir():
+        root = p / "train" if (p / "train").is_dir() else p
+        counts: dict[str, int] = {}
+        first: Path | None = None
+        for e in sorted(os.scandir(root), key=lambda e: e.name):
+            if e.is_dir() and not e.name.startswith(".") and not (Path(e.path) / "labels.json").is_file():
+                files = _images_under(Path(e.path))
+                counts[e.name] = len(files)
+                first = first or (files[0] if files else None)
+        if first is None:
+            raise DataError(f"{p} holds no class sub-folders of images (nor a cvdd artifact)")
+        w, h = _size_of(first)
+        return _description("image folder", p, None, counts, f"{h}x{w}")
+    try:
+        if p.suffix == ".npz":
+            with zipfile.ZipFile(p) as zf, zf.open("images.npy") as fh:
+                fmt = np.lib.format
+                read = fmt.read_array_header_1_0 if fmt.read_magic(fh) == (1, 0) else fmt.read_array_header_2_0
+                shape = read(fh)[0]  # (N, H, W, 3)
+            with np.load(p, allow_pickle=False) as z:
+                labels, classes, dataset = z["labels"], [str(c) for c in z["classes"]], str(z["dataset"])
+            size, kind = f"{shape[1]}x{shape[2]}", "exported set (npz)"
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="np") as f:
+                meta = f.metadata() or {}
+                if meta.get("kind") != _EXPORT_KIND:
+                    raise DataError(f"{p} is not a cvdd export (no kind {_EXPORT_KIND!r} in its header)")
+                shape = f.get_slice("images").get_shape()  # (N, 3, H, W)
+                labels = f.get_tensor("labels")
+            classes, dataset = [str(c) for c in json.loads(meta["classes"])], meta.get("dataset")
+            size, kind = f"{shape[2]}x{shape[3]}", "exported set (safetensors)"
+    except DataError:
+        raise
+    except Exception as exc:  # a truncated zip, a missing member or header field: not an export cvdd can read
+        raise DataError(f"{p} is not a readable cvdd export: {str(exc).splitlines()[0]}") from None
+    per_class = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    return _description(kind, p, dataset, dict(zip(classes, per_class.tolist())), size)
+
+
+def _description(kind: str, path: Path, dataset: str | None, counts: dict[str, int], size: str) -> dict[str, Any]:
+    """The ``info`` fields of an external set with ``counts`` images per class."""
+    low, high = min(counts.values()), max(counts.values())
+    return {
+        "kind": kind,
+        "path": str(path),
+        "dataset": dataset,
+        "classes": len(counts),
+        "images": sum(counts.values()),
+        "ipc": low if low == high else f"{low}-{high}",
+        "image_size": size,
+    }
 
 
 def _images_under(folder: Path) -> list[Path]:

@@ -303,6 +303,8 @@ class EvalJob:
         teacher: soft-label teacher (online and stored modes).
         label_dir: folder for stored label shards (stored mode).
         checkpoint_dir: where the set's student resume checkpoints live (None: no checkpoints).
+        restart_labels: discard stored labels in ``label_dir`` made for another set, teacher or settings (default:
+            refuse them).
     """
 
     images: torch.Tensor
@@ -311,6 +313,7 @@ class EvalJob:
     teacher: Teacher | None = None
     label_dir: str | Path | None = None
     checkpoint_dir: str | Path | None = None
+    restart_labels: bool = False
 
 
 @dataclass
@@ -352,6 +355,7 @@ def _prepare(
             cfg.label_settings(cfg.seeds[0]),
             job.label_dir,
             progress=progress,
+            restart=job.restart_labels,
         )
     objective = hard_label_loss() if cfg.label_mode == "hard" else kd_loss(cfg.temperature, teacher)
     digest = tensor_digest(imgs, job.labels)

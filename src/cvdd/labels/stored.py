@@ -121,8 +121,13 @@ def relabel_stored(
     out: str | os.PathLike[str],
     *,
     progress: bool = True,
+    restart: bool = False,
 ) -> dict[str, Any]:
-    """Write per-epoch label shards for a synthetic set; return the description written to ``labels.json``."""
+    """Write per-epoch label shards for a synthetic set; return the description written to ``labels.json``.
+
+    A folder that already holds labels of this set, teacher and settings is completed (finished epochs are kept).
+    One that holds labels made for anything else is refused, or with ``restart`` emptied of its epochs first.
+    """
     from tqdm import tqdm
 
     out_dir = Path(out)
@@ -138,16 +143,18 @@ def relabel_stored(
         "data": tensor_digest(images.float(), labels)[:16],
     }
     reused: list[dict[str, str] | None] = []  # the builds that made the epochs already on disk
+    keys: list[str] = []  # what differs from the labels already in the folder
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
         keys = _differing(old.get("ident") or {}, ident)
-        if keys:
+        if keys and not restart:
             what = {"settings": "label settings (seed, epochs, crops, CutMix...)", "teacher": "teacher"}
             differ = sorted({what.get(k, "synthetic set") for k in keys})
             raise ArtifactError(
-                f"{out_dir} holds labels made for another {' and '.join(differ)}; choose another --out "
-                "or remove that folder"
+                f"{out_dir} holds labels made for another {' and '.join(differ)}; choose another folder, remove "
+                "that one, or pass --restart (cvdd relabel, cvdd distill) to discard them"
             )
+    if meta_path.is_file() and not keys:
         reused = [
             _shard_build(p) for e in range(settings.epochs) if (p := out_dir / f"epoch_{e:04d}.safetensors").is_file()
         ]
@@ -155,6 +162,10 @@ def relabel_stored(
         if mixed and dd.is_main():
             log.warning("%s; remove the folder to relabel every epoch with this build", mixed)
     elif dd.is_main():
+        if keys:  # restart: the epochs of the other labels go before the new description is written
+            log.info("%s: discarding labels made for another set, teacher or settings (--restart)", out_dir)
+            for stale in out_dir.glob("epoch_*.safetensors"):
+                stale.unlink(missing_ok=True)
         atomic_write_text(meta_path, json.dumps({"ident": ident, "complete": False}, indent=1))
     dd.barrier()
     device = images.device

@@ -6,8 +6,13 @@ units, so a resumed or sharded recover starts each image from the same pixels.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,8 +37,6 @@ def class_images(data: RealDataset, indices: torch.Tensor) -> torch.Tensor:
     if isinstance(train, TensorSplit):
         return train.images[indices.to(train.images.device)].cpu()
     assert isinstance(train, FileSplit)
-    import numpy as np
-
     size = data.spec.image_size
     out = []
     for i in indices.tolist():
@@ -114,25 +117,26 @@ def patch_init(
     gen = make_generator(derive_seed(seed, "init-crops", cls), torch.device("cpu"))
     cell = size // factor
     normalize = Normalize(data.spec)
-    src = images.float().repeat_interleave(crops, dim=0)  # (pool * crops, 3, S, S)
-    boxes = random_resized_crop_boxes(src.shape[0], gen, torch.device("cpu"), scale=(0.08, 1.0), ratio=(1.0, 1.0))
-    boxes = boxes.to(src.device)
-    patches = crop_resize(src, boxes, cell).round().clamp(0, 255)
-    losses = torch.empty(patches.shape[0], device=device)
-    target = torch.full((batch_size,), cls, device=device, dtype=torch.int64)
+    boxes = random_resized_crop_boxes(pool * crops, gen, torch.device("cpu"), scale=(0.08, 1.0), ratio=(1.0, 1.0))
+    boxes = boxes.to(device).view(pool, crops, 4)
     pad = (size - cell) // 2
-    for start in range(0, patches.shape[0], batch_size):
-        chunk = normalize(patches[start : start + batch_size] / 255)  # Normalize takes floats in [0, 1]
+    # Crops are cut and scored a chunk of real images at a time, keeping only each image's best crop: the float
+    # copies of every crop of every candidate at once were 0.9 GB per class at 224 px (300 images x 5 crops).
+    per_chunk = max(1, batch_size // crops)
+    chosen = torch.empty(pool, 3, cell, cell, device=device)  # each image's lowest-loss crop, pixels in [0, 255]
+    best_loss = torch.empty(pool, device=device)
+    for start in range(0, pool, per_chunk):
+        src = images[start : start + per_chunk].float().repeat_interleave(crops, dim=0)  # (n * crops, 3, S, S)
+        n = src.shape[0] // crops
+        patches = crop_resize(src, boxes[start : start + n].reshape(-1, 4), cell).round().clamp(0, 255)
+        x = normalize(patches / 255)  # Normalize takes floats in [0, 1]
         if cell != size:  # centred zero padding back to the observer's input size (zeros in normalised space)
-            chunk = nn.functional.pad(chunk, (pad, size - cell - pad, pad, size - cell - pad))
-        logits = observer(chunk)
-        losses[start : start + batch_size] = nn.functional.cross_entropy(
-            logits.float(), target[: chunk.shape[0]], reduction="none"
-        )
-    per_image = losses.view(pool, crops)
-    best = per_image.argmin(1)
-    best_loss = per_image.gather(1, best.view(-1, 1)).squeeze(1)
-    chosen = patches.view(pool, crops, 3, cell, cell)[torch.arange(pool, device=device), best]
+            x = nn.functional.pad(x, (pad, size - cell - pad, pad, size - cell - pad))
+        target = torch.full((x.shape[0],), cls, device=device, dtype=torch.int64)
+        losses = nn.functional.cross_entropy(observer(x).float(), target, reduction="none").view(n, crops)
+        best = losses.argmin(1)
+        best_loss[start : start + n] = losses.gather(1, best.view(-1, 1)).squeeze(1)
+        chosen[start : start + n] = patches.view(n, crops, 3, cell, cell)[torch.arange(n, device=device), best]
     order = torch.argsort(best_loss, stable=True)[rank_offset : rank_offset + need]
     selected = chosen[order]  # (need, 3, cell, cell)
     if factor == 1:
@@ -146,6 +150,42 @@ def patch_init(
         block = nn.functional.interpolate(block, size=(h, w), mode="nearest")
         out[:, :, edges[r] : edges[r + 1], edges[c] : edges[c + 1]] = block
     return out.to(torch.uint8).cpu()
+
+
+class InitCache:
+    """Every class's initial images, made once per run and kept on disk, one uint8 ``.npy`` per class.
+
+    Units visit each class once per block of IPC indices (ImageNet-1K at IPC 50: 50 times), while an
+    initialisation draws all IPC indices of a class at once (the patch ranking needs them together). Keeping them
+    in memory held 7.5 GB of host memory at ImageNet-1K IPC 50 for the whole run; on disk each visit reads only
+    its IPC index (memory-mapped, 150 KB at 224 px), and a resumed run reuses the files instead of scoring every
+    class's crops again. The folder belongs to one configuration hash (the initial images depend on nothing
+    else); recover removes it once the set is assembled.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], make: Callable[[int], torch.Tensor]) -> None:
+        """Args:
+        folder: where the class files go (created on first use).
+        make: class index -> uint8 (ipc, 3, S, S), the class's initial images.
+        """
+        self.folder = Path(folder)
+        self.make = make
+
+    def get(self, cls: int, k: int) -> torch.Tensor:
+        """IPC index ``k`` of class ``cls``: uint8 (3, S, S), made (and written) on the class's first use."""
+        from cvdd.artifacts import atomic_write_bytes
+
+        path = self.folder / f"class_{cls:05d}.npy"
+        try:
+            return torch.from_numpy(np.array(np.load(path, mmap_mode="r")[k]))
+        except (OSError, ValueError, IndexError):  # not made yet (or unreadable: made again, the same pixels)
+            pass
+        images = self.make(cls)
+        buf = io.BytesIO()
+        np.save(buf, images.contiguous().numpy())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buf.getvalue())  # shards making the same class write the same bytes
+        return images[k].clone()
 
 
 def gaussian_init(n: int, size: int, seed: int, *keys: int | str) -> torch.Tensor:

@@ -23,7 +23,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from cvdd.artifacts import (
     build_stamp,
     check_kind,
     distinct_builds,
+    fsync_file,
     load_tensors,
     other_builds,
     read_json_object,
@@ -56,7 +59,7 @@ from cvdd.experts import Expert, pool_priors
 from cvdd.models import checkpointed
 from cvdd.synthesis.bn_matching import BNMatching
 from cvdd.synthesis.committee import COMMITTEE_POLICIES, select_committee
-from cvdd.synthesis.init import check_init_method, gaussian_init, patch_init, real_init
+from cvdd.synthesis.init import InitCache, check_init_method, gaussian_init, patch_init, real_init
 from cvdd.synthesis.jitter import clamp_to_valid, cosine_lr, recover_augment
 from cvdd.synthesis.voting import VOTING_MODES, voter_weights
 
@@ -470,42 +473,44 @@ def _unit_init(
     cfg: RecoverConfig,
     spec: DatasetSpec,
     data: RealDataset | None,
-    observer: nn.Module | None,
     seed: int,
     device: torch.device,
-    init_cache: dict[int, torch.Tensor],
+    init_cache: InitCache | None,
 ) -> torch.Tensor:
     """Initial normalised pixels of a unit: float32 (len(ipc) * len(classes), 3, S, S), IPC-major."""
     if cfg.init == "gaussian":
         return torch.cat(
             [gaussian_init(1, spec.image_size, seed, k, c) for k in unit.ipc_indices for c in unit.classes]
         ).to(device)
-    assert data is not None
-    rows = []
-    for k in unit.ipc_indices:
-        batch = []
-        for c in unit.classes:
-            if c not in init_cache:
-                if cfg.init == "real":
-                    init_cache[c] = real_init(data, c, cfg.ipc, seed)
-                else:
-                    assert observer is not None
-                    factor = cfg.init_factor or (1 if data.spec.image_size <= 64 else 2)
-                    init_cache[c] = patch_init(
-                        data,
-                        c,
-                        cfg.ipc,
-                        observer,
-                        seed,
-                        candidates=cfg.init_candidates,
-                        crops=cfg.init_crops,
-                        factor=factor,
-                        rank_offset=cfg.init_rank_offset,
-                        device=device,
-                    )
-            batch.append(init_cache[c][k])
-        rows.append(torch.stack(batch))
-    return Normalize(data.spec)(torch.cat(rows).to(device))
+    assert data is not None and init_cache is not None
+    rows = [init_cache.get(c, k) for k in unit.ipc_indices for c in unit.classes]
+    return Normalize(data.spec)(torch.stack(rows).to(device))
+
+
+def _class_init(
+    cfg: RecoverConfig, data: RealDataset, observer: nn.Module | None, seed: int, device: torch.device
+) -> Callable[[int], torch.Tensor]:
+    """class index -> its initial images, uint8 (ipc, 3, S, S): random real images or scored real patches."""
+
+    def make(c: int) -> torch.Tensor:
+        if cfg.init == "real":
+            return real_init(data, c, cfg.ipc, seed)
+        assert observer is not None
+        factor = cfg.init_factor or (1 if data.spec.image_size <= 64 else 2)
+        return patch_init(
+            data,
+            c,
+            cfg.ipc,
+            observer,
+            seed,
+            candidates=cfg.init_candidates,
+            crops=cfg.init_crops,
+            factor=factor,
+            rank_offset=cfg.init_rank_offset,
+            device=device,
+        )
+
+    return make
 
 
 def _optimise_unit(
@@ -677,6 +682,8 @@ def _unit_paths(out: Path, unit: Unit) -> tuple[Path, Path]:
 
 
 MANIFEST = "recover.json"
+#: Folder of a recover run's initial images (:class:`cvdd.synthesis.init.InitCache`), one sub-folder per config hash.
+INIT_DIR = ".init"
 
 
 def _manifest(
@@ -723,6 +730,24 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def manifest_units(manifest: dict[str, Any], path: Path) -> list[Unit]:
+    """The units a run manifest lists, or a one-line :class:`ArtifactError` when an entry is malformed (edited)."""
+    units = []
+    for u in manifest.get("units") or []:
+        fields = [u.get("ipc_indices"), u.get("classes")] if isinstance(u, dict) else [None]
+        if not all(isinstance(f, list) and f and all(type(i) is int for i in f) for f in fields):
+            raise ArtifactError(
+                f"unreadable run manifest {path}: a unit without its lists of IPC indices and classes ({str(u)[:60]}); "
+                "remove it and re-run recover"
+            )
+        units.append(Unit(*fields))
+    return units
+
+
+#: Fields of a unit's metadata that the assembled set records (cvdd writes them all; missing ones were edited away).
+_UNIT_FIELDS = ("unit", "records", "expert_accuracy", "seconds", "mean_abs_change")
+
+
 def _check_unit(out_dir: Path, unit: Unit, chash: str) -> tuple[str, dict[str, Any] | None]:
     """The unit's state (see :func:`_unit_state`) and its metadata when it could be read."""
     tensors_path, meta_path = _unit_paths(out_dir, unit)
@@ -737,6 +762,8 @@ def _check_unit(out_dir: Path, unit: Unit, chash: str) -> tuple[str, dict[str, A
     try:
         verify_checksum(tensors_path, meta)
     except ArtifactError:
+        return "corrupt", meta
+    if any(k not in meta for k in _UNIT_FIELDS):
         return "corrupt", meta
     return "done", meta
 
@@ -809,7 +836,7 @@ def recover_images(
             raise ArtifactError(
                 f"{out_dir} holds recover units made with another configuration ({MANIFEST}: config hash "
                 f"{old.get('config_hash')} != {chash}); choose another --out, remove that folder, or pass "
-                "--restart (cvdd recover) to discard them"
+                "--restart (cvdd recover, cvdd distill) to discard them"
             )
     dd.barrier()  # every rank has read the old manifest before rank 0 replaces it
 
@@ -826,11 +853,11 @@ def recover_images(
                 why = (
                     "another configuration"
                     if state == "other"
-                    else "a checksum mismatch (a tampered or truncated file)"
+                    else "a checksum mismatch or missing metadata fields (a tampered or truncated file)"
                 )
                 raise ArtifactError(
                     f"{out_dir} holds recover unit {unit.key} with {why}; choose another --out, remove that "
-                    "folder, or pass --restart (cvdd recover) to discard it"
+                    "folder, or pass --restart (cvdd recover, cvdd distill) to discard it"
                 )
             for f in _unit_paths(out_dir, unit):
                 f.unlink(missing_ok=True)
@@ -864,7 +891,13 @@ def recover_images(
         if obs_name not in committee.models:
             raise ConfigError(f"observer {obs_name!r} is not in the pool ({', '.join(plan.pool)})")
         observer = committee.models[obs_name]
-    init_cache: dict[int, torch.Tensor] = {}
+    # Initial images on disk, not in memory (see InitCache); the folder of another configuration is stale.
+    init_root = out_dir / INIT_DIR
+    if dd.is_main() and init_root.is_dir():
+        for stale in init_root.iterdir():
+            if stale.name != chash and shard.count == 1:
+                shutil.rmtree(stale, ignore_errors=True)
+    init_cache = InitCache(init_root / chash, _class_init(cfg, data, observer, seed, dev)) if data is not None else None
     total_iters = len(todo) * cfg.iterations
     bar = tqdm(
         total=total_iters,
@@ -875,7 +908,7 @@ def recover_images(
     )
     for unit in todo:
         t_unit = time.perf_counter()
-        x0 = _unit_init(unit, cfg, spec, data, observer, seed, dev, init_cache).float()
+        x0 = _unit_init(unit, cfg, spec, data, seed, dev, init_cache).float()
         targets = torch.tensor([c for _ in unit.ipc_indices for c in unit.classes], device=dev)
         gen = make_generator(derive_seed(seed, "recover", unit.ipc_indices[0], unit.classes[0]), dev)
         x, records = _optimise_unit(x0, targets, unit, plan, committee, cfg, spec, gen, dev, bar)
@@ -940,14 +973,14 @@ def merge_units(out: str | os.PathLike[str]) -> RecoverResult:
         raise ArtifactError(f"{out_dir} is not a recover run (no {MANIFEST}); give the --out of the recover shards")
     manifest = _read_manifest(manifest_path)
     check_kind(manifest, "recover-manifest", manifest_path)
-    units = [Unit(u["ipc_indices"], u["classes"]) for u in manifest["units"]]
+    units = manifest_units(manifest, manifest_path)
     states = {u.key: _unit_state(out_dir, u, manifest["config_hash"]) for u in units}
     bad = {k: v for k, v in states.items() if v != "done"}
     if bad:
         first = next(iter(bad))
         why = {
             "missing": "not finished",
-            "corrupt": "checksum mismatch (a tampered or truncated file)",
+            "corrupt": "checksum mismatch or missing metadata fields (a tampered or truncated file)",
             "other": "made with another configuration",
         }[bad[first]]
         raise ArtifactError(
@@ -961,7 +994,7 @@ def _assemble(out_dir: Path, manifest: dict[str, Any], units_run: int, seconds: 
     """Gather the finished units into one class-major synthetic set, its metadata and a PNG grid."""
     spec = DatasetSpec.from_dict(manifest["dataset"])
     chash = manifest["config_hash"]
-    units = [Unit(u["ipc_indices"], u["classes"]) for u in manifest["units"]]
+    units = manifest_units(manifest, out_dir / MANIFEST)
     c, ipc = spec.num_classes, int(manifest["ipc"])
     images = torch.zeros(c * ipc, 3, spec.image_size, spec.image_size)
     filled = torch.zeros(c * ipc, dtype=torch.bool)
@@ -973,7 +1006,7 @@ def _assemble(out_dir: Path, manifest: dict[str, Any], units_run: int, seconds: 
         for i, (k, cls) in enumerate((k, cls) for k in unit.ipc_indices for cls in unit.classes):
             images[cls * ipc + k] = tensors["images"][i]
             filled[cls * ipc + k] = True
-        unit_meta.append({k: meta[k] for k in ("unit", "records", "expert_accuracy", "seconds", "mean_abs_change")})
+        unit_meta.append({k: meta[k] for k in _UNIT_FIELDS})
         unit_meta[-1]["build"] = meta.get("build")
     if not bool(filled.all()):
         raise ArtifactError(f"{out_dir}: some units are missing; re-run recover to finish them")
@@ -996,6 +1029,7 @@ def _assemble(out_dir: Path, manifest: dict[str, Any], units_run: int, seconds: 
     )
     path = out_dir / "synthetic.safetensors"
     save_tensors(path, {"images": stored, "labels": labels}, meta)
+    shutil.rmtree(out_dir / INIT_DIR, ignore_errors=True)  # every unit is finished: no initial image is needed again
     save_grid(images, spec, ipc, out_dir / "grid.png")
     atomic_write_text(out_dir / "config.json", json.dumps({"recover": cfg, "seed": manifest["seed"]}, indent=1))
     return RecoverResult(path, images, labels, meta, units_run, seconds)
@@ -1018,6 +1052,7 @@ def save_grid(
     arr = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     tmp = temp_sibling(path)
     Image.fromarray(arr).save(tmp, format="PNG")
+    fsync_file(tmp)  # on disk before the rename (a crash leaves the old grid or the new one, never an empty file)
     os.replace(tmp, path)
 
 
