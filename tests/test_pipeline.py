@@ -125,6 +125,8 @@ def test_distill_cli_reuses_experts(tmp_path: Path, capsys: pytest.CaptureFixtur
         "--set",
         "epochs=1",  # a bare key: the evaluation recipe
         "--set",
+        "label_mode=stored",  # stored labels: --restart below must discard the changed set's labels too
+        "--set",
         "squeeze.epochs=2",
         "--set",
         "recover.iterations=3",
@@ -150,6 +152,8 @@ def test_distill_cli_reuses_experts(tmp_path: Path, capsys: pytest.CaptureFixtur
     # Another recover setting: the finished units are refused with the flag of this very command, and --restart
     # discards them (the experts stay: squeeze is not part of it).
     experts_stamp = next((tmp_path / "experts").glob("*.safetensors")).stat().st_mtime_ns
+    real_row = (tmp_path / "random-real" / "ipc1" / "row.json").stat().st_mtime_ns
+    labels_before = json.loads((tmp_path / "sre2l++" / "ipc1" / "labels" / "labels.json").read_text())
     changed = [a if a != "recover.iterations=3" else "recover.iterations=4" for a in args]
     assert main(changed) == 2
     err = capsys.readouterr().err
@@ -157,7 +161,11 @@ def test_distill_cli_reuses_experts(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main([*changed, "--restart", "--no-report"]) == 0
     synthetic = json.loads((tmp_path / "sre2l++" / "ipc1" / "synthetic.json").read_text())
     assert synthetic["config"]["iterations"] == 4
+    labels_after = json.loads((tmp_path / "sre2l++" / "ipc1" / "labels" / "labels.json").read_text())
+    assert labels_after["ident"]["data"] != labels_before["ident"]["data"]  # relabelled for the new images
+    # what still matches is kept: the experts and the random-real row
     assert next((tmp_path / "experts").glob("*.safetensors")).stat().st_mtime_ns == experts_stamp
+    assert (tmp_path / "random-real" / "ipc1" / "row.json").stat().st_mtime_ns == real_row
 
 
 @pytest.mark.slow
@@ -365,8 +373,16 @@ def test_finished_rows_are_keyed_on_the_teacher() -> None:
         assert _row_key(images, labels, cfg, ref=0.5, **kwargs) == old.hexdigest()[:24]
 
 
-def test_a_reused_row_takes_the_reference_of_this_run(tmp_path: Path, digits) -> None:
-    """Re-squeezing the reference student changes only the HLR column, not which evaluations are reused."""
+def test_a_reused_row_takes_the_reference_of_this_run(tmp_path: Path, digits, caplog, monkeypatch) -> None:
+    """A changed accuracy of the reference student (the student architecture's expert, squeezed on all the data)
+    changes only the HLR column: the finished evaluation is reused and saved again with the new HLR, under a key
+    that leaves the reference out (a row of an older cvdd, keyed on it, is reused while the reference is the one it
+    was made with, and re-keyed then)."""
+    import cvdd.pipeline as pipeline
+
+    keyed: list[tuple] = []  # the arguments of this cvdd's key, to build an older cvdd's key of the same row
+    real_key = pipeline._row_key
+    monkeypatch.setattr(pipeline, "_row_key", lambda *a, **k: (keyed.append(a) if not k else None) or real_key(*a, **k))
     kw = dict(
         methods=["random-real"],
         ipcs=[1],
@@ -377,18 +393,25 @@ def test_a_reused_row_takes_the_reference_of_this_run(tmp_path: Path, digits) ->
     )
     first = cvdd.distill(digits, tmp_path, **kw)[0]
     row_file = tmp_path / "random-real" / "ipc1" / "row.json"
-    stamp = row_file.stat().st_mtime_ns
     ref = json.loads((tmp_path / "config.json").read_text())["full_real_hard_acc"]
     assert first["hlr"] == pytest.approx(ref - first["hard_acc_mean"])
-    # another reference: the student architecture squeezed again (here: its metadata edited, as a rerun would)
     experts = (tmp_path / "experts").glob("*.json")
     (meta_path,) = [p for p in experts if json.loads(p.read_text())["arch"] == "convnet_d3_w32"]
-    meta = json.loads(meta_path.read_text())
-    meta["test_acc"] = ref - 0.25
-    meta_path.write_text(json.dumps(meta))
-    again = cvdd.distill(digits, tmp_path, **{**kw, "experts": tmp_path / "experts"})[0]
-    assert row_file.stat().st_mtime_ns == stamp and again["acc"] == first["acc"]
-    assert again["hlr"] == pytest.approx(ref - 0.25 - first["hard_acc_mean"])
+    saved = json.loads(row_file.read_text())
+    for shift in (0.25, 0.5, 0.75):
+        meta = json.loads(meta_path.read_text())
+        meta["test_acc"] = ref - shift  # the reference's accuracy as another squeeze of it measured it
+        meta_path.write_text(json.dumps(meta))
+        if shift == 0.5:  # a row an older cvdd finished with this reference: keyed on its accuracy, then re-keyed
+            old_key = real_key(*keyed[0], ref=ref - 0.5)
+            row_file.write_text(json.dumps({"key": old_key, "row": saved["row"]}))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="cvdd.pipeline"):
+            again = cvdd.distill(digits, tmp_path, **{**kw, "experts": tmp_path / "experts"})[0]
+        assert "reusing the finished evaluation" in caplog.text and again["acc"] == first["acc"]
+        assert again["hlr"] == pytest.approx(ref - shift - first["hard_acc_mean"])
+        on_disk = json.loads(row_file.read_text())
+        assert on_disk["key"] == saved["key"] and on_disk["row"]["hlr"] == again["hlr"]
 
 
 def test_one_seed_shows_no_spread() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from cvdd.data.sources import RealDataset, TensorSplit
 from cvdd.data.sources import load_dataset as _load_dataset
 from cvdd.distributed import Shard
-from cvdd.errors import ConfigError, CvddError
+from cvdd.errors import ConfigError, CvddError, DataError
 from cvdd.experts import Expert
 from cvdd.labels.bssl import build_teacher
 from cvdd.models import ModelInfo, count_parameters, create_model, forward_mflops, list_models, model_info
@@ -585,7 +585,13 @@ def _default_label_dir(synthetic: str | os.PathLike[str], ipc: int | None) -> Pa
     if os.fspath(synthetic) == "random-real":
         return Path("runs") / f"random-real-ipc{ipc}" / "labels"
     base = Path(synthetic)
-    return (base if base.is_dir() else base.parent) / "labels"
+    folder = base if base.is_dir() else base.parent
+    # An image folder of a dataset with a class named "labels" holds that class there: the labels go to a hidden
+    # folder instead, which the folder reader skips (written into the class, they would hide it from the reader).
+    taken = folder / "labels"
+    if taken.is_dir() and not (taken / "labels.json").is_file() and any(taken.iterdir()):
+        return folder / ".labels"
+    return taken
 
 
 def distill(
@@ -839,7 +845,7 @@ def info(artifact: str | os.PathLike[str]) -> dict[str, Any]:
             p / "labels" / "labels.json",
         ]
     )
-    if p.is_dir() and not any(c.is_file() for c in candidates):
+    if p.is_dir() and not any(c.is_file() for c in candidates[:-1]):
         experts_found = [
             m for m in sorted(p.glob("*.json")) if '"kind": "expert"' in m.read_text(errors="replace")[:200]
         ]
@@ -847,7 +853,13 @@ def info(artifact: str | os.PathLike[str]) -> dict[str, Any]:
             return {"kind": "experts folder", "path": str(p), "experts": [m.stem for m in experts_found]}
         from cvdd.data.external import describe_external_set
 
-        return describe_external_set(p)  # an exported or the user's image folder (a one-line error otherwise)
+        # An exported or the user's image folder (its labels/, when evaluated with stored labels, is not a class),
+        # else the labels/ of a folder that holds only them (random-real's), else a one-line error.
+        try:
+            return describe_external_set(p)
+        except DataError:
+            if not candidates[-1].is_file():
+                raise
     meta_path = next((c for c in candidates if c.is_file()), None)
     if meta_path is None:
         raise ArtifactError(f"no cvdd artifact found at {p}")

@@ -290,8 +290,17 @@ def distill(
             s["row"] = _cached_row(s["run_dir"] / "row.json", [s["key"], *legacy])
             if s["row"] is not None:
                 # HLR is the only field of a row that the reference student sets: it follows this run's reference
-                # (squeezed again, the reference changes no evaluation, so the row's key leaves it out).
-                s["row"]["hlr"] = full_real_hard - s["row"]["hard_acc_mean"]
+                # (squeezed again, the reference changes no evaluation, so the row's key leaves it out). The row is
+                # saved again under this cvdd's key, which a later change of the reference still matches.
+                hlr = full_real_hard - s["row"]["hard_acc_mean"]
+                if (
+                    s["row"]["hlr"] != hlr or _cached_row(s["run_dir"] / "row.json", [s["key"]]) is None
+                ) and dd.is_main():
+                    s["row"]["hlr"] = hlr
+                    atomic_write_text(
+                        s["run_dir"] / "row.json", json.dumps({"key": s["key"], "row": s["row"]}, indent=1)
+                    )
+                s["row"]["hlr"] = hlr
                 log.info(
                     "%s ipc %d: reusing the finished evaluation in %s", s["method"], ipc, s["run_dir"] / "row.json"
                 )

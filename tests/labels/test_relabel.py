@@ -315,21 +315,44 @@ def test_restart_discards_labels_of_another_set_and_keeps_matching_ones(tmp_path
     settings = LabelSettings(epochs=2, batch_size=8, micro_batch=4, seed=11)
     teacher = Teacher([_expert(0)], [1.0], group_size=4)
     relabel_stored(images, labels, SPEC, teacher, settings, tmp_path, progress=False)
+    before = [load_file(str(tmp_path / f"epoch_{e:04d}.safetensors")) for e in range(2)]
     kept = (tmp_path / "epoch_0000.safetensors").stat().st_mtime_ns
     # restart on matching labels: nothing is discarded (finished work is kept)
     relabel_stored(images, labels, SPEC, teacher, settings, tmp_path, progress=False, restart=True)
     assert (tmp_path / "epoch_0000.safetensors").stat().st_mtime_ns == kept
-    other = images.clone()
-    other[0, 0, 0, 0] += 0.5
-    with pytest.raises(ArtifactError, match=r"or pass --restart \(cvdd relabel, cvdd distill\)"):
+    other = 1 - images  # every pixel differs: no crop of the old epochs can match the new set's logits
+    with pytest.raises(ArtifactError, match=r"relabel it there with `cvdd relabel \.\.\. --out DIR --restart`"):
         relabel_stored(other, labels, SPEC, teacher, settings, tmp_path, progress=False)
     info = relabel_stored(other, labels, SPEC, teacher, settings, tmp_path, progress=False, restart=True)
-    assert info["files"] == 2 and (tmp_path / "epoch_0000.safetensors").stat().st_mtime_ns != kept
+    assert info["files"] == 2
     fresh = tmp_path.parent / "fresh"
     relabel_stored(other, labels, SPEC, teacher, settings, fresh, progress=False)
-    for e in range(2):  # the restarted folder holds exactly the labels of a fresh one
+    for e in range(2):  # the restarted folder holds exactly the labels of a fresh one, not the old epochs
         a = load_file(str(tmp_path / f"epoch_{e:04d}.safetensors"))
         b = load_file(str(fresh / f"epoch_{e:04d}.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert not torch.equal(_logits_of(a), _logits_of(before[e]))
     # the description now names the new set: a plain rerun accepts it
     relabel_stored(other, labels, SPEC, teacher, settings, tmp_path, progress=False)
+
+
+def _logits_of(shard: dict[str, torch.Tensor]) -> torch.Tensor:
+    return shard["logits"] if "logits" in shard else shard["topk_values"]
+
+
+def test_label_epochs_without_a_description_or_with_an_unreadable_one_are_not_reused(tmp_path: Path) -> None:
+    images, labels = _toy_set()
+    settings = LabelSettings(epochs=1, batch_size=8, micro_batch=4, seed=11)
+    teacher = Teacher([_expert(0)], [1.0], group_size=4)
+    relabel_stored(images, labels, SPEC, teacher, settings, tmp_path / "ref", progress=False)
+    ref = load_file(str(tmp_path / "ref" / "epoch_0000.safetensors"))
+    relabel_stored(1 - images, labels, SPEC, teacher, settings, tmp_path / "x", progress=False)
+    (tmp_path / "x" / "labels.json").unlink()  # epochs of unknown origin: relabel writes its description first
+    relabel_stored(images, labels, SPEC, teacher, settings, tmp_path / "x", progress=False)
+    got = load_file(str(tmp_path / "x" / "epoch_0000.safetensors"))
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    (tmp_path / "x" / "labels.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match=r"holds an unreadable labels\.json"):
+        relabel_stored(images, labels, SPEC, teacher, settings, tmp_path / "x", progress=False)
+    relabel_stored(images, labels, SPEC, teacher, settings, tmp_path / "x", progress=False, restart=True)
+    assert all(torch.equal(load_file(str(tmp_path / "x" / "epoch_0000.safetensors"))[k], ref[k]) for k in ref)

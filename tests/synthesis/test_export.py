@@ -207,6 +207,30 @@ def test_cli_evaluate_reads_a_folder_and_reports_wrong_classes(
     assert len(err.splitlines()) == 1 and "unknown: ['three']; missing: ['3']" in err
 
 
+def test_default_label_folder_of_a_dataset_with_a_class_named_labels(tmp_path: Path) -> None:
+    """A class folder named ``labels`` is a class: stored labels go to ``.labels`` (hidden from the reader)."""
+    from PIL import Image
+
+    from cvdd.api import _default_label_dir
+
+    spec = DatasetSpec("toy", ("labels", "other"), 8, (0.5,) * 3, (0.5,) * 3)
+    root = tmp_path / "set"
+    for cls in spec.classes:
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / cls / "0.png")
+    assert _default_label_dir(root, None) == root / ".labels"
+    (root / ".labels").mkdir()
+    (root / ".labels" / "labels.json").write_text("{}")
+    _, labels = load_image_folder(root, spec)  # the labels folder is not read as a class
+    assert labels.tolist() == [0, 1]
+    plain = tmp_path / "plain"
+    (plain / "cat").mkdir(parents=True)
+    assert _default_label_dir(plain, None) == plain / "labels"
+    (plain / "labels").mkdir()
+    (plain / "labels" / "labels.json").write_text("{}")  # labels already stored there: still that folder
+    assert _default_label_dir(plain, None) == plain / "labels"
+
+
 @pytest.mark.parametrize(
     ("classes", "labels", "message"),
     [

@@ -79,3 +79,24 @@ def test_gaussian_init_is_seeded() -> None:
     a = gaussian_init(2, 8, 0, "k", 1)
     assert a.shape == (2, 3, 8, 8) and torch.equal(a, gaussian_init(2, 8, 0, "k", 1))
     assert not torch.equal(a, gaussian_init(2, 8, 0, "k", 2))
+
+
+def test_init_cache_first_writer_wins_and_a_failed_write_only_costs_speed(tmp_path: Path, caplog) -> None:
+    from cvdd.synthesis.init import InitCache
+
+    def version(value: int):
+        return lambda c: torch.full((3, 3, 4, 4), value + c, dtype=torch.uint8)
+
+    first = InitCache(tmp_path / "cache", version(10))
+    late = InitCache(tmp_path / "cache", version(50))  # a rank whose arithmetic gave other pixels
+    assert int(first.get(1, 0)[0, 0, 0]) == 11
+    assert int(late.get(1, 2)[0, 0, 0]) == 11  # it reads the first writer's file, not its own version
+    # a writer that made the class at the same time, but published second, uses the first one's file too
+    lost_race = InitCache(tmp_path / "cache", lambda c: (first.get(c, 0), version(50)(c))[1])
+    assert int(lost_race.get(2, 1)[0, 0, 0]) == 12
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["class_00001.npy", "class_00002.npy"]
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the folder should be")  # the folder cannot be made: nothing is written
+    cache = InitCache(blocked, version(0))
+    assert int(cache.get(3, 1)[0, 0, 0]) == 3 and int(cache.get(4, 0)[0, 0, 0]) == 4
+    assert caplog.text.count("initial images not kept") == 1

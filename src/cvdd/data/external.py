@@ -169,7 +169,10 @@ def describe_external_set(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise
     except Exception as exc:  # a truncated zip, a missing member or header field: not an export cvdd can read
         raise DataError(f"{p} is not a readable cvdd export: {str(exc).splitlines()[0]}") from None
-    per_class = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise DataError(f"{p}: labels outside 0..{len(classes) - 1}")
+    per_class = np.bincount(labels, minlength=len(classes))
     return _description(kind, p, dataset, dict(zip(classes, per_class.tolist())), size)
 
 

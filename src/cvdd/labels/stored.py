@@ -25,6 +25,7 @@ from cvdd.artifacts import (
     distinct_builds,
     fsync_file,
     other_builds,
+    read_json_object,
     temp_sibling,
     tensor_digest,
 )
@@ -145,14 +146,21 @@ def relabel_stored(
     reused: list[dict[str, str] | None] = []  # the builds that made the epochs already on disk
     keys: list[str] = []  # what differs from the labels already in the folder
     if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        keys = _differing(old.get("ident") or {}, ident)
+        try:
+            keys = _differing(read_json_object(meta_path, "label description").get("ident") or {}, ident)
+        except ArtifactError:
+            keys = ["unreadable"]
         if keys and not restart:
             what = {"settings": "label settings (seed, epochs, crops, CutMix...)", "teacher": "teacher"}
             differ = sorted({what.get(k, "synthetic set") for k in keys})
+            held = (
+                "an unreadable labels.json"
+                if keys == ["unreadable"]
+                else f"labels made for another {' and '.join(differ)}"
+            )
             raise ArtifactError(
-                f"{out_dir} holds labels made for another {' and '.join(differ)}; choose another folder, remove "
-                "that one, or pass --restart (cvdd relabel, cvdd distill) to discard them"
+                f"{out_dir} holds {held}; choose another folder, remove that one, or relabel it there with "
+                "`cvdd relabel ... --out DIR --restart` (in a distill run: `cvdd distill --restart`)"
             )
     if meta_path.is_file() and not keys:
         reused = [
@@ -162,10 +170,13 @@ def relabel_stored(
         if mixed and dd.is_main():
             log.warning("%s; remove the folder to relabel every epoch with this build", mixed)
     elif dd.is_main():
-        if keys:  # restart: the epochs of the other labels go before the new description is written
-            log.info("%s: discarding labels made for another set, teacher or settings (--restart)", out_dir)
-            for stale in out_dir.glob("epoch_*.safetensors"):
-                stale.unlink(missing_ok=True)
+        # A new description: epochs already in the folder belong to other labels (restart), or to none that can be
+        # named (relabel writes its description before any epoch), and go first.
+        stale = sorted(out_dir.glob("epoch_*.safetensors"))
+        if stale:
+            log.info("%s: discarding %d label epochs made for other labels", out_dir, len(stale))
+        for path in stale:
+            path.unlink(missing_ok=True)
         atomic_write_text(meta_path, json.dumps({"ident": ident, "complete": False}, indent=1))
     dd.barrier()
     device = images.device

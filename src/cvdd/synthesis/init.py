@@ -6,7 +6,6 @@ units, so a resumed or sharded recover starts each image from the same pixels.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Callable
@@ -170,22 +169,54 @@ class InitCache:
         """
         self.folder = Path(folder)
         self.make = make
+        self._warned = False
 
     def get(self, cls: int, k: int) -> torch.Tensor:
-        """IPC index ``k`` of class ``cls``: uint8 (3, S, S), made (and written) on the class's first use."""
-        from cvdd.artifacts import atomic_write_bytes
+        """IPC index ``k`` of class ``cls``: uint8 (3, S, S), made (and written) on the class's first use.
 
+        The first file written wins and every visit reads it, the first included: ranks or shards that make the
+        same class at once (on devices whose arithmetic may differ in the last bit) all start from one version.
+        A file that cannot be written (a full disk, a read-only folder) only costs speed: the class is made again
+        at its next visit, with the same seeds.
+        """
         path = self.folder / f"class_{cls:05d}.npy"
         try:
-            return torch.from_numpy(np.array(np.load(path, mmap_mode="r")[k]))
+            return self._read(path, k)
         except (OSError, ValueError, IndexError):  # not made yet (or unreadable: made again, the same pixels)
             pass
         images = self.make(cls)
-        buf = io.BytesIO()
-        np.save(buf, images.contiguous().numpy())
+        try:
+            self._publish(path, images)
+            return self._read(path, k)
+        except (OSError, ValueError, IndexError) as exc:
+            if not self._warned:
+                log.warning("initial images not kept in %s (%s): each class is made again at each visit", path, exc)
+                self._warned = True
+            return images[k].clone()
+
+    @staticmethod
+    def _read(path: Path, k: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(np.load(path, mmap_mode="r")[k]))
+
+    def _publish(self, path: Path, images: torch.Tensor) -> None:
+        """Write the class file unless one exists: a complete temporary file, then a hard link to the final name,
+        which fails when another writer was first (a rename would replace its file)."""
+        from cvdd.artifacts import fsync_file, temp_sibling
+
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, buf.getvalue())  # shards making the same class write the same bytes
-        return images[k].clone()
+        tmp = temp_sibling(path)
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, images.contiguous().numpy())
+            fsync_file(tmp)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another rank or shard was first: its file is the class's
+            except OSError:  # a filesystem without hard links: a rename (the last writer wins there)
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def gaussian_init(n: int, size: int, seed: int, *keys: int | str) -> torch.Tensor:

@@ -891,11 +891,13 @@ def recover_images(
         if obs_name not in committee.models:
             raise ConfigError(f"observer {obs_name!r} is not in the pool ({', '.join(plan.pool)})")
         observer = committee.models[obs_name]
-    # Initial images on disk, not in memory (see InitCache); the folder of another configuration is stale.
+    # Initial images on disk, not in memory (see InitCache); the folder of another configuration is stale. One
+    # process (or torchrun's rank 0, whose ranks share this configuration) sweeps; independent shards leave it to
+    # the assembly, since a shard cannot know that the others run this configuration too.
     init_root = out_dir / INIT_DIR
-    if dd.is_main() and init_root.is_dir():
+    if dd.is_main() and (dd.active() or shard.count == 1) and init_root.is_dir():
         for stale in init_root.iterdir():
-            if stale.name != chash and shard.count == 1:
+            if stale.name != chash:
                 shutil.rmtree(stale, ignore_errors=True)
     init_cache = InitCache(init_root / chash, _class_init(cfg, data, observer, seed, dev)) if data is not None else None
     total_iters = len(todo) * cfg.iterations
