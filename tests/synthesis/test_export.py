@@ -268,6 +268,9 @@ def test_info_describes_every_export_from_headers(uint8_set: Path, tmp_path: Pat
         export(uint8_set, tmp_path / fmt, format=fmt)
         got = info(dest)
         assert got == {"kind": kind, "path": str(dest), "dataset": dataset, **expected}, (fmt, got)
+    (tmp_path / "png" / "labels").mkdir()  # stored labels beside the images (evaluate --labels stored): not a class
+    (tmp_path / "png" / "labels" / "labels.json").write_text("{}")
+    assert info(tmp_path / "png")["kind"] == "image folder"
     (tmp_path / "png" / "3" / "3_0001.png").unlink()  # an uneven folder says so
     assert info(tmp_path / "png")["ipc"] == f"{IPC - 1}-{IPC}"
     assert main(["info", str(tmp_path / "npz" / "images.npz"), "-q"]) == 0
