@@ -36,6 +36,9 @@ def test_squeeze_digits_reaches_90_percent_and_writes_metadata(digits, tmp_path:
 
     again = cvdd.squeeze(digits, archs=["convnet_d3_w32"], out=tmp_path, progress=False)
     assert again[0].skipped and again[0].test_acc == r.test_acc
+    # scoring the test split more often changes no weight: the finished expert is still the one asked for
+    watched = cvdd.squeeze(digits, archs=["convnet_d3_w32"], out=tmp_path, overrides={"eval_every": 3}, progress=False)
+    assert watched[0].skipped
 
     before = (tmp_path / "convnet_d3_w32.safetensors").read_bytes()
     with pytest.raises(ArtifactError, match="another dataset, image size, normalisation, recipe or seed"):

@@ -82,6 +82,21 @@ def _weights_intact(weights: Path, meta: dict[str, Any]) -> bool:
     return True
 
 
+def _same_training(saved: Any, recipe: dict[str, Any]) -> bool:
+    """Whether an expert's recorded recipe trains the same weights as ``recipe``.
+
+    ``eval_every`` (how often the test split is scored) is left out: scoring runs in eval mode on the test split,
+    and the global RNG is seeded again at each epoch's start, so no draw of training depends on it (a user who
+    turns it on to watch a run does not retrain finished experts). ``workers`` stays: with a streamed dataset
+    the workers' random crops depend on how many there are.
+    """
+    if not isinstance(saved, dict):
+        return False
+    return {k: v for k, v in saved.items() if k != "eval_every"} == {
+        k: v for k, v in recipe.items() if k != "eval_every"
+    }
+
+
 def squeeze_experts(
     data: RealDataset,
     archs: list[str],
@@ -114,7 +129,7 @@ def squeeze_experts(
                 meta.get("dataset_fingerprint") == data.fingerprint
                 and made_for is not None
                 and DatasetSpec.from_dict(made_for).input_key() == data.spec.input_key()
-                and meta.get("recipe") == recipe_dict
+                and _same_training(meta.get("recipe"), recipe_dict)
                 and meta.get("seed") == seed
                 and meta.get("arch") == arch
             )

@@ -314,3 +314,16 @@ def test_fit_hands_the_callers_global_rng_back(digits) -> None:
     before = torch.get_rng_state()
     fit(model, digits.train, None, _recipe(1), spec=digits.spec, device=CPU, seed=7, progress=False)
     assert torch.equal(torch.get_rng_state(), before)  # reseeded per epoch inside, restored on return
+
+
+def test_scoring_the_test_split_during_training_changes_no_weight(digits) -> None:
+    """``eval_every`` is left out of an expert's reuse check (cvdd.squeezing._same_training): it must not move a
+    weight, even with dropout drawing from the global RNG (seeded again at every epoch)."""
+    weights = []
+    for eval_every in (0, 1):
+        recipe = _recipe(2)
+        recipe.eval_every = eval_every
+        model = _dropout_net()
+        fit(model, digits.train, digits.test, recipe, spec=digits.spec, device=CPU, seed=3, progress=False)
+        weights.append(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(weights[0].values(), weights[1].values()))

@@ -97,6 +97,8 @@ def test_init_cache_first_writer_wins_and_a_failed_write_only_costs_speed(tmp_pa
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["class_00001.npy", "class_00002.npy"]
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the folder should be")  # the folder cannot be made: nothing is written
-    cache = InitCache(blocked, version(0))
+    made = []
+    cache = InitCache(blocked, lambda c: made.append(c) or version(0)(c))
     assert int(cache.get(3, 1)[0, 0, 0]) == 3 and int(cache.get(4, 0)[0, 0, 0]) == 4
-    assert caplog.text.count("initial images not kept") == 1
+    assert int(cache.get(3, 2)[0, 0, 0]) == 3 and made == [3, 4]  # kept in memory: made once each
+    assert caplog.text.count("initial images not written") == 1

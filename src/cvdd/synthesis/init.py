@@ -169,16 +169,18 @@ class InitCache:
         """
         self.folder = Path(folder)
         self.make = make
-        self._warned = False
+        self._memory: dict[int, torch.Tensor] = {}  # classes whose file could not be written
 
     def get(self, cls: int, k: int) -> torch.Tensor:
         """IPC index ``k`` of class ``cls``: uint8 (3, S, S), made (and written) on the class's first use.
 
         The first file written wins and every visit reads it, the first included: ranks or shards that make the
         same class at once (on devices whose arithmetic may differ in the last bit) all start from one version.
-        A file that cannot be written (a full disk, a read-only folder) only costs speed: the class is made again
-        at its next visit, with the same seeds.
+        A file that cannot be written (a full disk, a read-only folder) does not stop the run: that class stays in
+        memory instead, as before this store existed.
         """
+        if cls in self._memory:
+            return self._memory[cls][k].clone()
         path = self.folder / f"class_{cls:05d}.npy"
         try:
             return self._read(path, k)
@@ -189,9 +191,9 @@ class InitCache:
             self._publish(path, images)
             return self._read(path, k)
         except (OSError, ValueError, IndexError) as exc:
-            if not self._warned:
-                log.warning("initial images not kept in %s (%s): each class is made again at each visit", path, exc)
-                self._warned = True
+            if not self._memory:
+                log.warning("initial images not written to %s (%s): kept in memory instead", self.folder, exc)
+            self._memory[cls] = images
             return images[k].clone()
 
     @staticmethod
