@@ -274,6 +274,9 @@ def test_info_describes_every_export_from_headers(uint8_set: Path, tmp_path: Pat
     (tmp_path / "png" / "3" / "3_0001.png").unlink()  # an uneven folder says so
     assert info(tmp_path / "png")["ipc"] == f"{IPC - 1}-{IPC}"
     assert main(["info", str(tmp_path / "npz" / "images.npz"), "-q"]) == 0
+    (tmp_path / "png" / "train").mkdir()  # a class named "train" beside the others: not the HF nesting
+    (tmp_path / "png" / "train" / "x.png").write_bytes((tmp_path / "png" / "3" / "3_0000.png").read_bytes())
+    assert info(tmp_path / "png")["classes"] == 11
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="holds no class sub-folders of images"):
