@@ -71,8 +71,8 @@ def _same_tensors(a: Path, b: Path) -> None:
 def test_recover_killed_repeatedly_resumes_to_identical_images(
     fork_server: ForkServer, digit_experts: Path, tmp_path: Path
 ) -> None:
-    args = ["--experts", str(digit_experts), "--ipc", "3", "--iterations", "20", "--init", "real"]
-    args += ["--set", "ipc_per_block=1", "--set", "classes_per_block=2"]  # 15 units of 0.2-0.6 s
+    args = ["--experts", str(digit_experts), "--ipc", "3", "--iterations", "12", "--init", "real"]
+    args += ["--set", "ipc_per_block=1", "--set", "classes_per_block=2"]  # 15 units of 0.1-0.4 s
     _finish(fork_server, ["recover", *args, "--out", str(tmp_path / "ref")])
     out = tmp_path / "killed"
     cmd = ["recover", *args, "--out", str(out)]

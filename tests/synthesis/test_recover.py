@@ -208,6 +208,18 @@ def test_export_png_and_jpeg(digit_experts: Path, digits, tmp_path: Path) -> Non
     assert len(list((tmp_path / "jpg").rglob("*.jpg"))) == 10
 
 
+def test_a_uint8_set_returns_the_pixels_it_stores(digit_experts: Path, digits, tmp_path: Path) -> None:
+    """store=uint8: recover returns the quantised pixels, as a rerun and every torchrun rank read them from disk,
+    and quantising unit by unit gives the pixels of quantising the float set."""
+    floats = _recover(digit_experts, tmp_path / "f", digits, ipc=2, overrides={"init": "real"})
+    q = _recover(digit_experts, tmp_path / "q", digits, ipc=2, overrides={"init": "real", "store": "uint8"})
+    images, _, _ = load_synthetic(tmp_path / "q")
+    assert torch.equal(q.images, images) and q.images.dtype == torch.float32
+    assert torch.equal(q.images, (floats.images * 255).round() / 255)
+    again = _recover(digit_experts, tmp_path / "q", digits, ipc=2, overrides={"init": "real", "store": "uint8"})
+    assert again.units_run == 0 and torch.equal(again.images, q.images)
+
+
 def test_recover_on_a_cifar_slice(cifar_slice: Path, tmp_path: Path) -> None:
     experts = tmp_path / "experts"
     cvdd.squeeze(

@@ -319,8 +319,8 @@ class RecoverResult:
 
     Attributes:
         path: ``synthetic.safetensors`` (None while other shards of a job array still have units to finish).
-        images: float32 (C * IPC, 3, S, S) in [0, 1], class-major (all IPC indices of class 0 first); empty
-            when ``path`` is None.
+        images: float32 (C * IPC, 3, S, S) in [0, 1], class-major (all IPC indices of class 0 first): the pixels
+            the file holds (with ``store=uint8`` multiples of 1/255); empty when ``path`` is None.
         labels: int64 (C * IPC,).
         meta: the metadata written beside the tensors (the run manifest when ``path`` is None).
         units_run: units optimised by this call (the others were already finished).
@@ -998,23 +998,31 @@ def _assemble(out_dir: Path, manifest: dict[str, Any], units_run: int, seconds: 
     chash = manifest["config_hash"]
     units = manifest_units(manifest, out_dir / MANIFEST)
     c, ipc = spec.num_classes, int(manifest["ipc"])
-    images = torch.zeros(c * ipc, 3, spec.image_size, spec.image_size)
+    cfg = manifest["config"]
+    # A uint8 set is quantised unit by unit into its final tensor: no float32 copy of the whole set (30 GB at
+    # ImageNet-1K IPC 50) exists besides the one returned.
+    uint8 = cfg["store"] == "uint8"
+    images = torch.zeros(c * ipc, 3, spec.image_size, spec.image_size, dtype=torch.uint8 if uint8 else torch.float32)
     filled = torch.zeros(c * ipc, dtype=torch.bool)
     unit_meta = []
     for unit in units:
         tensors, meta = load_tensors(_unit_paths(out_dir, unit)[0])
         if meta.get("config_hash") != chash:
             raise ArtifactError(f"unit {unit.key} in {out_dir} was made with another configuration")
+        pixels = (tensors["images"] * 255).round().to(torch.uint8) if uint8 else tensors["images"]
         for i, (k, cls) in enumerate((k, cls) for k in unit.ipc_indices for cls in unit.classes):
-            images[cls * ipc + k] = tensors["images"][i]
+            images[cls * ipc + k] = pixels[i]
             filled[cls * ipc + k] = True
         unit_meta.append({k: meta[k] for k in _UNIT_FIELDS})
         unit_meta[-1]["build"] = meta.get("build")
     if not bool(filled.all()):
         raise ArtifactError(f"{out_dir}: some units are missing; re-run recover to finish them")
     labels = torch.arange(c).repeat_interleave(ipc)
-    cfg = manifest["config"]
-    stored = (images * 255).round().to(torch.uint8) if cfg["store"] == "uint8" else images
+    stored = images
+    # The images returned are the stored ones (quantised for uint8), as `load_synthetic` and every other rank of
+    # a torchrun job read them: the float pixels before quantisation made rank 0 evaluate other images, and a
+    # rerun (which reads the file) evaluate other images than the first run.
+    images = stored.float().div_(255) if uint8 else stored
     meta = base_metadata(SYNTHETIC_KIND, spec)
     skip = ("kind", "units", "dataset", "cvdd_version", "torch_version", "build", "created")
     meta.update({k: v for k, v in manifest.items() if k not in skip})
