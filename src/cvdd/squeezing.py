@@ -85,9 +85,11 @@ def _weights_intact(weights: Path, meta: dict[str, Any]) -> bool:
 def _same_training(saved: Any, recipe: dict[str, Any]) -> bool:
     """Whether an expert's recorded recipe trains the same weights as ``recipe``.
 
-    ``eval_every`` (how often the test split is scored) is left out: scoring runs in eval mode on the test split,
-    and the global RNG is seeded again at each epoch's start, so no draw of training depends on it (a user who
-    turns it on to watch a run does not retrain finished experts). ``workers`` stays: with a streamed dataset
+    ``eval_every`` (how often the test split is scored) is left out: scoring runs in eval mode, a streamed test
+    split's loader draws from its own generator, and the global RNG is seeded again at each epoch's start, so no
+    draw of training depends on it (tests/engine/test_loop.py checks the weights bit-identical on an in-memory
+    split); a user who turns it on to watch a run does not retrain finished experts. A resume checkpoint still
+    counts it (``recipe_hash``). ``workers`` stays: with a streamed dataset
     the workers' random crops depend on how many there are.
     """
     if not isinstance(saved, dict):

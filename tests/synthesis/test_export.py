@@ -274,7 +274,10 @@ def test_info_describes_every_export_from_headers(uint8_set: Path, tmp_path: Pat
     (tmp_path / "png" / "3" / "3_0001.png").unlink()  # an uneven folder says so
     assert info(tmp_path / "png")["ipc"] == f"{IPC - 1}-{IPC}"
     assert main(["info", str(tmp_path / "npz" / "images.npz"), "-q"]) == 0
-    (tmp_path / "png" / "train").mkdir()  # a class named "train" beside the others: not the HF nesting
+    hf = tmp_path / "hf"
+    (hf / "test" / "0").mkdir(parents=True)  # a test split beside the HF train/: still the nesting
+    assert info(hf)["classes"] == 10 and info(hf)["images"] == 10 * IPC
+    (tmp_path / "png" / "train").mkdir()  # a class named "train" (images of its own): not the HF nesting
     (tmp_path / "png" / "train" / "x.png").write_bytes((tmp_path / "png" / "3" / "3_0000.png").read_bytes())
     assert info(tmp_path / "png")["classes"] == 11
     (tmp_path / "junk").mkdir()

@@ -81,7 +81,7 @@ def test_gaussian_init_is_seeded() -> None:
     assert not torch.equal(a, gaussian_init(2, 8, 0, "k", 2))
 
 
-def test_init_cache_first_writer_wins_and_a_failed_write_only_costs_speed(tmp_path: Path, caplog) -> None:
+def test_init_cache_first_writer_wins_and_a_class_it_cannot_write_stays_in_memory(tmp_path: Path, caplog) -> None:
     from cvdd.synthesis.init import InitCache
 
     def version(value: int):

@@ -133,11 +133,13 @@ def describe_external_set(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     p = Path(path)
     if p.is_dir():
-        # The Hugging Face layout nests the classes under train/; a folder with other class folders beside a
-        # train/ one holds a class named "train" (the reader decides it from the dataset's classes).
-        beside = [e for e in os.scandir(p) if e.is_dir() and not e.name.startswith(".") and e.name != "train"]
-        nested = (p / "train").is_dir() and not any(not (Path(e.path) / "labels.json").is_file() for e in beside)
-        root = p / "train" if nested else p
+        # The Hugging Face layout nests the classes under train/ (beside which test/ or validation/ may sit); a
+        # train/ holding images itself is a class named "train" (the reader decides it from the dataset's classes).
+        train = p / "train"
+        entries = list(os.scandir(train)) if train.is_dir() else []
+        own_images = any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries)
+        nested = any(e.is_dir() for e in entries) and not own_images
+        root = train if nested else p
         counts: dict[str, int] = {}
         first: Path | None = None
         for e in sorted(os.scandir(root), key=lambda e: e.name):
