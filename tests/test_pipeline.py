@@ -349,15 +349,17 @@ def test_method_overrides_make_sre2l_one_expert_under_any_committee_policy() -> 
 
 def test_finished_rows_are_keyed_on_the_teacher() -> None:
     from cvdd.evaluation.student import EvalConfig
-    from cvdd.pipeline import _row_key
+    from cvdd.pipeline import _data_digest, _row_key
 
     images, labels, cfg = torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]), EvalConfig()
     teacher = {"experts": ["a"], "weights": [1.0], "bssl": True, "group_size": 8, "files": ["0123"]}
-    key = _row_key(images, labels, cfg, teacher)
-    assert key == _row_key(images.clone(), labels, cfg, dict(teacher))
-    assert key != _row_key(images, labels, cfg, {**teacher, "files": ["4567"]})  # experts squeezed again
-    assert key != _row_key(images, labels, cfg, {**teacher, "weights": [0.9]})  # a prior measured since
-    assert key != _row_key(images + 1, labels, cfg, teacher)
+    data = _data_digest(images, labels)
+    key = _row_key(data, cfg, teacher)
+    assert key == _row_key(_data_digest(images.clone(), labels), cfg, dict(teacher))
+    assert key == _row_key(data, cfg, teacher)  # the digest is not consumed by a key
+    assert key != _row_key(data, cfg, {**teacher, "files": ["4567"]})  # experts squeezed again
+    assert key != _row_key(data, cfg, {**teacher, "weights": [0.9]})  # a prior measured since
+    assert key != _row_key(_data_digest(images + 1, labels), cfg, teacher)
     # Rows finished by an older cvdd are still found: keyed on the reference student's accuracy too (its HLR is now
     # recomputed on reuse), or without the teacher, with the experts' names.
     import hashlib
@@ -369,7 +371,7 @@ def test_finished_rows_are_keyed_on_the_teacher() -> None:
     ):
         old = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes())
         old.update(_json.dumps({"cfg": cfg.identity(), "ref": 0.5, **who}, sort_keys=True).encode())
-        assert _row_key(images, labels, cfg, ref=0.5, **kwargs) == old.hexdigest()[:24]
+        assert _row_key(data, cfg, ref=0.5, **kwargs) == old.hexdigest()[:24]
 
 
 def test_a_reused_row_takes_the_reference_of_this_run(

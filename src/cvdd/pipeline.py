@@ -282,25 +282,24 @@ def distill(
         for s in made:
             # A finished evaluation of the very same images under the very same recipe is reused, so a killed
             # distill resumes without retraining students (recover and relabel resume on their own).
-            s["key"] = _row_key(s["images"], s["labels"], cfg, teacher.describe())
+            digest = _data_digest(s["images"], s["labels"])  # the pixels are hashed once for every key below
+            s["key"] = _row_key(digest, cfg, teacher.describe())
             legacy = [  # keys of older cvdd, whose rows stay valid (finished work is kept)
-                _row_key(s["images"], s["labels"], cfg, teacher.describe(), ref=full_real_hard),
-                _row_key(s["images"], s["labels"], cfg, None, ref=full_real_hard, experts=[r.name for r in squeezed]),
+                _row_key(digest, cfg, teacher.describe(), ref=full_real_hard),
+                _row_key(digest, cfg, None, ref=full_real_hard, experts=[r.name for r in squeezed]),
             ]
-            s["row"] = _cached_row(s["run_dir"] / "row.json", [s["key"], *legacy])
+            s["row"], saved_key = _cached_row(s["run_dir"] / "row.json", [s["key"], *legacy])
             if s["row"] is not None:
                 # HLR is the only field of a row that the reference student sets: it follows this run's reference
                 # (squeezed again, the reference changes no evaluation, so the row's key leaves it out). The row is
                 # saved again under this cvdd's key, which a later change of the reference still matches.
                 hlr = full_real_hard - s["row"]["hard_acc_mean"]
-                if (
-                    s["row"]["hlr"] != hlr or _cached_row(s["run_dir"] / "row.json", [s["key"]]) is None
-                ) and dd.is_main():
-                    s["row"]["hlr"] = hlr
+                stale = s["row"]["hlr"] != hlr or saved_key != s["key"]
+                s["row"]["hlr"] = hlr
+                if stale and dd.is_main():
                     atomic_write_text(
                         s["run_dir"] / "row.json", json.dumps({"key": s["key"], "row": s["row"]}, indent=1)
                     )
-                s["row"]["hlr"] = hlr
                 log.info(
                     "%s ipc %d: reusing the finished evaluation in %s", s["method"], ipc, s["run_dir"] / "row.json"
                 )
@@ -484,44 +483,53 @@ def _finish_row(
     return row
 
 
-def _row_key(
-    images: Any,
-    labels: Any,
-    cfg: EvalConfig,
-    teacher: dict[str, Any] | None,
-    *,
-    ref: float | None = None,
-    experts: list[str] | None = None,
-) -> str:
-    """Hash of what determines an evaluation: the pixels, the labels, the recipe, the teacher (its experts, their
-    weight files and weights: a prior measured since, or experts squeezed again, make other rows).
-
-    ``ref`` (the reference student's accuracy) and ``experts`` (names, with ``teacher`` None) give the keys of older
-    cvdd: rows keyed on the reference, and rows finished before the teacher was part of the key, which named only
-    the experts. Those rows are still reused (finished work is kept).
-    """
+def _data_digest(images: Any, labels: Any) -> Any:
+    """sha256 state after the set's pixels and labels: what every row key of the set starts from."""
     import hashlib
 
     from cvdd.artifacts import update_digest
 
     h = hashlib.sha256()
     update_digest(h, images.float(), labels)
-    who = {"teacher": teacher} if experts is None else {"experts": experts}
+    return h
+
+
+def _row_key(
+    data: Any,
+    cfg: EvalConfig,
+    teacher: dict[str, Any] | None,
+    *,
+    ref: float | None = None,
+    experts: list[str] | None = None,
+) -> str:
+    """Hash of what determines an evaluation: the pixels and labels (``data``, from :func:`_data_digest`), the
+    recipe, the teacher (its experts, their weight files and weights: a prior measured since, or experts squeezed
+    again, make other rows).
+
+    ``ref`` (the reference student's accuracy) and ``experts`` (names, with ``teacher`` None) give the keys of older
+    cvdd: rows keyed on the reference, and rows finished before the teacher was part of the key, which named only
+    the experts. Those rows are still reused (finished work is kept).
+    """
+    h = data.copy()
+    who: dict[str, Any] = {"teacher": teacher} if experts is None else {"experts": experts}
     if ref is not None:
         who["ref"] = ref
     h.update(json.dumps({"cfg": cfg.identity(), **who}, sort_keys=True).encode())
-    return h.hexdigest()[:24]
+    return str(h.hexdigest()[:24])
 
 
-def _cached_row(path: Path, keys: list[str]) -> dict[str, Any] | None:
-    """A finished row saved under one of ``keys`` (this cvdd's first, then older ones), else None."""
+def _cached_row(path: Path, keys: list[str]) -> tuple[dict[str, Any] | None, str | None]:
+    """A finished row saved under one of ``keys`` (this cvdd's first, then older ones) and the key it was saved
+    under, else (None, None)."""
     if not path.is_file():
-        return None
+        return None, None
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
-    return saved["row"] if saved.get("key") in keys else None
+        return None, None
+    if not isinstance(saved, dict) or saved.get("key") not in keys:
+        return None, None
+    return saved["row"], saved["key"]
 
 
 def _versions() -> dict[str, str]:
