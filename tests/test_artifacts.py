@@ -16,6 +16,7 @@ from cvdd.artifacts import (
     describe_build,
     distinct_builds,
     other_builds,
+    pixel_digest,
     tensor_digest,
 )
 from cvdd.data.specs import DatasetSpec
@@ -52,6 +53,17 @@ def test_distinct_builds_lists_each_stamp_once_in_a_stable_order() -> None:
     listed = distinct_builds([now, None, old, now])
     assert listed == distinct_builds([old, now, None])  # the order does not depend on the input's
     assert len(listed) == 3 and listed[0] is None and old in listed and now in listed
+
+
+def test_pixel_digest_keys_a_uint8_set_as_its_float_copy() -> None:
+    """Work keyed on a set's pixels (checkpoints, stored labels, rows) is found whether the set is held as uint8
+    or float32: both hash as the float32 [0, 1] bytes, chunk by chunk, as tensor_digest hashed the float set."""
+    u8 = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(5)
+    f32 = u8.float() / 255
+    assert pixel_digest(u8, labels) == pixel_digest(f32, labels) == tensor_digest(f32, labels)
+    assert pixel_digest(u8) == tensor_digest(f32) != pixel_digest(u8, labels)
+    assert pixel_digest(u8[:, :, :, [1, 0, 2, 3]]) != pixel_digest(u8)
 
 
 def test_tensor_digest_streams_rows_as_the_whole_bytes_would_hash() -> None:

@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
-from cvdd.artifacts import atomic_write_text, tensor_digest
+from cvdd.artifacts import atomic_write_text, pixel_digest
 from cvdd.config import _load_yaml, apply_overrides, get_recover_preset, to_dict
+from cvdd.data.augment import unit_float
 from cvdd.data.sources import RealDataset, TensorSplit
 from cvdd.errors import ConfigError, DataError
 from cvdd.reporting import mean_std
@@ -257,7 +258,7 @@ def run_ablation(
                     accs.setdefault(n, []).append(a)
             info["experts_on_synthetic"] = {n: statistics.fmean(a) for n, a in accs.items()}
         teacher = None if cfg.label_mode == "hard" else build_teacher(pool, cfg)
-        digest = tensor_digest(images)[:16]
+        digest = pixel_digest(images)[:16]
         key = _key(
             {
                 "images": digest,
@@ -348,7 +349,7 @@ def within_class_correlation(images: torch.Tensor, labels: torch.Tensor) -> floa
     """
     out = []
     for c in labels.unique():
-        g = images[labels == c].flatten(1).float()
+        g = unit_float(images[labels == c].flatten(1))
         if len(g) < 2:
             continue
         g = g - g.mean(1, keepdim=True)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from cvdd import __version__
+from cvdd.data.augment import unit_float
 from cvdd.data.specs import DatasetSpec
 from cvdd.errors import ArtifactError
 
@@ -192,6 +193,30 @@ def update_digest(h: Any, *tensors: torch.Tensor, chunk_rows: int = 1024) -> Non
             if chunk.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the same 2 bytes per value
                 chunk = chunk.view(torch.int16)
             h.update(chunk.numpy().tobytes())
+
+
+def update_pixel_digest(h: Any, images: torch.Tensor, chunk_rows: int = 1024) -> None:
+    """Feed a set's pixels to ``h`` as float32 in [0, 1], whatever their dtype.
+
+    A uint8 set and its float32 copy (``x / 255``) hash alike, so keys of work done on a set (student checkpoints,
+    stored labels, rows) do not change with how it is held; uint8 rows become floats a chunk at a time.
+
+    Args:
+        h: a hashlib object.
+        images: (N, 3, S, S) uint8 in 0..255 or float in [0, 1], on any device.
+    """
+    images = images.detach()
+    for start in range(0, images.shape[0], chunk_rows):
+        h.update(unit_float(images[start : start + chunk_rows].cpu()).contiguous().numpy().tobytes())
+
+
+def pixel_digest(images: torch.Tensor, labels: torch.Tensor | None = None) -> str:
+    """sha256 (hex) of a set: its pixels as :func:`update_pixel_digest` feeds them, then its labels' bytes."""
+    h = hashlib.sha256()
+    update_pixel_digest(h, images)
+    if labels is not None:
+        update_digest(h, labels)
+    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=1)

@@ -487,10 +487,11 @@ def _data_digest(images: Any, labels: Any) -> Any:
     """sha256 state after the set's pixels and labels: what every row key of the set starts from."""
     import hashlib
 
-    from cvdd.artifacts import update_digest
+    from cvdd.artifacts import update_digest, update_pixel_digest
 
     h = hashlib.sha256()
-    update_digest(h, images.float(), labels)
+    update_pixel_digest(h, images)  # a uint8 set keys as its float32 copy did
+    update_digest(h, labels)
     return h
 
 

@@ -403,7 +403,7 @@ def _read_set_slices(path: Path) -> tuple[dict[str, Any], list[list[Any]]]:
         sl = f.get_slice("images")
         for c in range(min(spec.num_classes, MAX_GRID_CLASSES)):
             block = sl[c * ipc : c * ipc + cols]
-            block = block.float() / 255 if block.dtype == torch.uint8 else block.float()
+            block = block if block.dtype == torch.uint8 else block.float()
             shown.append(list(block))
     return meta, shown
 
@@ -429,10 +429,10 @@ def _read_real_grid(info: _SetInfo, spec: Any) -> None:
 
 
 def _to_uint8(x: Any) -> np.ndarray:
-    """A float (3, S, S) image in [0, 1] as uint8 (S, S, 3)."""
-    import torch
+    """A (3, S, S) image, float in [0, 1] or uint8, as uint8 (S, S, 3), quantised as exports are."""
+    from cvdd.synthesis.export import to_uint8
 
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return to_uint8(x[None])[0].permute(1, 2, 0).numpy()
 
 
 def _thumb(arr: np.ndarray) -> np.ndarray:

@@ -399,11 +399,10 @@ def _synthetic_set(ctx: _Ctx, ipc: int) -> dict[str, Any]:
         from cvdd.evaluation.student import random_real_set
         from cvdd.naive import write_png_folder
 
-        images, labels = random_real_set(ctx.data, ipc, ctx.cfg.seed)
-        u8 = (images * 255).round().to(torch.uint8)
+        u8, labels = random_real_set(ctx.data, ipc, ctx.cfg.seed)
         root = ctx.work / f"png-ipc{ipc}"
         write_png_folder(u8, labels, ctx.data.spec.classes, root)
-        ctx.sets[ipc] = {"uint8": u8, "images": u8.float() / 255, "labels": labels, "png": root}
+        ctx.sets[ipc] = {"images": u8, "labels": labels, "png": root}  # uint8, as cvdd holds random real sets
     return ctx.sets[ipc]
 
 

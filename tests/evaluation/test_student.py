@@ -13,7 +13,25 @@ def test_random_real_set_is_balanced_seeded_and_in_range(digits) -> None:
     c, _ = random_real_set(digits, 3, seed=2)
     assert a.shape == (30, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
     assert la.tolist() == [k for k in range(10) for _ in range(3)]
-    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert a.dtype == torch.uint8  # as the real images are: a float32 copy would be 4x larger
+
+
+def test_a_uint8_set_trains_exactly_like_its_float_copy(digits) -> None:
+    """A uint8 set stays uint8 on the device, and its students, batches and checkpoint identity are those of its
+    float32 copy (x / 255): only the rows of a batch become floats."""
+    from cvdd.evaluation.student import EvalJob, _prepare
+
+    u8, labels = random_real_set(digits, 2, seed=0)
+    f32 = u8.float() / 255
+    cfg = EvalConfig(student="convnet_d3_w32", epochs=2, batch_size=8, label_mode="hard", seeds=[0])
+    a, b = (_prepare(EvalJob(x, labels, cfg), digits.spec, torch.device("cpu"), False, {}) for x in (u8, f32))
+    assert a.source.images.dtype == torch.uint8 and b.source.images.dtype == torch.float32
+    assert a.identity == b.identity  # a checkpoint of one resumes the other
+    ga, gb = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for x, y in zip(a.source.epoch(0, ga), b.source.epoch(0, gb)):
+        assert torch.equal(x.inputs, y.inputs) and torch.equal(x.labels, y.labels)
+    accs = [evaluate_synthetic(x, labels, digits.spec, digits.test, cfg).accs for x in (u8, f32)]
+    assert accs[0] == accs[1]
 
 
 def test_hard_label_students_learn_from_real_images(digits) -> None:

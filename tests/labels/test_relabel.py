@@ -150,6 +150,27 @@ def test_stored_shards_replay_the_exact_inputs_and_logits(tmp_path: Path) -> Non
     assert json.loads((tmp_path / "labels" / "labels.json").read_text())["builds"] == [build_stamp()]
 
 
+def test_a_uint8_set_is_labelled_exactly_as_its_float_copy(tmp_path: Path) -> None:
+    """Relabelling a uint8 set (held as bytes, batches made floats row by row) writes the shards of its float32 copy,
+    and a folder labelled from one is the other's own (completed, not refused)."""
+    torch.manual_seed(3)
+    u8 = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(4).repeat_interleave(2)
+    teacher = Teacher([_expert(0)], [1.0], group_size=4)
+    settings = LabelSettings(epochs=2, batch_size=8, micro_batch=4, seed=5, dtype="fp32")
+    relabel_stored(u8.float() / 255, labels, SPEC, teacher, settings, tmp_path / "f", progress=False)
+    relabel_stored(u8, labels, SPEC, teacher, settings, tmp_path / "u", progress=False)
+    for e in range(2):
+        a = load_file(str(tmp_path / "f" / f"epoch_{e:04d}.safetensors"))
+        b = load_file(str(tmp_path / "u" / f"epoch_{e:04d}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    idents = [json.loads((tmp_path / d / "labels.json").read_text())["ident"] for d in ("f", "u")]
+    assert idents[0] == idents[1]
+    (tmp_path / "f" / "epoch_0001.safetensors").unlink()
+    relabel_stored(u8, labels, SPEC, teacher, settings, tmp_path / "f", progress=False)
+    assert (tmp_path / "f" / "epoch_0001.safetensors").is_file()
+
+
 def test_relabel_resumed_by_another_build_keeps_its_epochs_and_says_so(tmp_path: Path, monkeypatch, caplog) -> None:
     images, labels = _toy_set()
     teacher = Teacher([_expert(0)], [1.0], group_size=4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -210,12 +211,17 @@ def test_export_png_and_jpeg(digit_experts: Path, digits, tmp_path: Path) -> Non
 
 def test_a_uint8_set_returns_the_pixels_it_stores(digit_experts: Path, digits, tmp_path: Path) -> None:
     """store=uint8: recover returns the quantised pixels, as a rerun and every torchrun rank read them from disk,
-    and quantising unit by unit gives the pixels of quantising the float set."""
+    kept as uint8 (no float32 copy of the set), and quantising unit by unit gives the pixels of quantising the
+    float set; the grid shows the same image either way."""
+    from PIL import Image
+
     floats = _recover(digit_experts, tmp_path / "f", digits, ipc=2, overrides={"init": "real"})
     q = _recover(digit_experts, tmp_path / "q", digits, ipc=2, overrides={"init": "real", "store": "uint8"})
     images, _, _ = load_synthetic(tmp_path / "q")
-    assert torch.equal(q.images, images) and q.images.dtype == torch.float32
-    assert torch.equal(q.images, (floats.images * 255).round() / 255)
+    assert torch.equal(q.images, images) and q.images.dtype == torch.uint8
+    assert torch.equal(q.images, (floats.images * 255).round().to(torch.uint8))
+    grids = [np.asarray(Image.open(tmp_path / d / "grid.png")) for d in ("f", "q")]
+    assert np.array_equal(*grids)
     again = _recover(digit_experts, tmp_path / "q", digits, ipc=2, overrides={"init": "real", "store": "uint8"})
     assert again.units_run == 0 and torch.equal(again.images, q.images)
 

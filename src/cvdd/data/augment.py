@@ -14,6 +14,21 @@ import torch
 from cvdd.data.specs import DatasetSpec
 
 
+def unit_float(x: torch.Tensor) -> torch.Tensor:
+    """Pixels as float32 in [0, 1]: uint8 ``x / 255``, anything else ``x.float()``.
+
+    The one conversion of the package: a set kept as uint8 (exports, ``store=uint8``, random real images) gives the
+    very floats a float32 copy of it would hold, batch by batch, so it never needs that 4x larger copy.
+
+    Args:
+        x: (..., H, W) uint8 in 0..255, or float in [0, 1].
+
+    Returns:
+        Same shape, float32; ``x`` itself when it is already float32 (do not modify it in place).
+    """
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
 class Normalize:
     """uint8 (or [0, 1] float) images to normalised float32; the mean/std tensors are built once per device."""
 
@@ -38,8 +53,7 @@ class Normalize:
             (B, 3, H, W) float32, ``(x - mean) / std``.
         """
         mean, std = self.stats(x.device)
-        xf = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-        return (xf - mean) / std
+        return (unit_float(x) - mean) / std
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of the normalisation: (B, 3, H, W) normalised float -> [0, 1] float (not clamped)."""
@@ -238,7 +252,7 @@ class TrainAugment:
         elif self.mode == "rrc_flip":
             boxes = random_resized_crop_boxes(x.shape[0], generator, x.device, self.rrc_scale)
             # crop_resize needs floats: in [0, 1], which is what Normalize takes a float batch to be
-            x = crop_resize(x.float().div_(255.0) if x.dtype == torch.uint8 else x.float(), boxes, self.size)
+            x = crop_resize(unit_float(x), boxes, self.size)
         if self.mode != "none":
             x = random_flip(x, generator)
         return self.normalize(x)

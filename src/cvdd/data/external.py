@@ -60,8 +60,8 @@ def load_external_set(path: str | os.PathLike[str], spec: DatasetSpec) -> tuple[
         spec: the real dataset's spec (class names and order, image size).
 
     Returns:
-        images float32 (N, 3, S, S) in [0, 1] (uint8 pixels / 255) and labels int64 (N,) in ``spec``'s class
-        order, class-major.
+        images uint8 (N, 3, S, S) (the pixels; :func:`cvdd.data.augment.unit_float` gives their [0, 1] floats)
+        and labels int64 (N,) in ``spec``'s class order, class-major.
 
     Raises:
         DataError: class names that do not match the dataset's, an empty class, a corrupt image, a file that is
@@ -85,7 +85,7 @@ def load_image_folder(path: str | os.PathLike[str], spec: DatasetSpec) -> tuple[
         spec: the real dataset's spec; its class names must be exactly the folder's class names.
 
     Returns:
-        images float32 (N, 3, S, S) in [0, 1] and labels int64 (N,), class-major in ``spec``'s class order.
+        images uint8 (N, 3, S, S) and labels int64 (N,), class-major in ``spec``'s class order.
 
     Raises:
         DataError: missing or unknown class folders, an empty class folder, a corrupt image.
@@ -113,7 +113,7 @@ def load_image_folder(path: str | os.PathLike[str], spec: DatasetSpec) -> tuple[
     if resized:
         log.warning("%s: %d images are not %d px; resized and centre-cropped", root, resized, spec.image_size)
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return pixels.float() / 255, torch.tensor(labels, dtype=torch.int64)
+    return pixels, torch.tensor(labels, dtype=torch.int64)
 
 
 def describe_external_set(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -287,5 +287,4 @@ def _to_spec(
     new_labels = index[torch.from_numpy(labels.astype(np.int64))]
     # Class-major in the dataset's order (stable, so each class keeps its IPC order).
     order = torch.argsort(new_labels, stable=True)
-    images = torch.from_numpy(pixels)[order].float() / 255
-    return images, new_labels[order]
+    return torch.from_numpy(pixels)[order], new_labels[order]

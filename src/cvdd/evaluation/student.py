@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cvdd import distributed as dd
-from cvdd.artifacts import tensor_digest
+from cvdd.artifacts import pixel_digest
 from cvdd.config import Recipe, identity_dict
 from cvdd.data.augment import Normalize
 from cvdd.data.sources import FileSplit, RealDataset, TensorSplit
@@ -167,7 +167,7 @@ class SyntheticBatches:
         label_dir: str | Path | None = None,
         label_seed: int = 0,
     ) -> None:
-        self.images = images.to(device).float()
+        self.images = images.to(device) if images.dtype == torch.uint8 else images.to(device).float()
         self.labels = labels.to(device).long()
         self.spec = spec
         self.cfg = cfg
@@ -275,7 +275,7 @@ def evaluate_synthetic(
     """Train one student per seed on a synthetic set and measure real test top-1 after the final epoch.
 
     Args:
-        images: (N, 3, S, S) float32 in [0, 1] (or uint8).
+        images: (N, 3, S, S) float32 in [0, 1], or uint8 (held as uint8 on the device).
         labels: (N,) int64.
         spec: dataset spec.
         test: the real test split.
@@ -297,7 +297,7 @@ class EvalJob:
     """One synthetic set to evaluate: the arguments of :func:`evaluate_synthetic` that belong to the set.
 
     Attributes:
-        images: (N, 3, S, S) float32 in [0, 1] (or uint8).
+        images: (N, 3, S, S) float32 in [0, 1], or uint8 (held as uint8 on the device).
         labels: (N,) int64.
         cfg: the evaluation recipe.
         teacher: soft-label teacher (online and stored modes).
@@ -334,7 +334,9 @@ def _prepare(
     ``id`` of its images, so jobs of one set (soft and hard labels) share one copy."""
     cfg, teacher = job.cfg.validate(), job.teacher
     if id(job.images) not in on_device:
-        imgs = job.images.float() / 255 if job.images.dtype == torch.uint8 else job.images.float()
+        # A uint8 set stays uint8 on the device (a quarter of float32: 7.5 GB, not 30 GB, at ImageNet-1K IPC 50);
+        # each batch's rows become floats when it is cut (apply_plan), the very floats of a float32 copy.
+        imgs = job.images if job.images.dtype == torch.uint8 else job.images.float()
         on_device[id(job.images)] = imgs.to(dev)
     imgs = on_device[id(job.images)]
     if cfg.label_mode != "hard" and teacher is None:
@@ -358,7 +360,7 @@ def _prepare(
             restart=job.restart_labels,
         )
     objective = hard_label_loss() if cfg.label_mode == "hard" else kd_loss(cfg.temperature, teacher)
-    digest = tensor_digest(imgs, job.labels)
+    digest = pixel_digest(imgs, job.labels)
     # What a student checkpoint must match to be resumed: the set, the teacher and every evaluation field that
     # shapes training (temperature, crops, CutMix, label mode...); seeds are matched per run, switches as the recipe.
     evaluation = {k: v for k, v in cfg.identity().items() if k not in ("seeds", "stack_seeds")}
@@ -536,7 +538,10 @@ def _train_stacked(
 
 
 def random_real_set(data: RealDataset, ipc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """IPC random real training images per class (seeded), class-major: float32 (C * IPC, 3, S, S), labels.
+    """IPC random real training images per class (seeded), class-major: uint8 (C * IPC, 3, S, S), int64 labels.
+
+    uint8 as the real images are (:func:`cvdd.data.augment.unit_float` gives their [0, 1] floats): a float32 copy
+    would be 4x larger (30 GB at ImageNet-1K IPC 50).
 
     The draw is the one recover's ``init: real`` makes with the same seed, so a set recovered from real images
     and this baseline start from the very same pixels (a paired comparison).
@@ -546,6 +551,6 @@ def random_real_set(data: RealDataset, ipc: int, seed: int) -> tuple[torch.Tenso
     if ipc < 1:
         raise ConfigError(f"ipc must be at least 1 (got {ipc})")
     imgs = [real_init(data, c, ipc, seed) for c in range(data.spec.num_classes)]
-    images = torch.cat(imgs).float() / 255
+    images = torch.cat(imgs)
     labels = torch.arange(data.spec.num_classes).repeat_interleave(ipc)
     return images, labels

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cvdd.data.augment import Normalize, crop_resize, random_resized_crop_boxes
+from cvdd.data.augment import Normalize, crop_resize, random_resized_crop_boxes, unit_float
 
 
 @dataclass
@@ -97,7 +97,8 @@ def apply_plan(
     """Build batch ``step`` of an epoch from the plan.
 
     Args:
-        images: (N, 3, S, S) float32 synthetic images in [0, 1], on the device.
+        images: (N, 3, S, S) synthetic images on the device, float32 in [0, 1] or uint8 (only the batch's rows
+            become floats).
         labels: (N,) int64 class labels.
         plan: the epoch's plan (same device).
         step: batch index.
@@ -109,7 +110,7 @@ def apply_plan(
     """
     s = slice(step * plan.batch_size, (step + 1) * plan.batch_size)
     idx = plan.order[s]
-    x = crop_resize(images[idx], plan.boxes[s], images.shape[-1])
+    x = crop_resize(unit_float(images[idx]), plan.boxes[s], images.shape[-1])
     x = torch.where(plan.flips[s].view(-1, 1, 1, 1), x.flip(3), x)
     x = normalize(x)
     perm = plan.mix_perm[s]

@@ -25,9 +25,9 @@ from cvdd.artifacts import (
     distinct_builds,
     fsync_file,
     other_builds,
+    pixel_digest,
     read_json_object,
     temp_sibling,
-    tensor_digest,
 )
 from cvdd.data.augment import Normalize
 from cvdd.data.specs import DatasetSpec
@@ -141,7 +141,7 @@ def relabel_stored(
         "teacher": teacher.describe(),
         "n": len(labels),
         "classes": list(spec.classes),
-        "data": tensor_digest(images.float(), labels)[:16],
+        "data": pixel_digest(images, labels)[:16],
     }
     reused: list[dict[str, str] | None] = []  # the builds that made the epochs already on disk
     keys: list[str] = []  # what differs from the labels already in the folder

@@ -50,7 +50,7 @@ from cvdd.artifacts import (
     verify_checksum,
 )
 from cvdd.config import identity_dict, to_dict
-from cvdd.data.augment import Normalize
+from cvdd.data.augment import Normalize, unit_float
 from cvdd.data.sources import RealDataset
 from cvdd.data.specs import DatasetSpec
 from cvdd.device import autocast, derive_seed, make_generator, resolve_device, resolve_precision
@@ -319,8 +319,9 @@ class RecoverResult:
 
     Attributes:
         path: ``synthetic.safetensors`` (None while other shards of a job array still have units to finish).
-        images: float32 (C * IPC, 3, S, S) in [0, 1], class-major (all IPC indices of class 0 first): the pixels
-            the file holds (with ``store=uint8`` multiples of 1/255); empty when ``path`` is None.
+        images: (C * IPC, 3, S, S), class-major (all IPC indices of class 0 first): the pixels the file holds,
+            float32 in [0, 1], or uint8 with ``store=uint8`` (a quarter of the memory; every consumer takes either,
+            :func:`cvdd.data.augment.unit_float` gives the floats); empty when ``path`` is None.
         labels: int64 (C * IPC,).
         meta: the metadata written beside the tensors (the run manifest when ``path`` is None).
         units_run: units optimised by this call (the others were already finished).
@@ -999,8 +1000,8 @@ def _assemble(out_dir: Path, manifest: dict[str, Any], units_run: int, seconds: 
     units = manifest_units(manifest, out_dir / MANIFEST)
     c, ipc = spec.num_classes, int(manifest["ipc"])
     cfg = manifest["config"]
-    # A uint8 set is quantised unit by unit into its final tensor: no float32 copy of the whole set (30 GB at
-    # ImageNet-1K IPC 50) exists besides the one returned.
+    # A uint8 set is quantised unit by unit into its final tensor and returned as such: no float32 copy of the
+    # whole set (30 GB at ImageNet-1K IPC 50, against 7.5 GB of uint8) is ever made.
     uint8 = cfg["store"] == "uint8"
     images = torch.zeros(c * ipc, 3, spec.image_size, spec.image_size, dtype=torch.uint8 if uint8 else torch.float32)
     filled = torch.zeros(c * ipc, dtype=torch.bool)
@@ -1018,11 +1019,9 @@ def _assemble(out_dir: Path, manifest: dict[str, Any], units_run: int, seconds: 
     if not bool(filled.all()):
         raise ArtifactError(f"{out_dir}: some units are missing; re-run recover to finish them")
     labels = torch.arange(c).repeat_interleave(ipc)
-    stored = images
     # The images returned are the stored ones (quantised for uint8), as `load_synthetic` and every other rank of
     # a torchrun job read them: the float pixels before quantisation made rank 0 evaluate other images, and a
     # rerun (which reads the file) evaluate other images than the first run.
-    images = stored.float().div_(255) if uint8 else stored
     meta = base_metadata(SYNTHETIC_KIND, spec)
     skip = ("kind", "units", "dataset", "cvdd_version", "torch_version", "build", "created")
     meta.update({k: v for k, v in manifest.items() if k not in skip})
@@ -1038,7 +1037,7 @@ def _assemble(out_dir: Path, manifest: dict[str, Any], units_run: int, seconds: 
         }
     )
     path = out_dir / "synthetic.safetensors"
-    save_tensors(path, {"images": stored, "labels": labels}, meta)
+    save_tensors(path, {"images": images, "labels": labels}, meta)
     shutil.rmtree(out_dir / INIT_DIR, ignore_errors=True)  # every unit is finished: no initial image is needed again
     save_grid(images, spec, ipc, out_dir / "grid.png")
     atomic_write_text(out_dir / "config.json", json.dumps({"recover": cfg, "seed": manifest["seed"]}, indent=1))
@@ -1058,7 +1057,7 @@ def save_grid(
     for r in range(rows):
         for k in range(cols):
             y, x = pad + r * (s + pad), pad + k * (s + pad)
-            canvas[:, y : y + s, x : x + s] = images[r * ipc + k]
+            canvas[:, y : y + s, x : x + s] = unit_float(images[r * ipc + k])
     arr = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     tmp = temp_sibling(path)
     Image.fromarray(arr).save(tmp, format="PNG")
@@ -1069,7 +1068,10 @@ def save_grid(
 def load_synthetic(
     path: str | os.PathLike[str], spec: DatasetSpec | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Load a synthetic set: float32 images (N, 3, S, S) in [0, 1], int64 labels (N,), metadata.
+    """Load a synthetic set: images (N, 3, S, S) as stored, int64 labels (N,), metadata.
+
+    Images are float32 in [0, 1], or uint8 for a set stored as uint8 (``store=uint8``): kept as bytes, a quarter of
+    a float32 copy; :func:`cvdd.data.augment.unit_float` gives their floats.
 
     Accepts the ``synthetic.safetensors`` path or its folder; checks it fits ``spec`` when given.
     """
@@ -1084,8 +1086,7 @@ def load_synthetic(
         except Exception as exc:
             raise ArtifactError(str(exc)) from None
     images = tensors["images"]
-    images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    return images, tensors["labels"].long(), meta
+    return (images if images.dtype == torch.uint8 else images.float()), tensors["labels"].long(), meta
 
 
 def export_imagefolder(path: str | os.PathLike[str], out: str | os.PathLike[str], fmt: str = "png") -> int:
