@@ -1,6 +1,7 @@
-"""Host memory of recover's initialisation at 224 px: patch scoring of one class, and the initial-image store.
+"""Host memory at 224 px of recover's initialisation (patch scoring of one class, the initial-image store) and
+of holding a synthetic set for evaluation.
 
-Two measurements, each in a fresh subprocess that prints its own ``ru_maxrss`` (so the figures do not mix), run
+Three measurements, each in a fresh subprocess that prints its own ``ru_maxrss`` (so the figures do not mix), run
 for the code in this checkout and, with ``--code``, another checkout's ``src``:
 
 * ``patches``: ``patch_init`` of one class at 224 px with recover's defaults (300 candidate images, 5 crops each,
@@ -11,6 +12,10 @@ for the code in this checkout and, with ``--code``, another checkout's ``src``:
   classes per unit (small units, so that the units' own working memory does not hide the store), one iteration
   per unit with a small expert. Peak RSS above the RSS before the call; the initial images of every class are
   ``classes x ipc x 150,528`` bytes.
+* ``evaluate``: a ``store=uint8`` synthetic set of ``--classes`` x ``--ipc`` images at 224 px (written before the
+  measurement starts) loaded with ``load_synthetic`` and made ready for students as ``cvdd evaluate`` does
+  (``_prepare``: the device copy, the set's digest), then one epoch of its batches cut (random-resized crops,
+  CutMix; no student, whose memory does not depend on how the set is held). Peak RSS above the RSS before loading.
 
 The images are random uint8 tensors (memory does not depend on their content).
 
@@ -49,7 +54,7 @@ def _dataset(classes: int, per_class: int) -> Any:  # a RealDataset (cvdd is imp
     return RealDataset(spec, split, split, "random", "random")
 
 
-def child(what: str, classes: int, ipc: int, per_block: int) -> None:
+def child(what: str, classes: int, ipc: int, per_block: int, set_path: str) -> None:
     """Run one measurement and print it as one JSON line."""
     import torch
 
@@ -66,6 +71,28 @@ def child(what: str, classes: int, ipc: int, per_block: int) -> None:
         before = rss_mib()
         t0 = time.perf_counter()
         patch_init(data, 0, 10, observer, seed=0, candidates=300, crops=5, factor=2)
+    elif what == "write-set":  # the evaluate measurement's file, written in a process of its own
+        from cvdd.artifacts import base_metadata, save_tensors
+        from cvdd.synthesis.recover import SYNTHETIC_KIND
+
+        gen = torch.Generator().manual_seed(0)
+        pixels = torch.randint(0, 256, (classes * ipc, 3, 224, 224), dtype=torch.uint8, generator=gen)
+        labels = torch.arange(classes).repeat_interleave(ipc)
+        meta = {**base_metadata(SYNTHETIC_KIND, _dataset(classes, 1).spec), "ipc": ipc}
+        save_tensors(set_path, {"images": pixels, "labels": labels}, meta)
+        return
+    elif what == "evaluate":
+        from cvdd.evaluation.student import EvalConfig, EvalJob, _prepare
+        from cvdd.synthesis.recover import load_synthetic
+
+        spec = _dataset(classes, 1).spec
+        cfg = EvalConfig(student="convnet_d3_w32", epochs=1, label_mode="hard", seeds=[0])
+        before = rss_mib()
+        t0 = time.perf_counter()
+        images, labels, _ = load_synthetic(set_path, spec)
+        ready = _prepare(EvalJob(images, labels, cfg), spec, torch.device("cpu"), False, {})
+        for _batch in ready.source.epoch(0, torch.Generator().manual_seed(0)):
+            pass
     else:
         from cvdd.distributed import Shard
         from cvdd.experts import Expert
@@ -88,25 +115,30 @@ def child(what: str, classes: int, ipc: int, per_block: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--code", nargs="*", default=[], help="other checkouts' src folders to measure too")
-    parser.add_argument("--classes", type=int, default=100, help="classes of the store measurement (default 100)")
-    parser.add_argument("--ipc", type=int, default=10, help="IPC of the store measurement (default 10)")
+    parser.add_argument("--classes", type=int, default=100, help="classes of store and evaluate (default 100)")
+    parser.add_argument("--ipc", type=int, default=10, help="IPC of store and evaluate (default 10)")
     parser.add_argument("--classes-per-block", type=int, default=10, help="classes per unit (default 10)")
-    parser.add_argument("--only", choices=["patches", "store"], default=None, help="run one measurement")
+    parser.add_argument("--only", choices=["patches", "store", "evaluate"], default=None, help="run one measurement")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--set-path", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.classes, args.ipc, args.classes_per_block)
+        child(args.child, args.classes, args.ipc, args.classes_per_block, args.set_path)
         return
+    tmp = tempfile.TemporaryDirectory()
+    set_path = str(Path(tmp.name) / "synthetic.safetensors")
+    sizes = ["--classes", str(args.classes), "--ipc", str(args.ipc), "--classes-per-block", str(args.classes_per_block)]
+    if args.only in (None, "evaluate"):
+        subprocess.run([sys.executable, __file__, "--child", "write-set", *sizes, "--set-path", set_path], check=True)
     here = str(Path(__file__).resolve().parents[1] / "src")
     store_mib = args.classes * args.ipc * 3 * 224 * 224 / 2**20
-    print(f"store: {args.classes} classes x IPC {args.ipc}: initial images {store_mib:.0f} MiB (uint8)")
+    print(f"store/evaluate: {args.classes} classes x IPC {args.ipc}: {store_mib:.0f} MiB of uint8 pixels")
     print("| code | measurement | peak RSS MiB | above start MiB | s |")
     print("|---|---|---:|---:|---:|")
     for code in [here, *args.code]:
-        for what in [args.only] if args.only else ["patches", "store"]:
+        for what in [args.only] if args.only else ["patches", "store", "evaluate"]:
             env = {**os.environ, "PYTHONPATH": code}
-            cmd = [sys.executable, __file__, "--child", what, "--classes", str(args.classes), "--ipc", str(args.ipc)]
-            cmd += ["--classes-per-block", str(args.classes_per_block)]
+            cmd = [sys.executable, __file__, "--child", what, *sizes, "--set-path", set_path]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
             r = json.loads(next(line for line in out.splitlines() if line.startswith(MARK))[len(MARK) :])
             name = "this checkout" if code == here else code

@@ -63,6 +63,11 @@ def test_pixel_digest_keys_a_uint8_set_as_its_float_copy() -> None:
     f32 = u8.float() / 255
     assert pixel_digest(u8, labels) == pixel_digest(f32, labels) == tensor_digest(f32, labels)
     assert pixel_digest(u8) == tensor_digest(f32) != pixel_digest(u8, labels)
+    from cvdd.artifacts import update_pixel_digest
+
+    h = hashlib.sha256()
+    update_pixel_digest(h, u8, chunk_rows=2)  # chunks of rows hash as the whole set
+    assert h.hexdigest() == pixel_digest(u8)
     assert pixel_digest(u8[:, :, :, [1, 0, 2, 3]]) != pixel_digest(u8)
 
 
