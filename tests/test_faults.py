@@ -71,8 +71,8 @@ def _same_tensors(a: Path, b: Path) -> None:
 def test_recover_killed_repeatedly_resumes_to_identical_images(
     fork_server: ForkServer, digit_experts: Path, tmp_path: Path
 ) -> None:
-    args = ["--experts", str(digit_experts), "--ipc", "3", "--iterations", "12", "--init", "real"]
-    args += ["--set", "ipc_per_block=1", "--set", "classes_per_block=2"]  # 15 units of 0.1-0.4 s
+    args = ["--experts", str(digit_experts), "--ipc", "2", "--iterations", "10", "--init", "real"]
+    args += ["--set", "ipc_per_block=1", "--set", "classes_per_block=2"]  # 10 units of 0.1-0.3 s
     _finish(fork_server, ["recover", *args, "--out", str(tmp_path / "ref")])
     out = tmp_path / "killed"
     cmd = ["recover", *args, "--out", str(out)]
@@ -123,7 +123,7 @@ def test_squeeze_killed_repeatedly_resumes_to_identical_weights(
     fork_server: ForkServer, arch: str, tmp_path: Path
 ) -> None:
     # A checkpoint after every epoch (~2 s each), not every 60 s as by default.
-    args = ["squeeze", "--dataset", "digits", "--arch", arch, "--epochs", "4", "--set", "checkpoint_every_s=0"]
+    args = ["squeeze", "--dataset", "digits", "--arch", arch, "--epochs", "3", "--set", "checkpoint_every_s=0"]
     _finish(fork_server, [*args, "--out", str(tmp_path / "ref")])
     out = tmp_path / "killed"
     cmd = [*args, "--out", str(out)]
@@ -143,5 +143,5 @@ def test_squeeze_killed_repeatedly_resumes_to_identical_weights(
     _same_tensors(tmp_path / "ref" / f"{arch}.safetensors", out / f"{arch}.safetensors")
     # The finished expert says it was resumed, keeps every epoch's history, and its checkpoint is gone.
     meta = json.loads((out / f"{arch}.json").read_text())
-    assert meta["resumed_from_epoch"] >= 1 and len(meta["history"]) == 4
+    assert meta["resumed_from_epoch"] >= 1 and len(meta["history"]) == 3
     assert not ckpt.exists()
