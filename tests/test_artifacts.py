@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import cvdd
 from cvdd.artifacts import (
+    StreamedTensorFile,
     _source_fingerprint,
     base_metadata,
     build_stamp,
     describe_build,
     distinct_builds,
+    file_sha256,
+    load_tensors,
     other_builds,
     pixel_digest,
     tensor_digest,
@@ -105,3 +109,47 @@ def test_text_with_a_lone_surrogate_is_written_escaped(tmp_path) -> None:
     name = b"caf\xe9".decode("utf-8", "surrogateescape")  # Latin-1 bytes of a class folder, as os.listdir gives them
     atomic_write_text(tmp_path / "t.md", f"| {name} | 1 |\n")
     assert (tmp_path / "t.md").read_text(encoding="utf-8") == "| caf\\udce9 | 1 |\n"
+
+
+def test_streamed_tensor_file_is_a_safetensors_file_read_back_exactly(tmp_path: Path) -> None:
+    """Rows written in any order, to their place in the file: safetensors reads the tensors back exactly, and so do
+    load_tensors and its memory map (copy-on-write: writing to a mapped tensor never changes the file)."""
+    from safetensors.torch import load_file
+
+    gen = torch.Generator().manual_seed(0)
+    want = {
+        "x": torch.randn(5, 3, 2, 2, generator=gen),
+        "labels": torch.arange(5),
+        "u": torch.randint(0, 256, (4, 7), dtype=torch.uint8, generator=gen),
+        "b": torch.randn(3, generator=gen).to(torch.bfloat16),
+        "empty": torch.zeros(0, 3),
+    }
+    path = tmp_path / "set.safetensors"
+    with StreamedTensorFile(path, {k: (v.dtype, tuple(v.shape)) for k, v in want.items()}) as f:
+        for i in (3, 0, 4, 1, 2):
+            f.write_rows("x", i, want["x"][i : i + 1])
+        f.write_rows("labels", 0, want["labels"])
+        f.write_rows("u", 1, want["u"][1:])
+        f.write_rows("u", 0, want["u"][:1])
+        f.write_rows("b", 0, want["b"])
+        assert not path.exists()  # under a temporary name until finished
+        f.finish({"kind": "test"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.json", "set.safetensors"]
+    for read in (load_file(str(path)), load_tensors(path)[0], load_tensors(path, mmap=True)[0]):
+        assert read.keys() == want.keys()
+        for k, v in want.items():
+            assert read[k].dtype == v.dtype and torch.equal(read[k], v), k
+    mapped, meta = load_tensors(path, mmap=True)
+    assert meta["sha256"] == file_sha256(path) and meta["kind"] == "test"
+    mapped["x"] += 1
+    assert file_sha256(path) == meta["sha256"] and torch.equal(load_file(str(path))["x"], want["x"])
+
+
+def test_streamed_tensor_file_publishes_nothing_unless_finished(tmp_path: Path) -> None:
+    path = tmp_path / "set.safetensors"
+    with pytest.raises(ValueError, match="do not fit"), StreamedTensorFile(path, {"x": (torch.float32, (2, 3))}) as f:
+        f.write_rows("x", 1, torch.zeros(2, 3))  # one row too many
+    assert list(tmp_path.iterdir()) == []
+    with StreamedTensorFile(path, {"x": (torch.float32, (2, 3))}) as f:
+        f.write_rows("x", 0, torch.zeros(2, 3))  # left without finish()
+    assert list(tmp_path.iterdir()) == []

@@ -9,13 +9,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import socket
+import struct
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cvdd import __version__
@@ -113,13 +116,150 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
     tmp = temp_sibling(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        digest = file_sha256(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path, meta)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _publish(tmp: Path, path: Path, meta: dict[str, Any]) -> None:
+    """Move a finished tensor file ``tmp`` to ``path`` (fsynced, atomically), then write its metadata JSON with the
+    file's sha256: the JSON's presence marks a complete artifact."""
+    digest = file_sha256(tmp)
+    fsync_file(tmp)
+    os.replace(tmp, path)
     atomic_write_text(path.with_suffix(".json"), json.dumps({**meta, "sha256": digest}, indent=1, sort_keys=False))
+
+
+#: safetensors dtype names of the dtypes cvdd writes, and the numpy dtype each is mapped as (bfloat16 as int16).
+_ST_DTYPES = {
+    torch.float32: ("F32", np.float32),
+    torch.float16: ("F16", np.float16),
+    torch.bfloat16: ("BF16", np.int16),
+    torch.float64: ("F64", np.float64),
+    torch.uint8: ("U8", np.uint8),
+    torch.int8: ("I8", np.int8),
+    torch.int16: ("I16", np.int16),
+    torch.int32: ("I32", np.int32),
+    torch.int64: ("I64", np.int64),
+    torch.bool: ("BOOL", np.bool_),
+}
+_ST_NAMES = {name: (dtype, np_dtype) for dtype, (name, np_dtype) in _ST_DTYPES.items()}
+
+
+class StreamedTensorFile:
+    """A safetensors file written a block of rows at a time, for tensors too large to hold whole in memory.
+
+    A synthetic set at ImageNet-1K IPC 50 is 28 GiB of float32: assembling it as one tensor and saving it with
+    ``safetensors.save_file`` held the set and, while saving, much of a second copy. Here the header (every
+    tensor's dtype, shape and place) is written first, rows go straight to their place in the file, and only what
+    is being written is in memory. The file is a safetensors file like ``save_file``'s (an 8-byte header length, a
+    JSON header padded to 8 bytes, the tensors' bytes back to back; ``tests/test_artifacts.py`` reads it with
+    safetensors itself), published like
+    :func:`save_tensors`: under a temporary name until :meth:`finish`, which records its sha256 in the JSON
+    metadata written last. An exception inside ``with`` removes the temporary file.
+
+    Args:
+        path: the final ``.safetensors`` path.
+        layout: name -> (dtype, shape), in file order.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._places: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+        header: dict[str, Any] = {}
+        offset = 0
+        for name, (dtype, shape) in layout.items():
+            if dtype not in _ST_DTYPES:
+                raise ValueError(f"{name}: dtype {dtype} cannot be written")
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {
+                "dtype": _ST_DTYPES[dtype][0],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self._places[name] = (dtype, tuple(shape), offset)
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self._data_start = 8 + len(text)
+        self._tmp = temp_sibling(self.path)
+        self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _pwrite_all(self._fd, struct.pack("<Q", len(text)) + text, 0)
+            os.ftruncate(self._fd, self._data_start + offset)  # rows never written read as zeros
+        except BaseException:
+            self.abort()
+            raise
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write ``rows`` (shape ``(n, *shape[1:])``, the tensor's dtype) as rows ``start .. start + n`` of ``name``."""
+        dtype, shape, offset = self._places[name]
+        if rows.dtype != dtype or tuple(rows.shape[1:]) != shape[1:] or start < 0 or start + len(rows) > shape[0]:
+            raise ValueError(f"{name}: rows {tuple(rows.shape)} {rows.dtype} at {start} do not fit {shape} {dtype}")
+        rows = rows.detach().cpu().contiguous()
+        if rows.dtype == torch.bfloat16:  # numpy has no bfloat16: its 2 bytes per value
+            rows = rows.view(torch.int16)
+        row_bytes = math.prod(shape[1:]) * rows.element_size()
+        _pwrite_all(self._fd, memoryview(rows.numpy()).cast("B"), self._data_start + offset + start * row_bytes)
+
+    def finish(self, meta: dict[str, Any]) -> None:
+        """Publish the file under its final name, with ``meta`` (and the file's sha256) as its JSON metadata."""
+        os.close(self._fd)
+        self._fd = -1
+        try:
+            _publish(self._tmp, self.path, meta)
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+
+    def abort(self) -> None:
+        """Close and remove the temporary file (nothing is published)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> StreamedTensorFile:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None or self._fd >= 0:  # an error, or left without finish(): nothing is published
+            self.abort()
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    """``os.pwrite`` until every byte of ``data`` is written (a large write may be partial)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, each backed by a private (copy-on-write) memory map of the file.
+
+    Pages are read when touched and can be dropped again by the OS: a 28 GiB set costs no 28 GiB of host memory
+    to hold, and writing to a tensor never changes the file. cvdd only ever replaces artifacts atomically (a
+    rename), so the mapped inode is never truncated under a reader.
+    """
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, np_dtype = _ST_NAMES[entry["dtype"]]
+        shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
+        if end == begin:  # numpy cannot map zero bytes
+            out[name] = torch.empty(shape, dtype=dtype)
+            continue
+        arr = np.memmap(path, dtype=np_dtype, mode="c", offset=8 + n + begin, shape=shape)
+        t = torch.from_numpy(arr)
+        out[name] = t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+    return out
 
 
 def verify_checksum(path: str | os.PathLike[str], meta: dict[str, Any]) -> None:
@@ -147,8 +287,17 @@ def read_json_object(path: str | os.PathLike[str], what: str = "metadata") -> di
     return data
 
 
-def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_tensors(
+    path: str | os.PathLike[str], *, mmap: bool = False, verify: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a safetensors file and its JSON metadata.
+
+    Args:
+        path: the ``.safetensors`` file (its ``.json`` beside it).
+        mmap: return tensors backed by a copy-on-write memory map of the file (large synthetic sets: pages are
+            read as they are used) instead of reading it into memory.
+        verify: check the file's sha256 against its metadata (only its writer, which has just hashed it, skips
+            that).
 
     Raises:
         ArtifactError: either file is missing or unreadable.
@@ -160,9 +309,10 @@ def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
     if not path.is_file() or not meta_path.is_file():
         raise ArtifactError(f"artifact not found or incomplete: {path} (needs {path.name} and {meta_path.name})")
     meta = read_json_object(meta_path)
-    verify_checksum(path, meta)
+    if verify:
+        verify_checksum(path, meta)
     try:
-        tensors = load_file(str(path))
+        tensors = _mapped_tensors(path) if mmap else load_file(str(path))
     except Exception as exc:
         raise ArtifactError(f"unreadable tensors {path}: {str(exc).splitlines()[0]}") from None
     return tensors, meta

@@ -36,6 +36,7 @@ from torch import nn
 from cvdd import distributed as dd
 from cvdd import tracking
 from cvdd.artifacts import (
+    StreamedTensorFile,
     atomic_write_text,
     base_metadata,
     build_stamp,
@@ -1000,44 +1001,52 @@ def _assemble(out_dir: Path, manifest: dict[str, Any], units_run: int, seconds: 
     units = manifest_units(manifest, out_dir / MANIFEST)
     c, ipc = spec.num_classes, int(manifest["ipc"])
     cfg = manifest["config"]
-    # A uint8 set is quantised unit by unit into its final tensor and returned as such: no float32 copy of the
-    # whole set (30 GB at ImageNet-1K IPC 50, against 7.5 GB of uint8) is ever made.
-    uint8 = cfg["store"] == "uint8"
-    images = torch.zeros(c * ipc, 3, spec.image_size, spec.image_size, dtype=torch.uint8 if uint8 else torch.float32)
     filled = torch.zeros(c * ipc, dtype=torch.bool)
-    unit_meta = []
     for unit in units:
-        tensors, meta = load_tensors(_unit_paths(out_dir, unit)[0])
-        if meta.get("config_hash") != chash:
-            raise ArtifactError(f"unit {unit.key} in {out_dir} was made with another configuration")
-        pixels = (tensors["images"] * 255).round().to(torch.uint8) if uint8 else tensors["images"]
-        for i, (k, cls) in enumerate((k, cls) for k in unit.ipc_indices for cls in unit.classes):
-            images[cls * ipc + k] = pixels[i]
-            filled[cls * ipc + k] = True
-        unit_meta.append({k: meta[k] for k in _UNIT_FIELDS})
-        unit_meta[-1]["build"] = meta.get("build")
+        for k in unit.ipc_indices:
+            filled[torch.tensor(unit.classes, dtype=torch.long) * ipc + k] = True
     if not bool(filled.all()):
         raise ArtifactError(f"{out_dir}: some units are missing; re-run recover to finish them")
-    labels = torch.arange(c).repeat_interleave(ipc)
-    # The images returned are the stored ones (quantised for uint8), as `load_synthetic` and every other rank of
-    # a torchrun job read them: the float pixels before quantisation made rank 0 evaluate other images, and a
-    # rerun (which reads the file) evaluate other images than the first run.
-    meta = base_metadata(SYNTHETIC_KIND, spec)
-    skip = ("kind", "units", "dataset", "cvdd_version", "torch_version", "build", "created")
-    meta.update({k: v for k, v in manifest.items() if k not in skip})
-    meta.update(
-        {
-            "order": "class-major: image i has class i // ipc and IPC index i % ipc",
-            "units": unit_meta,
-            "seconds_this_run": seconds,
-            "units_run_this_call": units_run,
-            "seconds_all_units": sum(u["seconds"] for u in unit_meta),
-            # The builds that made the units (more than one when a run was resumed after cvdd or torch changed).
-            "unit_builds": distinct_builds([u["build"] for u in unit_meta]),
-        }
-    )
+    # The set goes to its file unit by unit (StreamedTensorFile): no whole copy of it is ever in memory (28 GiB of
+    # float32 at ImageNet-1K IPC 50; assembling it in memory and saving it peaked at 1.5x that). A uint8 set is
+    # quantised unit by unit.
+    uint8 = cfg["store"] == "uint8"
+    shape = (c * ipc, 3, spec.image_size, spec.image_size)
     path = out_dir / "synthetic.safetensors"
-    save_tensors(path, {"images": images, "labels": labels}, meta)
+    labels = torch.arange(c).repeat_interleave(ipc)
+    layout = {"images": (torch.uint8 if uint8 else torch.float32, shape), "labels": (torch.int64, (c * ipc,))}
+    unit_meta = []
+    with StreamedTensorFile(path, layout) as out:
+        out.write_rows("labels", 0, labels)
+        for unit in units:
+            tensors, meta = load_tensors(_unit_paths(out_dir, unit)[0])
+            if meta.get("config_hash") != chash:
+                raise ArtifactError(f"unit {unit.key} in {out_dir} was made with another configuration")
+            pixels = (tensors["images"] * 255).round().to(torch.uint8) if uint8 else tensors["images"].float()
+            for i, (k, cls) in enumerate((k, cls) for k in unit.ipc_indices for cls in unit.classes):
+                out.write_rows("images", cls * ipc + k, pixels[i : i + 1])
+            unit_meta.append({k: meta[k] for k in _UNIT_FIELDS})
+            unit_meta[-1]["build"] = meta.get("build")
+        meta = base_metadata(SYNTHETIC_KIND, spec)
+        skip = ("kind", "units", "dataset", "cvdd_version", "torch_version", "build", "created")
+        meta.update({k: v for k, v in manifest.items() if k not in skip})
+        meta.update(
+            {
+                "order": "class-major: image i has class i // ipc and IPC index i % ipc",
+                "units": unit_meta,
+                "seconds_this_run": seconds,
+                "units_run_this_call": units_run,
+                "seconds_all_units": sum(u["seconds"] for u in unit_meta),
+                # The builds that made the units (more than one when a run was resumed after cvdd or torch changed).
+                "unit_builds": distinct_builds([u["build"] for u in unit_meta]),
+            }
+        )
+        out.finish(meta)
+    # The images returned are the stored ones (quantised for uint8), as `load_synthetic` and every other rank of
+    # a torchrun job read them (the float pixels before quantisation made rank 0 evaluate other images, and a rerun
+    # evaluate other images than the first run), mapped from the file rather than held in memory.
+    tensors, meta = load_tensors(path, mmap=True, verify=False)  # just written and hashed: no second read
+    images, labels = tensors["images"], tensors["labels"]
     shutil.rmtree(out_dir / INIT_DIR, ignore_errors=True)  # every unit is finished: no initial image is needed again
     save_grid(images, spec, ipc, out_dir / "grid.png")
     atomic_write_text(out_dir / "config.json", json.dumps({"recover": cfg, "seed": manifest["seed"]}, indent=1))
@@ -1071,14 +1080,15 @@ def load_synthetic(
     """Load a synthetic set: images (N, 3, S, S) as stored, int64 labels (N,), metadata.
 
     Images are float32 in [0, 1], or uint8 for a set stored as uint8 (``store=uint8``): kept as bytes, a quarter of
-    a float32 copy; :func:`cvdd.data.augment.unit_float` gives their floats.
+    a float32 copy; :func:`cvdd.data.augment.unit_float` gives their floats. Both are backed by a copy-on-write
+    memory map of the file (read as they are used; writing to them never changes the file).
 
     Accepts the ``synthetic.safetensors`` path or its folder; checks it fits ``spec`` when given.
     """
     p = Path(path)
     if p.is_dir():
         p = p / "synthetic.safetensors"
-    tensors, meta = load_tensors(p)
+    tensors, meta = load_tensors(p, mmap=True)  # pages are read as they are used: a large set needs no copy in memory
     stored = check_kind(meta, SYNTHETIC_KIND, p)
     if spec is not None:
         try:
