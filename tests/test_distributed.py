@@ -231,3 +231,56 @@ def test_torchrun_squeeze_trains_one_expert_written_once(tmp_path: Path) -> None
     meta = json.loads((out / "convnet_d3_w32.json").read_text())
     assert meta["test_acc"] > 0.5 and printed.count("convnet_d3_w32") >= 1
     assert not list(out.glob(".*.tmp*"))
+
+
+def test_wait_timeout_reads_the_environment(monkeypatch) -> None:
+    monkeypatch.delenv("CVDD_WAIT_TIMEOUT_S", raising=False)
+    assert dd.wait_timeout().total_seconds() == dd.WAIT_TIMEOUT_S == 7200  # not NCCL's 10 minutes
+    monkeypatch.setenv("CVDD_WAIT_TIMEOUT_S", "90")
+    assert dd.wait_timeout().total_seconds() == 90
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv("CVDD_WAIT_TIMEOUT_S", bad)
+        with pytest.raises(ConfigError, match="CVDD_WAIT_TIMEOUT_S"):
+            dd.wait_timeout()
+
+
+def test_a_barrier_waits_up_to_its_timeout_and_a_dead_rank_stops_the_others() -> None:
+    """Two ranks started by hand (a launcher other than torchrun: only the standard variables): rank 0 works 4 s
+    while rank 1 waits at a barrier allowed 1 s. Rank 1 fails with gloo's timeout, and rank 0, reaching the barrier
+    after rank 1 died, fails at once instead of waiting for it."""
+    import socket
+    import time
+
+    code = (
+        "import time\nfrom cvdd import distributed as dd\ndd.init_from_env('cpu')\n"
+        "time.sleep(4 if dd.rank() == 0 else 0)\ndd.barrier()\nprint('passed')\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**server_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r), "CVDD_WAIT_TIMEOUT_S": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for r in range(2)
+    ]
+    t0 = time.time()
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            results.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    waited = time.time() - t0
+    assert [r[0] != 0 for r in results] == [True, True] and not any("passed" in r[1] for r in results)
+    assert "Timed out" in results[1][2], results[1][2][-2000:]
+    assert waited < 60  # no rank waited for a dead peer (gloo's own default is 30 minutes)

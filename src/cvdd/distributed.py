@@ -24,7 +24,8 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,30 @@ from cvdd.errors import ConfigError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Default of ``CVDD_WAIT_TIMEOUT_S``: how long a rank may wait at a barrier for the others (2 hours).
+WAIT_TIMEOUT_S = 7200
+
+#: The gloo group that barriers use on GPUs (None: the default group, gloo on CPUs).
+_WAIT_GROUP: Any = None
+
+
+def wait_timeout() -> timedelta:
+    """How long a rank waits at a barrier for the other ranks: ``CVDD_WAIT_TIMEOUT_S`` seconds (default 2 h).
+
+    Barriers wait for work one rank does while the others are done: the slowest rank's last recover unit or label
+    epoch, rank 0 assembling a set (reading every unit, writing and hashing 28 GiB at ImageNet-1K IPC 50). NCCL's
+    default timeout (10 minutes) would kill such a job; these waits run on a gloo group with this timeout instead,
+    where a rank that dies closes its connections and the others stop with an error at once rather than waiting.
+    """
+    raw = os.environ.get("CVDD_WAIT_TIMEOUT_S", "")
+    try:
+        seconds = float(raw) if raw else WAIT_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(f"CVDD_WAIT_TIMEOUT_S must be a number of seconds (got {raw!r})") from None
+    if seconds <= 0:
+        raise ConfigError(f"CVDD_WAIT_TIMEOUT_S must be positive (got {raw!r})")
+    return timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -93,19 +118,35 @@ def init_from_env(device: str | None = None) -> bool:
             f"--device {device} under a launcher with {world} ranks: each rank takes its own GPU (cuda:LOCAL_RANK); "
             "pass --device cuda and choose GPUs with CUDA_VISIBLE_DEVICES"
         )
+    timeout = wait_timeout()
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend_for(use_cuda))
-    log.info("rank %d of %d joined the process group (%s)", dist.get_rank(), world, dist.get_backend())
+    global _WAIT_GROUP
+    if use_cuda:
+        # NCCL keeps its own timeout (a hung collective in training fails in minutes); barriers get a gloo group.
+        dist.init_process_group(backend=backend_for(True))
+        _WAIT_GROUP = dist.new_group(backend="gloo", timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend_for(False), timeout=timeout)
+        _WAIT_GROUP = None
+    log.info(
+        "rank %d of %d joined the process group (%s; barriers wait up to %.0f s)",
+        dist.get_rank(),
+        world,
+        dist.get_backend(),
+        timeout.total_seconds(),
+    )
     return True
 
 
 def shutdown() -> None:
     """Leave the process group (after a final barrier, so no rank exits while others still talk)."""
+    global _WAIT_GROUP
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
+    _WAIT_GROUP = None
 
 
 def active() -> bool:
@@ -127,8 +168,9 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
+    """Wait for every rank, up to :func:`wait_timeout` (on GPUs through a gloo group, not NCCL's 10 minutes)."""
     if active():
-        dist.barrier()
+        dist.barrier(group=_WAIT_GROUP)
 
 
 def current_shard() -> Shard:
