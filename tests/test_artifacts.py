@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -135,6 +136,12 @@ def test_streamed_tensor_file_is_a_safetensors_file_read_back_exactly(tmp_path: 
         assert not path.exists()  # under a temporary name until finished
         f.finish({"kind": "test"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set.json", "set.safetensors"]
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    assert (8 + n) % 8 == 0  # the data starts 8-byte aligned, and each tensor at a multiple of its element size
+    for k, v in want.items():
+        assert header[k]["data_offsets"][0] % v.element_size() == 0, k
     for read in (load_file(str(path)), load_tensors(path)[0], load_tensors(path, mmap=True)[0]):
         assert read.keys() == want.keys()
         for k, v in want.items():

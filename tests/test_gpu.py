@@ -84,3 +84,12 @@ def test_stacked_students_on_cuda_match_separate_ones(digits) -> None:
         images, labels, digits.spec, digits.test, EvalConfig(**base, stack_seeds=True), device="cuda"
     )
     assert stack.mean > 0.3 and abs(stack.mean - plain.mean) < 0.1
+
+
+def test_uint8_batches_on_cuda_are_the_cpu_floats() -> None:
+    """A uint8 set on the GPU becomes exactly the floats of its float32 copy made on the CPU (not CUDA's
+    reciprocal multiplication), so its batches and stored labels equal the float copy's."""
+    from cvdd.data.augment import unit_float
+
+    every = torch.arange(256, dtype=torch.int64).to(torch.uint8)
+    assert torch.equal(unit_float(every.cuda()).cpu(), every.float() / 255)

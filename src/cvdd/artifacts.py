@@ -6,9 +6,11 @@ never leaves a half-written file that a later run would read as finished.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
@@ -25,6 +27,8 @@ from cvdd import __version__
 from cvdd.data.augment import unit_float
 from cvdd.data.specs import DatasetSpec
 from cvdd.errors import ArtifactError
+
+log = logging.getLogger(__name__)
 
 
 def temp_sibling(path: Path) -> Path:
@@ -161,7 +165,7 @@ class StreamedTensorFile:
 
     Args:
         path: the final ``.safetensors`` path.
-        layout: name -> (dtype, shape), in file order.
+        layout: name -> (dtype, shape).
     """
 
     def __init__(self, path: str | os.PathLike[str], layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
@@ -170,7 +174,10 @@ class StreamedTensorFile:
         self._places: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
         header: dict[str, Any] = {}
         offset = 0
-        for name, (dtype, shape) in layout.items():
+        # Wider elements first (as safetensors orders them): every tensor then starts at a multiple of its element
+        # size, so a memory-mapped view of it is aligned.
+        order = sorted(layout, key=lambda k: -torch.empty((), dtype=layout[k][0]).element_size())
+        for name, (dtype, shape) in ((k, layout[k]) for k in order):
             if dtype not in _ST_DTYPES:
                 raise ValueError(f"{name}: dtype {dtype} cannot be written")
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
@@ -198,6 +205,8 @@ class StreamedTensorFile:
         dtype, shape, offset = self._places[name]
         if rows.dtype != dtype or tuple(rows.shape[1:]) != shape[1:] or start < 0 or start + len(rows) > shape[0]:
             raise ValueError(f"{name}: rows {tuple(rows.shape)} {rows.dtype} at {start} do not fit {shape} {dtype}")
+        if rows.numel() == 0:
+            return
         rows = rows.detach().cpu().contiguous()
         if rows.dtype == torch.bfloat16:  # numpy has no bfloat16: its 2 bytes per value
             rows = rows.view(torch.int16)
@@ -206,9 +215,9 @@ class StreamedTensorFile:
 
     def finish(self, meta: dict[str, Any]) -> None:
         """Publish the file under its final name, with ``meta`` (and the file's sha256) as its JSON metadata."""
-        os.close(self._fd)
-        self._fd = -1
+        fd, self._fd = self._fd, -1
         try:
+            os.close(fd)
             _publish(self._tmp, self.path, meta)
         except BaseException:
             self._tmp.unlink(missing_ok=True)
@@ -216,9 +225,10 @@ class StreamedTensorFile:
 
     def abort(self) -> None:
         """Close and remove the temporary file (nothing is published)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> StreamedTensorFile:
@@ -242,7 +252,8 @@ def _mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
 
     Pages are read when touched and can be dropped again by the OS: a 28 GiB set costs no 28 GiB of host memory
     to hold, and writing to a tensor never changes the file. cvdd only ever replaces artifacts atomically (a
-    rename), so the mapped inode is never truncated under a reader.
+    rename), so the mapped inode is never truncated under a reader; the tensors hold the file (an open descriptor)
+    until they are freed.
     """
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -311,8 +322,17 @@ def load_tensors(
     meta = read_json_object(meta_path)
     if verify:
         verify_checksum(path, meta)
+    if mmap:
+        try:
+            return _mapped_tensors(path), meta
+        except OSError as exc:
+            # A private writable map is charged in full where the kernel does not overcommit (some HPC nodes):
+            # read the file instead.
+            log.info("%s: cannot map (%s); reading it into memory", path, exc)
+        except Exception as exc:
+            raise ArtifactError(f"unreadable tensors {path}: {str(exc).splitlines()[0]}") from None
     try:
-        tensors = _mapped_tensors(path) if mmap else load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as exc:
         raise ArtifactError(f"unreadable tensors {path}: {str(exc).splitlines()[0]}") from None
     return tensors, meta

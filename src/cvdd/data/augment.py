@@ -13,12 +13,18 @@ import torch
 
 from cvdd.data.specs import DatasetSpec
 
+#: x / 255 in float32 for every byte x, computed on the CPU, per device (see :func:`unit_float`).
+_UNIT_LUT: dict[torch.device, torch.Tensor] = {}
+
 
 def unit_float(x: torch.Tensor) -> torch.Tensor:
     """Pixels as float32 in [0, 1]: uint8 ``x / 255``, anything else ``x.float()``.
 
     The one conversion of the package: a set kept as uint8 (exports, ``store=uint8``, random real images) gives the
-    very floats a float32 copy of it would hold, batch by batch, so it never needs that 4x larger copy.
+    very floats a float32 copy of it made on the CPU would hold, batch by batch, so it never needs that 4x larger
+    copy. Off the CPU the bytes are looked up in a table of the CPU's quotients: CUDA divides by a Python scalar
+    as a multiplication by its reciprocal, which differs from ``x / 255`` in the last bit for about half the byte
+    values, and would make a uint8 set's batches (and their stored labels) differ from its float32 copy's.
 
     Args:
         x: (..., H, W) uint8 in 0..255, or float in [0, 1].
@@ -26,7 +32,18 @@ def unit_float(x: torch.Tensor) -> torch.Tensor:
     Returns:
         Same shape, float32; ``x`` itself when it is already float32 (do not modify it in place).
     """
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    if x.dtype != torch.uint8:
+        return x.float()
+    if x.device.type == "cpu":
+        return x.float().div_(255.0)
+    return _unit_lut(x.device)[x.long()]
+
+
+def _unit_lut(device: torch.device) -> torch.Tensor:
+    """(256,) float32 ``arange(256) / 255`` divided on the CPU, on ``device``."""
+    if device not in _UNIT_LUT:
+        _UNIT_LUT[device] = (torch.arange(256, dtype=torch.float32) / 255.0).to(device)
+    return _UNIT_LUT[device]
 
 
 class Normalize:

@@ -1,8 +1,9 @@
 """``cvdd export``: a recovered synthetic set in formats other tools read.
 
-Every format holds the same pixels: the float32 images in [0, 1] of ``synthetic.safetensors`` rounded to uint8
-(``round(255 x)``, as recover's ``store=uint8``), so an export read back by ``cvdd evaluate`` gives the same
-tensors as the uint8-quantised original. JPEG (quality 75, as the official code) is the one lossy format.
+Every format holds the same pixels: the images of ``synthetic.safetensors`` as uint8 (float32 images in [0, 1]
+rounded, ``round(255 x)``, as recover's ``store=uint8`` stores them; a uint8 set as it is), so an export read back
+by ``cvdd evaluate`` gives the same tensors as the uint8-quantised original. JPEG (quality 75, as the official
+code) is the one lossy format.
 
 * ``png`` / ``jpeg``: an ImageFolder, ``<out>/<class>/<class>_<k>.png`` with k the IPC index;
 * ``npz``: one NumPy file, ``images`` uint8 (N, H, W, 3), ``labels`` int64 (N,), ``classes`` str (C,),

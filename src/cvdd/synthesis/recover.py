@@ -322,7 +322,8 @@ class RecoverResult:
         path: ``synthetic.safetensors`` (None while other shards of a job array still have units to finish).
         images: (C * IPC, 3, S, S), class-major (all IPC indices of class 0 first): the pixels the file holds,
             float32 in [0, 1], or uint8 with ``store=uint8`` (a quarter of the memory; every consumer takes either,
-            :func:`cvdd.data.augment.unit_float` gives the floats); empty when ``path`` is None.
+            :func:`cvdd.data.augment.unit_float` gives the floats), backed by a copy-on-write memory map of the
+            file (read as used; writing to it never changes the file); empty when ``path`` is None.
         labels: int64 (C * IPC,).
         meta: the metadata written beside the tensors (the run manifest when ``path`` is None).
         units_run: units optimised by this call (the others were already finished).
