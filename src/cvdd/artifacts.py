@@ -328,7 +328,7 @@ def load_tensors(
         except OSError as exc:
             # A private writable map is charged in full where the kernel does not overcommit (some HPC nodes):
             # read the file instead.
-            log.info("%s: cannot map (%s); reading it into memory", path, exc)
+            log.warning("%s: cannot map (%s); reading it into memory instead", path, exc)
         except Exception as exc:
             raise ArtifactError(f"unreadable tensors {path}: {str(exc).splitlines()[0]}") from None
     try:

@@ -21,6 +21,7 @@ Backends: gloo on CPU (what CI tests); on GPUs NCCL for CUDA tensors and gloo fo
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ T = TypeVar("T")
 #: Default of ``CVDD_WAIT_TIMEOUT_S``: how long a rank may wait at a barrier for the others (2 hours).
 WAIT_TIMEOUT_S = 7200
 
-#: The gloo group that barriers use on GPUs (None: the default group, gloo on CPUs).
+#: The gloo group that barriers use, with :func:`wait_timeout` (None: no group of cvdd's own, use the default).
 _WAIT_GROUP: Any = None
 
 
@@ -48,17 +49,19 @@ def wait_timeout() -> timedelta:
     """How long a rank waits at a barrier for the other ranks: ``CVDD_WAIT_TIMEOUT_S`` seconds (default 2 h).
 
     Barriers wait for work one rank does while the others are done: the slowest rank's last recover unit or label
-    epoch, rank 0 assembling a set (reading every unit, writing and hashing 28 GiB at ImageNet-1K IPC 50). NCCL's
-    default timeout (10 minutes) would kill such a job; these waits run on a gloo group with this timeout instead,
-    where a rank that dies closes its connections and the others stop with an error at once rather than waiting.
+    epoch, rank 0 assembling a set (reading every unit, writing and hashing 28 GiB at ImageNet-1K IPC 50). They ran
+    on the default group with PyTorch's default timeout (30 minutes for gloo and for cvdd's gloo+NCCL groups),
+    which such a wait can exceed; they now run on a gloo group of their own with this timeout. A rank that dies
+    closes its gloo connections, and the others stop with an error at once rather than waiting it out. The
+    default group keeps PyTorch's timeouts (its rendezvous and the training collectives).
     """
     raw = os.environ.get("CVDD_WAIT_TIMEOUT_S", "")
     try:
         seconds = float(raw) if raw else WAIT_TIMEOUT_S
     except ValueError:
         raise ConfigError(f"CVDD_WAIT_TIMEOUT_S must be a number of seconds (got {raw!r})") from None
-    if seconds <= 0:
-        raise ConfigError(f"CVDD_WAIT_TIMEOUT_S must be positive (got {raw!r})")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"CVDD_WAIT_TIMEOUT_S must be a positive number of seconds (got {raw!r})")
     return timedelta(seconds=seconds)
 
 
@@ -123,13 +126,10 @@ def init_from_env(device: str | None = None) -> bool:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
     global _WAIT_GROUP
-    if use_cuda:
-        # NCCL keeps its own timeout (a hung collective in training fails in minutes); barriers get a gloo group.
-        dist.init_process_group(backend=backend_for(True))
-        _WAIT_GROUP = dist.new_group(backend="gloo", timeout=timeout)
-    else:
-        dist.init_process_group(backend=backend_for(False), timeout=timeout)
-        _WAIT_GROUP = None
+    dist.init_process_group(backend=backend_for(use_cuda))
+    # Barriers get a group of their own: the default group's timeout also bounds its rendezvous and every training
+    # collective, which keep PyTorch's defaults.
+    _WAIT_GROUP = dist.new_group(backend="gloo", timeout=timeout)
     log.info(
         "rank %d of %d joined the process group (%s; barriers wait up to %.0f s)",
         dist.get_rank(),
@@ -168,7 +168,8 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    """Wait for every rank, up to :func:`wait_timeout` (on GPUs through a gloo group, not NCCL's 10 minutes)."""
+    """Wait for every rank, up to :func:`wait_timeout` (a gloo group of cvdd's own; the default group when cvdd
+    did not create the process group)."""
     if active():
         dist.barrier(group=_WAIT_GROUP)
 
